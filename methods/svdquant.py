@@ -1,0 +1,1 @@
+"""placeholder module replaced by the methods work."""

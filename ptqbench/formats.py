@@ -1,0 +1,511 @@
+"""Number formats, emulated bit-exactly (quantize, then dequantize).
+
+Every format is a frozen dataclass whose result-changing fields are explicit. ``quantize(x)``
+returns a tensor of ``x``'s shape and dtype holding the values the real format represents;
+``bits(shape)`` is the exact storage cost of a tensor of that shape, scales included.
+Blocks and groups run along the last dimension (the reduction dimension of activations and of
+``W[out, in]``); a ragged last block is zero-padded for the scale computation only.
+
+Conventions (spec/formats.md): round to nearest with ties to even (or half away from zero),
+saturation to +/- the largest normal, NaN stays NaN (it is ignored by the block's abs-max), an
+all-zero block gives zeros. Arithmetic runs in float32 where that is exact and in float64 where
+float32 could round (float32 inputs of integer formats, fp32 scales).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from ptqbench.errors import UserError
+from ptqbench.registry import Registry
+
+Rounding = Literal["even", "away"]
+ScaleRule = Literal["floor", "ceil", "rceil"]
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------- bit helpers
+
+
+def pow2(e: torch.Tensor) -> torch.Tensor:
+    """Exact float32 ``2**e`` for integer tensors ``e`` in [-149, 127], built from bits."""
+    e = e.to(torch.int32)
+    normal = ((e.clamp(-126, 127) + 127) << 23).view(torch.float32)
+    # Subnormal powers: 2**e = 2**(e + 24) * 2**-24, both factors exact, product exact.
+    sub = ((e.clamp(-149, -103) + 24 + 127) << 23).view(torch.float32) * 2.0**-24
+    return torch.where(e >= -126, normal, sub)
+
+
+def floor_log2(a: torch.Tensor) -> torch.Tensor:
+    """Exact ``floor(log2(a))`` for positive finite float tensors (int32); 0 maps to -150."""
+    mant, exp = torch.frexp(a.float())
+    return torch.where(mant == 0, -150, exp - 1).to(torch.int32)
+
+
+def ceil_log2(a: torch.Tensor) -> torch.Tensor:
+    """Exact ``ceil(log2(a))`` for positive finite float tensors (int32); 0 maps to -150."""
+    mant, exp = torch.frexp(a.float())
+    return torch.where(mant == 0, -150, torch.where(mant == 0.5, exp - 1, exp)).to(torch.int32)
+
+
+def round_int(y: torch.Tensor, rounding: Rounding) -> torch.Tensor:
+    """Round to an integer: ties to even, or half away from zero."""
+    if rounding == "even":
+        return torch.round(y)
+    return torch.sign(y) * torch.floor(y.abs() + 0.5)
+
+
+def nan_to_zero_abs(x: torch.Tensor) -> torch.Tensor:
+    a = x.abs()
+    return torch.where(torch.isnan(a), torch.zeros_like(a), a)
+
+
+def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """View ``x[..., n]`` as ``[..., ceil(n / block), block]``, zero-padding the last block."""
+    n = x.shape[-1]
+    pad = (-n) % block
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], (n + pad) // block, block)
+
+
+def from_blocks(xb: torch.Tensor, n: int) -> torch.Tensor:
+    return xb.reshape(*xb.shape[:-2], -1)[..., :n]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _rows(shape: Sequence[int]) -> int:
+    return _numel(shape[:-1]) if len(shape) > 1 else 1
+
+
+# ----------------------------------------------------------------------------- elements
+
+
+@dataclass(frozen=True)
+class Minifloat:
+    """An ExMy element with subnormals, saturating at ``max_normal`` (no Inf)."""
+
+    ebits: int
+    mbits: int
+    bias: int
+    max_normal: float
+
+    @property
+    def emin(self) -> int:
+        """Exponent of the smallest normal (subnormals share it)."""
+        return 1 - self.bias
+
+    @property
+    def emax(self) -> int:
+        """Exponent of the largest normal's binade."""
+        return math.floor(math.log2(self.max_normal))
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.ebits + self.mbits
+
+    def round(self, y: torch.Tensor, rounding: Rounding = "even") -> torch.Tensor:
+        """Nearest representable value of float32 ``y`` (saturating, NaN kept)."""
+        a = y.abs()
+        e = floor_log2(a).clamp(min=self.emin)
+        quantum = pow2(e - self.mbits)
+        q = (round_int(a / quantum, rounding) * quantum).clamp(max=self.max_normal)
+        q = torch.where(torch.isnan(y), y, q)
+        return torch.copysign(q, y)
+
+    def values(self) -> torch.Tensor:
+        """Every non-negative representable value, ascending (for tests and docs)."""
+        frac = [m / 2**self.mbits for m in range(2**self.mbits)]
+        vals = {f * 2.0**self.emin for f in frac}
+        vals |= {(1 + f) * 2.0**e for e in range(self.emin, self.emax + 1) for f in frac}
+        return torch.tensor(sorted(v for v in vals if v <= self.max_normal), dtype=torch.float64)
+
+
+E4M3 = Minifloat(4, 3, 7, 448.0)
+E5M2 = Minifloat(5, 2, 15, 57344.0)
+E3M2 = Minifloat(3, 2, 3, 28.0)
+E2M3 = Minifloat(2, 3, 1, 7.5)
+E2M1 = Minifloat(2, 1, 1, 6.0)
+ELEMENTS = {"e4m3": E4M3, "e5m2": E5M2, "e3m2": E3M2, "e2m3": E2M3, "e2m1": E2M1}
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+@dataclass(frozen=True)
+class Format:
+    """Base class: a number format that fake-quantizes along the last dimension."""
+
+    kind: ClassVar[str] = "format"
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bits(self, shape: Sequence[int]) -> int:
+        raise NotImplementedError
+
+    @property
+    def is_16bit(self) -> bool:
+        """True for the cast formats that leave 16-bit values as they are."""
+        return False
+
+    def bits_per_element(self, n: int = 4096) -> float:
+        """Average bits per element along a row of ``n`` (scales included)."""
+        return self.bits((1, n)) / n
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, for logging; ``get_format(**d)`` rebuilds the format."""
+        return {"name": self.name, "type": type(self).__name__, **dataclasses.asdict(self)}
+
+    def __str__(self) -> str:
+        return spec_string(self)
+
+
+@dataclass(frozen=True)
+class CastFormat(Format):
+    """A cast round-trip (fp16, bf16, fp32): the 'not quantized' format."""
+
+    dtype: Literal["fp16", "bf16", "fp32"] = "bf16"
+
+    @property
+    def name(self) -> str:
+        return self.dtype
+
+    @property
+    def is_16bit(self) -> bool:
+        return True
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        target = _DTYPES[self.dtype]
+        return x if x.dtype == target else x.to(target).to(x.dtype)
+
+    def bits(self, shape: Sequence[int]) -> int:
+        return torch.finfo(_DTYPES[self.dtype]).bits * _numel(shape)
+
+
+@dataclass(frozen=True)
+class IntFormat(Format):
+    """Symmetric signed b-bit integer with one scale per group, row (channel/token) or tensor.
+
+    ``s = scale_dtype(amax / qmax)`` with ``qmax = 2**(b-1) - 1`` and the quotient computed in
+    float32 (as deployed code does), ``q = clamp(round(x / s), -qmax, qmax)``, value ``q * s``.
+    A scale that overflows its dtype saturates at the dtype's max; a zero scale gives zeros.
+    """
+
+    bits_: int = 4
+    group: int | None = 64
+    per_tensor: bool = False
+    scale_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    rounding: Rounding = "even"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits_ <= 16:
+            raise UserError(f"integer format: bits must be in 2..16, got {self.bits_}")
+        if self.group is not None and self.group < 1:
+            raise UserError(f"integer format: group must be >= 1, got {self.group}")
+        if self.per_tensor and self.group is not None:
+            raise UserError("integer format: per_tensor excludes group")
+        _check_choice("scale_dtype", self.scale_dtype, _DTYPES)
+        _check_choice("rounding", self.rounding, ("even", "away"))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits_ - 1) - 1
+
+    @property
+    def name(self) -> str:
+        if self.per_tensor:
+            return f"int{self.bits_}_pt"
+        return f"int{self.bits_}_pc" if self.group is None else f"int{self.bits_}_g{self.group}"
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        exact = torch.float64 if (x.dtype == torch.float32 or self.scale_dtype == "fp32") else torch.float32
+        if self.per_tensor:
+            xb = x.reshape(1, 1, -1)
+        elif self.group is None:
+            xb = x.unsqueeze(-2)
+        else:
+            xb = to_blocks(x, self.group)
+        amax = nan_to_zero_abs(xb).amax(-1, keepdim=True).float()
+        sdt = _DTYPES[self.scale_dtype]
+        scale = (amax / self.qmax).to(sdt).clamp(max=torch.finfo(sdt).max).to(exact)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = round_int(xb.to(exact) / safe, self.rounding).clamp(-self.qmax, self.qmax)
+        out = (q * scale).to(x.dtype)
+        if self.per_tensor:
+            return out.reshape(x.shape)
+        return out.squeeze(-2) if self.group is None else from_blocks(out, n)
+
+    def n_scales(self, shape: Sequence[int]) -> int:
+        if self.per_tensor:
+            return 1
+        groups = 1 if self.group is None else math.ceil(int(shape[-1]) / self.group)
+        return _rows(shape) * groups
+
+    def bits(self, shape: Sequence[int]) -> int:
+        scale_bits = torch.finfo(_DTYPES[self.scale_dtype]).bits
+        return self.bits_ * _numel(shape) + scale_bits * self.n_scales(shape)
+
+
+@dataclass(frozen=True)
+class MXFormat(Format):
+    """OCP microscaling: blocks of ``block`` elements sharing one E8M0 scale ``2**e``.
+
+    ``e = floor(log2(amax)) - emax_elem`` (rule ``floor``, the OCP spec), or
+    ``ceil(log2(amax)) - emax_elem`` (``ceil``), or ``ceil(log2(amax / max_elem))``
+    (``rceil``: amax never saturates), clamped to [-127, 127]. Elements are ``x / 2**e`` rounded
+    to the element (a minifloat, or for MXINT ``k / 2**(b-2)`` with ``|k| <= 2**(b-1)-1``).
+    """
+
+    element: str = "e2m1"
+    block: int = 32
+    scale_rule: ScaleRule = "floor"
+    rounding: Rounding = "even"
+
+    def __post_init__(self) -> None:
+        if not (self.element in ELEMENTS or re.fullmatch(r"int[2-8]", self.element)):
+            raise UserError(
+                f"mx format: unknown element {self.element!r} (valid: {', '.join(ELEMENTS)}, int2..int8)"
+            )
+        if self.block < 1:
+            raise UserError(f"mx format: block must be >= 1, got {self.block}")
+        _check_choice("scale_rule", self.scale_rule, ("floor", "ceil", "rceil"))
+        _check_choice("rounding", self.rounding, ("even", "away"))
+
+    @property
+    def is_int(self) -> bool:
+        return self.element.startswith("int")
+
+    @property
+    def element_bits(self) -> int:
+        return int(self.element[3:]) if self.is_int else ELEMENTS[self.element].bits
+
+    @property
+    def emax_elem(self) -> int:
+        return 0 if self.is_int else ELEMENTS[self.element].emax
+
+    @property
+    def max_elem(self) -> float:
+        if self.is_int:
+            b = self.element_bits
+            return (2 ** (b - 1) - 1) / 2 ** (b - 2)
+        return ELEMENTS[self.element].max_normal
+
+    @property
+    def name(self) -> str:
+        base = {
+            "e2m1": "mxfp4",
+            "e2m3": "mxfp6_e2m3",
+            "e3m2": "mxfp6_e3m2",
+            "e4m3": "mxfp8_e4m3",
+            "e5m2": "mxfp8_e5m2",
+        }.get(self.element, f"mx{self.element}")
+        return base if self.block == 32 else f"{base}_b{self.block}"
+
+    def shared_exponent(self, amax: torch.Tensor) -> torch.Tensor:
+        """The block exponent ``e`` (int32) for float32 block abs-maxima."""
+        if self.scale_rule == "floor":
+            e = floor_log2(amax) - self.emax_elem
+        elif self.scale_rule == "ceil":
+            e = ceil_log2(amax) - self.emax_elem
+        else:
+            e = ceil_log2(amax / self.max_elem)
+        return e.clamp(-127, 127)
+
+    def round_element(self, y: torch.Tensor) -> torch.Tensor:
+        if self.is_int:
+            step = 2.0 ** (self.element_bits - 2)
+            return round_int(y * step, self.rounding).clamp(-self.max_elem * step, self.max_elem * step) / step
+        return ELEMENTS[self.element].round(y, self.rounding)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        xb = to_blocks(x, self.block).float()
+        amax = nan_to_zero_abs(xb).amax(-1, keepdim=True)
+        scale = pow2(self.shared_exponent(amax))
+        out = self.round_element(xb / scale) * scale
+        return from_blocks(out, x.shape[-1]).to(x.dtype)
+
+    def bits(self, shape: Sequence[int]) -> int:
+        return self.element_bits * _numel(shape) + 8 * _rows(shape) * math.ceil(int(shape[-1]) / self.block)
+
+
+@dataclass(frozen=True)
+class NVFP4Format(Format):
+    """NVFP4: E2M1 elements, blocks of 16 with an E4M3 scale, and (two-level) an fp32
+    per-tensor scale ``g = amax_tensor / (6 * 448)``.
+
+    Numerics follow torchao's ``nvfp4_quantize`` (ModelOpt's and NeMo's layout):
+    ``s_b = e4m3(clamp(amax_block / 6 / g, 2**-6, 448))`` (block scales below E4M3's smallest
+    normal are raised to it, not flushed), elements ``e2m1(x * ((1 / g) / s_b))``, value
+    ``q * (g * s_b)`` in float32. Single-level: ``g = 1``. A zero tensor gives zeros.
+    """
+
+    block: int = 16
+    two_level: bool = True
+    rounding: Rounding = "even"
+
+    def __post_init__(self) -> None:
+        if self.block < 1:
+            raise UserError(f"nvfp4 format: block must be >= 1, got {self.block}")
+        _check_choice("rounding", self.rounding, ("even", "away"))
+
+    @property
+    def name(self) -> str:
+        base = "nvfp4" if self.two_level else "nvfp4_1l"
+        return base if self.block == 16 else f"{base}_b{self.block}"
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        xb = to_blocks(x, self.block).float()
+        absb = nan_to_zero_abs(xb)
+        block_amax = absb.amax(-1, keepdim=True)
+        if self.two_level:
+            g = absb.amax() / (448.0 * 6.0)
+            g = torch.where(g == 0, torch.ones_like(g), g)  # a zero tensor: any g gives zeros
+        else:
+            g = torch.ones((), dtype=torch.float32, device=x.device)
+        s_b = (block_amax / 6.0 / g).clamp(2.0**-6, 448.0).to(torch.float8_e4m3fn).float()
+        if self.two_level:
+            y = xb * ((1.0 / g) / s_b)
+        else:
+            y = xb * (1.0 / s_b)
+        q = E2M1.round(y, self.rounding)
+        out = q * (g * s_b) if self.two_level else q * s_b
+        return from_blocks(out, x.shape[-1]).to(x.dtype)
+
+    def bits(self, shape: Sequence[int]) -> int:
+        n_scales = _rows(shape) * math.ceil(int(shape[-1]) / self.block)
+        return 4 * _numel(shape) + 8 * n_scales + (32 if self.two_level else 0)
+
+
+def _check_choice(field: str, value: Any, valid: Any) -> None:
+    if value not in valid:
+        raise UserError(f"format field {field}: {value!r} is not valid (valid: {', '.join(map(str, valid))})")
+
+
+# ----------------------------------------------------------------------------- names
+
+FORMATS: Registry[Format] = Registry("format")
+for _fmt in (
+    CastFormat("fp16"),
+    CastFormat("bf16"),
+    CastFormat("fp32"),
+    IntFormat(4, 64),
+    IntFormat(4, 128),
+    IntFormat(8, 64),
+    IntFormat(4, None),
+    IntFormat(8, None),
+    IntFormat(8, None, per_tensor=True),
+    MXFormat("e2m1"),
+    MXFormat("e2m3"),
+    MXFormat("e3m2"),
+    MXFormat("e4m3"),
+    MXFormat("e5m2"),
+    MXFormat("int8"),
+    MXFormat("int4"),
+    NVFP4Format(),
+    NVFP4Format(two_level=False),
+):
+    FORMATS.register(_fmt.name, _fmt)
+
+_PATTERNS: list[tuple[str, Any]] = [
+    (r"int(\d+)_g(\d+)", lambda m: IntFormat(int(m[1]), int(m[2]))),
+    (r"int(\d+)_pc", lambda m: IntFormat(int(m[1]), None)),
+    (r"int(\d+)_pt", lambda m: IntFormat(int(m[1]), None, per_tensor=True)),
+    (r"mxint([2-8])(?:_b(\d+))?", lambda m: MXFormat(f"int{m[1]}", int(m[2] or 32))),
+    (
+        r"(mxfp4|mxfp6_e2m3|mxfp6_e3m2|mxfp8_e4m3|mxfp8_e5m2)_b(\d+)",
+        lambda m: dataclasses.replace(FORMATS.get(m[1]), block=int(m[2])),
+    ),
+    (r"(nvfp4|nvfp4_1l)_b(\d+)", lambda m: dataclasses.replace(FORMATS.get(m[1]), block=int(m[2]))),
+]
+PATTERN_HELP = "int{b}_g{g}, int{b}_pc, int{b}_pt, mxint{b}, <mx or nvfp4 name>_b{block}"
+_TYPES = {cls.__name__: cls for cls in (CastFormat, IntFormat, MXFormat, NVFP4Format)}
+_FIELD_ALIASES = {"bits": "bits_"}
+
+
+def _from_name(name: str) -> Format:
+    if name in FORMATS:
+        return FORMATS.get(name)
+    for pattern, build in _PATTERNS:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return build(m)
+    raise UserError(str(FORMATS.unknown(name)) + f"; patterns: {PATTERN_HELP}")
+
+
+def _coerce(value: str) -> Any:
+    low = value.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    return int(value) if re.fullmatch(r"-?\d+", value) else value
+
+
+def get_format(spec: str | Format | dict[str, Any], **overrides: Any) -> Format:
+    """A format from a name (``"mxfp4"``, ``"int4_g64"``), a spec string with field
+    overrides (``"int4_g64:scale_dtype=bf16,rounding=away"``), a dict from ``to_dict()``
+    or YAML (``{name: mxfp4, scale_rule: rceil}``), or a Format; keyword overrides apply last.
+    """
+    if isinstance(spec, Format):
+        fmt = spec
+    elif isinstance(spec, dict):
+        fields = dict(spec)
+        fields.pop("type", None)
+        name = fields.pop("name", None)
+        if name is None:
+            raise UserError(f"format {spec!r}: missing field 'name'")
+        return get_format(str(name), **{**fields, **overrides})
+    else:
+        name, _, rest = str(spec).partition(":")
+        fmt = _from_name(name.strip())
+        for item in filter(None, (p.strip() for p in rest.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise UserError(f"format {spec!r}: expected key=value, got {item!r}")
+            overrides = {key.strip(): _coerce(value.strip()), **overrides}
+    if overrides:
+        valid = {f.name for f in dataclasses.fields(fmt)}
+        fields = {_FIELD_ALIASES.get(k, k): v for k, v in overrides.items()}
+        bad = sorted(set(fields) - valid)
+        if bad:
+            shown = sorted(k for k in valid) if valid else ["(none)"]
+            raise UserError(f"format {fmt.name}: unknown field(s) {', '.join(bad)} (valid: {', '.join(shown)})")
+        fmt = dataclasses.replace(fmt, **fields)
+    return fmt
+
+
+def spec_string(fmt: Format) -> str:
+    """A string that ``get_format`` turns back into ``fmt``: its name plus non-default fields."""
+    base = _from_name(fmt.name)
+    diffs = [
+        f"{f.name.rstrip('_')}={getattr(fmt, f.name)}"
+        for f in dataclasses.fields(fmt)
+        if type(base) is type(fmt) and getattr(fmt, f.name) != getattr(base, f.name)
+    ]
+    return fmt.name + (":" + ",".join(diffs) if diffs else "")
+
+
+def list_formats() -> list[tuple[str, str]]:
+    """(name, description) for every named format, then the name patterns."""
+    rows = []
+    for name, fmt in FORMATS.items():
+        rows.append((name, f"{type(fmt).__name__} {fmt.bits_per_element(4096):.4g} bits/element at n=4096"))
+    rows.append(("int{b}_g{g}", "any integer width 2..16 with groups of g (e.g. int6_g32)"))
+    rows.append(("mxint{b}", "MX integer elements of b bits, 2..8"))
+    return rows

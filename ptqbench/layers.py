@@ -1,0 +1,177 @@
+"""The quantized layer: one module for ``nn.Linear`` and 1x1 ``nn.Conv2d``.
+
+``y = Qa(x / s) Q1(W_main)^T + branch(x / s) + b`` where ``s`` is an optional smoothing
+vector and ``branch`` an optional low-rank branch ``Qa2(x) Q2(R)^T Q2(L)^T`` whose factors and
+input have their own formats (any of which may be 16-bit). The main weight is quantized once at
+construction; activations are fake-quantized per forward, per token along the reduction dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptqbench.formats import Format, get_format
+
+BIAS_BITS = 16
+SMOOTH_BITS = 16
+
+
+def is_pointwise_conv(module: nn.Module) -> bool:
+    """A 1x1 Conv2d that is a linear map over channels (SANA's FFN projections)."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.padding in ((0, 0), "valid")
+        and module.dilation == (1, 1)
+        and module.groups == 1
+    )
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_pointwise_conv(module)
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` weight of a Linear or 1x1 Conv2d (a view, not a copy)."""
+    w = layer.weight
+    return w.reshape(w.shape[0], -1) if w.dim() == 4 else w
+
+
+class LowRankBranch(nn.Module):
+    """``Qa2(x) @ down^T [@ Qmid] @ up^T`` with ``down = Q2(Omega^T R)`` [r, in] and
+    ``up = Q2(L Omega)`` [out, r], stored already quantized (the rotation is folded in).
+
+    ``mid_format`` optionally quantizes the rank-r intermediate (LoRaQ's default).
+    """
+
+    def __init__(
+        self,
+        down: torch.Tensor,
+        up: torch.Tensor,
+        weight_format: Format | str = "bf16",
+        act_format: Format | str = "bf16",
+        mid_format: Format | str | None = None,
+        rotation: str = "identity",
+    ):
+        super().__init__()
+        self.weight_format = get_format(weight_format)
+        self.act_format = get_format(act_format)
+        self.mid_format = None if mid_format is None else get_format(mid_format)
+        self.rotation = rotation
+        self.register_buffer("down", self.weight_format.quantize(down))
+        self.register_buffer("up", self.weight_format.quantize(up))
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(self.act_format.quantize(x), self.down)
+        if self.mid_format is not None:
+            h = self.mid_format.quantize(h)
+        return F.linear(h, self.up)
+
+    def effective(self) -> torch.Tensor:
+        """The dense ``[out, in]`` product ``up @ down`` in float32."""
+        return self.up.float() @ self.down.float()
+
+    def bits(self) -> int:
+        return self.weight_format.bits(tuple(self.down.shape)) + self.weight_format.bits(tuple(self.up.shape))
+
+    def extra_repr(self) -> str:
+        mid = f", mid={self.mid_format}" if self.mid_format else ""
+        return f"rank={self.rank}, weights={self.weight_format}, acts={self.act_format}{mid}, rotation={self.rotation}"
+
+
+class QuantLinear(nn.Module):
+    """An emulated quantized Linear (or 1x1 Conv2d when ``conv=True``).
+
+    ``weight`` is the main-branch weight ``[out, in]`` *before* quantization, already smoothed
+    (multiplied by ``smooth``) and with the branch subtracted, as the method computed it.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_format: Format | str,
+        act_format: Format | str,
+        smooth: torch.Tensor | None = None,
+        branch: LowRankBranch | None = None,
+        conv: bool = False,
+    ):
+        super().__init__()
+        self.weight_format = get_format(weight_format)
+        self.act_format = get_format(act_format)
+        self.out_features, self.in_features = weight.shape
+        self.conv = conv
+        self.register_buffer("weight", self.weight_format.quantize(weight))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("smooth", None if smooth is None else smooth.to(weight.dtype))
+        self.branch = branch
+
+    @classmethod
+    def from_layer(
+        cls,
+        layer: nn.Module,
+        weight_format: Format | str,
+        act_format: Format | str,
+        *,
+        weight: torch.Tensor | None = None,
+        smooth: torch.Tensor | None = None,
+        branch: LowRankBranch | None = None,
+    ) -> QuantLinear:
+        """Build from a Linear / 1x1 Conv2d; ``weight`` replaces its (smoothed, residual) weight."""
+        w = dense_weight(layer).detach() if weight is None else weight.to(layer.weight.dtype)
+        return cls(w, layer.bias, weight_format, act_format, smooth, branch, conv=isinstance(layer, nn.Conv2d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv:
+            return self._linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self._linear(x)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = x / self.smooth
+        y = F.linear(self.act_format.quantize(x), self.weight, self.bias)
+        if self.branch is not None:
+            y = y + self.branch(x)
+        return y
+
+    def effective_weight(self) -> torch.Tensor:
+        """The dense ``[out, in]`` matrix the layer applies to unquantized activations:
+        ``(Q1(W_main) + L_q R_q) diag(s)^-1``, in float32."""
+        w = self.weight.float()
+        if self.branch is not None:
+            w = w + self.branch.effective()
+        if self.smooth is not None:
+            w = w / self.smooth.float()
+        return w
+
+    def bits(self) -> int:
+        """Exact storage bits: main weight, branch factors, smoothing vector, bias."""
+        total = self.weight_format.bits((self.out_features, self.in_features))
+        if self.branch is not None:
+            total += self.branch.bits()
+        if self.smooth is not None:
+            total += SMOOTH_BITS * self.in_features
+        if self.bias is not None:
+            total += BIAS_BITS * self.out_features
+        return total
+
+    def extra_repr(self) -> str:
+        smooth = ", smoothed" if self.smooth is not None else ""
+        kind = "conv1x1" if self.conv else "linear"
+        return (
+            f"{kind} {self.in_features}->{self.out_features}, weights={self.weight_format}, "
+            f"acts={self.act_format}{smooth}"
+        )
+
+
+def layer_bits_16bit(layer: nn.Module) -> int:
+    """Bits of a layer left in 16-bit (weights and bias at 16 bits)."""
+    w = dense_weight(layer)
+    return 16 * w.numel() + (BIAS_BITS * w.shape[0] if layer.bias is not None else 0)

@@ -1,0 +1,98 @@
+"""Exact memory accounting and the equal-memory rank solver.
+
+A layer's cost is its method's ``layer_bits`` (main weight, branch factors, smoothing vector,
+bias, every scale); layers left in 16-bit count at 16 bits; bits-per-weight is model bits over
+the number of weights of the quantized layers. The solver finds the largest branch rank whose
+exact bits do not exceed a reference configuration's, per layer or one rank model-wide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ptqbench.errors import UserError
+from ptqbench.method import LowRankMethod, Method
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the accounting needs of a layer: its name, ``[out, in]`` and whether it has a bias."""
+
+    name: str
+    out_features: int
+    in_features: int
+    bias: bool
+
+    @property
+    def weights(self) -> int:
+        return self.out_features * self.in_features
+
+
+def model_bits(method: Method | None, shapes: Sequence[LayerShape], ranks: Sequence[int] | None = None) -> int:
+    """Exact bits of the targeted layers under ``method`` (``None``: all 16-bit)."""
+    total = 0
+    for i, s in enumerate(shapes):
+        if method is None:
+            total += 16 * s.weights + (16 * s.out_features if s.bias else 0)
+            continue
+        m = method if ranks is None else dataclasses.replace(method, rank=ranks[i])
+        total += m.layer_bits(s.out_features, s.in_features, s.bias)
+    return total
+
+
+def bits_per_weight(method: Method | None, shapes: Sequence[LayerShape], ranks: Sequence[int] | None = None) -> float:
+    weights = sum(s.weights for s in shapes)
+    return model_bits(method, shapes, ranks) / weights if weights else 0.0
+
+
+def _largest_rank(candidate: LowRankMethod, budget: int, shapes: Sequence[LayerShape], multiple: int, limit: int) -> int:
+    """Largest r (a multiple of ``multiple``) with bits(r) <= budget; bits grow with r."""
+    def fits(r: int) -> bool:
+        return model_bits(dataclasses.replace(candidate, rank=r), shapes) <= budget
+
+    if not fits(0):
+        return -1
+    lo, hi = 0, limit // multiple  # in units of ``multiple``
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid * multiple):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * multiple
+
+
+def solve_rank(
+    reference: Method,
+    candidate: LowRankMethod,
+    shapes: Sequence[LayerShape],
+    multiple: int = 1,
+    per_layer: bool = False,
+) -> int | list[int]:
+    """Largest rank for ``candidate`` whose exact bits do not exceed ``reference``'s.
+
+    Model-wide (one rank for all ``shapes``) or ``per_layer`` (a list, one per shape).
+    Raises :class:`UserError` when even rank 0 does not fit.
+    """
+    if not isinstance(candidate, LowRankMethod):
+        raise UserError(f"equal memory: method {candidate.name} has no low-rank branch, so no rank to solve")
+    if multiple < 1:
+        raise UserError(f"equal memory: multiple must be >= 1, got {multiple}")
+    if not shapes:
+        raise UserError("equal memory: no layers to solve for")
+    groups = [[s] for s in shapes] if per_layer else [list(shapes)]
+    ranks = []
+    for group in groups:
+        budget = model_bits(reference, group)
+        limit = min(min(s.out_features, s.in_features) for s in group)
+        r = _largest_rank(candidate, budget, group, multiple, limit)
+        if r < 0:
+            where = group[0].name if per_layer else f"{len(group)} layers"
+            raise UserError(
+                f"equal memory: {candidate.label()} does not fit the budget of {reference.label()} "
+                f"even at rank 0 ({where})"
+            )
+        ranks.append(r)
+    return ranks if per_layer else ranks[0]

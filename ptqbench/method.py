@@ -1,0 +1,156 @@
+"""The method interface and registry.
+
+A method is a frozen, typed dataclass (its config, every field logged) with
+``quantize_layer(layer, stats=None) -> QuantLinear``. Format fields accept names, spec strings,
+dicts or Format objects and are parsed once. Methods register with ``@register_method(name)``;
+other packages add theirs through the ``ptqbench.methods`` entry-point group, one file each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ptqbench.errors import UserError
+from ptqbench.formats import Format, get_format
+from ptqbench.layers import BIAS_BITS, SMOOTH_BITS, QuantLinear
+from ptqbench.registry import Registry
+from ptqbench.stats import LayerStats, StatsSpec
+
+METHODS: Registry[type[Method]] = Registry("method", group="ptqbench.methods", builtins=("ptqbench.methods",))
+
+
+def format_field(default: str) -> Any:
+    """A dataclass field holding a Format (given as a name, spec string, dict or Format)."""
+    return field(default=default, metadata={"format": True})
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: register a Method subclass under ``name``."""
+
+    def decorator(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS.register(name, cls)
+        return cls
+
+    return decorator
+
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base of every method: main weight format ``Q1`` and activation format ``Qa``."""
+
+    name: ClassVar[str] = ""
+    weight_format: Format = format_field("int4_g64")
+    act_format: Format = format_field("int4_g64")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.metadata.get("format"):
+                value = getattr(self, f.name)
+                if value is not None:
+                    object.__setattr__(self, f.name, get_format(value))
+
+    # ------------------------------------------------------------------ what a method declares
+    def stats_spec(self) -> StatsSpec:
+        """Statistics this method uses when they are available (none by default)."""
+        return StatsSpec()
+
+    @property
+    def smooths(self) -> bool:
+        """Whether layers keep an explicit smoothing vector when statistics are given."""
+        return False
+
+    # ------------------------------------------------------------------ quantization
+    def quantize_layer(self, layer: nn.Module, stats: LayerStats | None = None) -> QuantLinear:
+        raise NotImplementedError
+
+    def quantize_layers(
+        self,
+        layers: Mapping[str, nn.Module],
+        stats: Mapping[str, LayerStats] | None = None,
+        progress: Progress | None = None,
+    ) -> dict[str, QuantLinear]:
+        """Quantize many layers; methods that batch same-shape layers override this."""
+        out = {}
+        for name, layer in layers.items():
+            out[name] = self.quantize_layer(layer, None if stats is None else stats.get(name))
+            if progress:
+                progress(name)
+        return out
+
+    # ------------------------------------------------------------------ memory
+    def layer_bits(self, out_features: int, in_features: int, bias: bool, smoothed: bool | None = None) -> int:
+        """Exact bits of this method's quantized layer of that shape, without building it.
+
+        ``smoothed`` defaults to :attr:`smooths` (a smoothing vector is kept).
+        """
+        smoothed = self.smooths if smoothed is None else smoothed
+        total = self.weight_format.bits((out_features, in_features))
+        total += self.branch_bits(out_features, in_features)
+        total += SMOOTH_BITS * in_features if smoothed else 0
+        total += BIAS_BITS * out_features if bias else 0
+        return total
+
+    def branch_bits(self, out_features: int, in_features: int) -> int:
+        return 0
+
+    # ------------------------------------------------------------------ logging
+    def params(self) -> dict[str, Any]:
+        """Every field flattened for logging: formats as spec strings plus each of their fields."""
+        out: dict[str, Any] = {"method": self.name}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Format):
+                out[f.name] = str(value)
+                for k, v in value.to_dict().items():
+                    if k != "name":
+                        out[f"{f.name}.{k.rstrip('_')}"] = v
+            else:
+                out[f.name] = value
+        return out
+
+    def label(self) -> str:
+        return f"{self.name} W:{self.weight_format} A:{self.act_format}"
+
+
+@dataclass(frozen=True)
+class LowRankMethod(Method):
+    """A method with a low-rank branch of rank ``rank`` (factor format ``Q2``, input ``Qa2``)."""
+
+    rank: int = 32
+    branch_format: Format = format_field("bf16")
+    branch_act_format: Format = format_field("bf16")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank < 0:
+            raise UserError(f"{self.name}: rank must be >= 0, got {self.rank}")
+
+    def branch_bits(self, out_features: int, in_features: int) -> int:
+        if self.rank == 0:
+            return 0
+        return self.branch_format.bits((self.rank, in_features)) + self.branch_format.bits((out_features, self.rank))
+
+    def label(self) -> str:
+        return f"{super().label()} r{self.rank} B:{self.branch_format}/{self.branch_act_format}"
+
+
+def get_method(name: str, **fields: Any) -> Method:
+    """A method by its registered name with its config fields as keywords."""
+    cls = METHODS.get(name)
+    valid = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(fields) - valid)
+    if bad:
+        raise UserError(f"method {name}: unknown field(s) {', '.join(bad)} (valid: {', '.join(sorted(valid))})")
+    try:
+        return cls(**fields)
+    except TypeError as exc:
+        raise UserError(f"method {name}: {exc}") from None

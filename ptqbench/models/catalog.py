@@ -1,0 +1,1 @@
+"""Catalog of built-in models (filled by the diffusion-side work)."""

@@ -1,0 +1,154 @@
+"""Calibration statistics of layer inputs, collected by forward hooks on any torch model.
+
+A method declares what it needs (:class:`StatsSpec`); :class:`StatsCollector` hooks the
+selected layers, accumulates per-channel abs-max, a bounded uniform sample of input rows
+(bottom-k reservoir with a seeded generator) and optionally ``X^T X`` (full or diagonal), and
+returns one :class:`LayerStats` per layer. Memory is bounded by ``rows`` x ``in_features``
+(+ ``in_features^2`` for a full ``X^T X``) per layer, whatever the number of forwards.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+XtX = Literal["none", "diag", "full"]
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """What a method needs: per-channel abs-max, ``rows`` sampled input rows, ``X^T X``."""
+
+    absmax: bool = False
+    rows: int = 0
+    xtx: XtX = "none"
+
+    def __or__(self, other: StatsSpec) -> StatsSpec:
+        order = ("none", "diag", "full")
+        return StatsSpec(
+            self.absmax or other.absmax,
+            max(self.rows, other.rows),
+            order[max(order.index(self.xtx), order.index(other.xtx))],
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not self.absmax and self.rows == 0 and self.xtx == "none"
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one layer's input ``X`` [tokens, in_features] (float32, on CPU)."""
+
+    absmax: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    xtx: torch.Tensor | None = None
+    count: int = 0
+    _keys: torch.Tensor | None = field(default=None, repr=False)
+
+    def to(self, device: torch.device | str) -> LayerStats:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return LayerStats(move(self.absmax), move(self.rows), move(self.xtx), self.count)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors for saving (safetensors); ``from_state`` rebuilds."""
+        out = {"count": torch.tensor(self.count)}
+        for name in ("absmax", "rows", "xtx"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name).contiguous()
+        return out
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor]) -> LayerStats:
+        return cls(state.get("absmax"), state.get("rows"), state.get("xtx"), int(state["count"]))
+
+
+def as_rows(x: torch.Tensor, conv: bool) -> torch.Tensor:
+    """Flatten a layer input to [tokens, in_features] (channels last for 1x1 convs)."""
+    if conv:
+        x = x.movedim(1, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+class StatsCollector:
+    """Hooks ``layers`` (name -> module) and accumulates ``spec`` while inside ``with``."""
+
+    def __init__(self, layers: Mapping[str, nn.Module], spec: StatsSpec, seed: int = 0, device: str = "cpu"):
+        self.layers = dict(layers)
+        self.spec = spec
+        self.device = device
+        self.stats = {name: LayerStats() for name in self.layers}
+        self._gens: dict[str, torch.Generator] = {}
+        self.seed = seed
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> StatsCollector:
+        for name, module in self.layers.items():
+            conv = isinstance(module, nn.Conv2d)
+            self._handles.append(module.register_forward_pre_hook(self._hook(name, conv)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _generator(self, name: str, device: torch.device) -> torch.Generator:
+        if name not in self._gens:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+            self._gens[name] = g
+        return self._gens[name]
+
+    def _hook(self, name: str, conv: bool) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            with torch.no_grad():
+                self.update(name, as_rows(args[0].detach(), conv))
+        return hook
+
+    def update(self, name: str, x: torch.Tensor) -> None:
+        """Add input rows ``x`` [tokens, in] of layer ``name``."""
+        st, spec = self.stats[name], self.spec
+        st.count += x.shape[0]
+        if spec.absmax:
+            amax = x.abs().amax(0).float()
+            st.absmax = amax if st.absmax is None else torch.maximum(st.absmax, amax.to(st.absmax.device))
+        if spec.xtx != "none":
+            xf = x.float()
+            part = (xf * xf).sum(0) if spec.xtx == "diag" else xf.T @ xf
+            st.xtx = part if st.xtx is None else st.xtx + part.to(st.xtx.device)
+        if spec.rows:
+            keys = torch.rand(x.shape[0], generator=self._generator(name, x.device), device=x.device)
+            rows = x.float()
+            if st.rows is not None:
+                keys = torch.cat([st._keys.to(x.device), keys])
+                rows = torch.cat([st.rows.to(x.device), rows])
+            if rows.shape[0] > spec.rows:
+                keep = torch.topk(keys, spec.rows, largest=False).indices.sort().values
+                keys, rows = keys[keep], rows[keep]
+            st._keys, st.rows = keys, rows
+
+    def result(self) -> dict[str, LayerStats]:
+        """The statistics, moved to ``device`` (float32)."""
+        return {name: st.to(self.device) for name, st in self.stats.items()}
+
+
+def collect_stats(
+    layers: Mapping[str, nn.Module],
+    spec: StatsSpec,
+    run: Callable[[], object] | Iterable[object],
+    seed: int = 0,
+) -> dict[str, LayerStats]:
+    """Collect ``spec`` for ``layers`` while ``run()`` feeds the model (or while iterating it)."""
+    with StatsCollector(layers, spec, seed=seed) as collector, torch.no_grad():
+        if callable(run):
+            run()
+        else:
+            for _ in run:
+                pass
+    return collector.result()
