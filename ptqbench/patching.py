@@ -119,6 +119,7 @@ class PatchReport:
 
     quantized: dict[str, QuantLinear]
     skipped: dict[str, str]
+    originals: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
     def bits(self) -> int:
         return sum(q.bits() for q in self.quantized.values())
@@ -153,4 +154,10 @@ def quantize_model(
         quantized.update(m.quantize_layers(layers, stats, progress))
     for name, q in quantized.items():
         replace_module(model, name, q)
-    return PatchReport(quantized, selection.skipped)
+    return PatchReport(quantized, selection.skipped, dict(selection.layers))
+
+
+def restore_model(model: nn.Module, report: PatchReport) -> None:
+    """Put the original layers back (undo :func:`quantize_model`)."""
+    for name, layer in report.originals.items():
+        replace_module(model, name, layer)

@@ -1,0 +1,56 @@
+"""Per-layer error analysis shared by the runner and ``ptqbench layers``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ptqbench.layers import QuantLinear, dense_weight
+
+
+def relative_weight_error(layer: nn.Module, quantized: QuantLinear) -> float:
+    """``||W - W_eff|| / ||W||`` (Frobenius, float64)."""
+    w = dense_weight(layer).double()
+    return float(torch.linalg.norm(w - quantized.effective_weight().double()) / torch.linalg.norm(w).clamp_min(1e-30))
+
+
+@torch.no_grad()
+def relative_output_error(layer: nn.Module, quantized: QuantLinear, x: torch.Tensor) -> float:
+    """``||y - y_q|| / ||y||`` on input rows ``x`` [tokens, in], activations quantized as deployed."""
+    w = dense_weight(layer)
+    x = x.to(device=w.device, dtype=w.dtype)
+    bias = layer.bias
+    y = nn.functional.linear(x, w, bias).double()
+    yq = quantized._linear(x).double()
+    return float(torch.linalg.norm(y - yq) / torch.linalg.norm(y).clamp_min(1e-30))
+
+
+def layer_errors(
+    originals: Mapping[str, nn.Module],
+    quantized: Mapping[str, QuantLinear],
+    inputs: Mapping[str, torch.Tensor] | None = None,
+    seconds: Mapping[str, float] | None = None,
+) -> pd.DataFrame:
+    """One row per quantized layer: shape, bits, bits per weight, relative weight error and
+    (where sample inputs are given) relative output error, seconds spent quantizing."""
+    rows = []
+    for name, q in quantized.items():
+        layer = originals[name]
+        x = None if inputs is None else inputs.get(name)
+        rows.append(
+            {
+                "layer": name,
+                "out_features": q.out_features,
+                "in_features": q.in_features,
+                "rank": q.branch.rank if q.branch is not None else 0,
+                "bits": q.bits(),
+                "bits_per_weight": q.bits() / (q.out_features * q.in_features),
+                "rel_weight_error": relative_weight_error(layer, q),
+                "rel_output_error": float("nan") if x is None else relative_output_error(layer, q, x),
+                "seconds": float("nan") if seconds is None else seconds.get(name, float("nan")),
+            }
+        )
+    return pd.DataFrame(rows)
