@@ -42,12 +42,16 @@ def model_bits(method: Method | None, shapes: Sequence[LayerShape], ranks: Seque
     return total
 
 
-def bits_per_weight(method: Method | None, shapes: Sequence[LayerShape], ranks: Sequence[int] | None = None) -> float:
+def bits_per_weight(
+    method: Method | None, shapes: Sequence[LayerShape], ranks: Sequence[int] | None = None
+) -> float:
     weights = sum(s.weights for s in shapes)
     return model_bits(method, shapes, ranks) / weights if weights else 0.0
 
 
-def _largest_rank(candidate: LowRankMethod, budget: int, shapes: Sequence[LayerShape], multiple: int, limit: int) -> int:
+def _largest_rank(
+    candidate: LowRankMethod, budget: int, shapes: Sequence[LayerShape], multiple: int, limit: int
+) -> int:
     """Largest r (a multiple of ``multiple``) with bits(r) <= budget; bits grow with r."""
     def fits(r: int) -> bool:
         return model_bits(dataclasses.replace(candidate, rank=r), shapes) <= budget

@@ -1,0 +1,25 @@
+"""Test environment: offline hub, a private MLflow store and cache per session, nothing in the repo."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+_SESSION_DIR = tempfile.mkdtemp(prefix="ptqbench-tests-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_SESSION_DIR}/mlflow.db")
+os.environ["PTQBENCH_CACHE"] = os.path.join(_SESSION_DIR, "cache")
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def cuda() -> torch.device:
+    """The GPU, or skip."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    return torch.device("cuda")
