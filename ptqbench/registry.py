@@ -51,7 +51,9 @@ class Registry(Generic[T]):
                 self.register(name, target)
                 return target
             return decorator
-        if name in self._entries:
+        current = self._entries.get(name)
+        # A lazy entry (entry point) may be replaced by the registration its import performs.
+        if current is not None and not (isinstance(current, str) and not isinstance(obj, str)):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = obj
         return obj
@@ -65,10 +67,13 @@ class Registry(Generic[T]):
         self._loaded = True
         for module in self._builtins:
             importlib.import_module(module)
+        self._scan_plugins()
+
+    def _scan_plugins(self) -> None:
+        """Add entry points of ``group`` not registered yet (plugins installed after start-up too)."""
         if self.group:
             for ep in entry_points(group=self.group):
-                if ep.name not in self._entries:
-                    self._entries[ep.name] = ep.value
+                self._entries.setdefault(ep.name, ep.value)
 
     def __contains__(self, name: object) -> bool:
         self._load()
@@ -93,10 +98,14 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         self._load()
         if name not in self._entries:
+            self._scan_plugins()
+        if name not in self._entries:
             raise self.unknown(name)
         entry = self._entries[name]
         if isinstance(entry, str):
-            entry = _resolve(entry)
+            obj = _resolve(entry)
+            current = self._entries[name]  # the import may have registered the real object
+            entry = obj if isinstance(current, str) else current
             self._entries[name] = entry
         return entry
 
