@@ -153,6 +153,16 @@ class Format:
         raise NotImplementedError
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize along the last dim: a fused kernel on CUDA where one exists, else torch."""
+        if x.is_cuda:
+            from ptqbench import kernels
+
+            if kernels.supports(self, x):
+                return kernels.fake_quant(self, x)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The torch implementation (the definition the kernels are tested against)."""
         raise NotImplementedError
 
     def bits(self, shape: Sequence[int]) -> int:
@@ -232,7 +242,7 @@ class IntFormat(Format):
             return f"int{self.bits_}_pt"
         return f"int{self.bits_}_pc" if self.group is None else f"int{self.bits_}_g{self.group}"
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[-1]
         exact = torch.float64 if (x.dtype == torch.float32 or self.scale_dtype == "fp32") else torch.float32
         if self.per_tensor:
@@ -333,7 +343,7 @@ class MXFormat(Format):
             return round_int(y * step, self.rounding).clamp(-self.max_elem * step, self.max_elem * step) / step
         return ELEMENTS[self.element].round(y, self.rounding)
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         xb = to_blocks(x, self.block).float()
         amax = nan_to_zero_abs(xb).amax(-1, keepdim=True)
         scale = pow2(self.shared_exponent(amax))
@@ -369,7 +379,7 @@ class NVFP4Format(Format):
         base = "nvfp4" if self.two_level else "nvfp4_1l"
         return base if self.block == 16 else f"{base}_b{self.block}"
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         xb = to_blocks(x, self.block).float()
         absb = nan_to_zero_abs(xb)
         block_amax = absb.amax(-1, keepdim=True)

@@ -1,0 +1,44 @@
+"""The fused CUDA kernels equal the torch reference bit for bit (runs where a GPU is present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_formats import sample_tensors
+
+from ptqbench import kernels
+from ptqbench.formats import get_format
+
+KERNEL_FORMATS = [
+    "mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2", "mxint8", "mxint4",
+    "mxfp4:scale_rule=ceil", "mxfp4:scale_rule=rceil", "mxfp8_e4m3:scale_rule=rceil", "mxfp4:rounding=away",
+    "mxint4:rounding=away", "mxfp4_b16", "nvfp4", "nvfp4_1l", "int4_g64", "int8_g64", "int4_g128",
+    "int4_g64:scale_dtype=bf16", "int6_g32:rounding=away",
+]  # fmt: skip
+
+
+def test_kernels_are_not_used_on_cpu() -> None:
+    assert not kernels.supports(get_format("mxfp4"), torch.zeros(2, 32))
+
+
+@pytest.mark.parametrize("name", KERNEL_FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_kernel_equals_reference(cuda: torch.device, name: str, dtype: torch.dtype) -> None:
+    fmt = get_format(name)
+    cases = dict(sample_tensors("cuda"))
+    cases["ragged_3d"] = torch.randn(3, 17, 1000, device="cuda") * 3
+    nan = torch.randn(8, 96, device="cuda")
+    nan[2, 7] = float("nan")
+    nan[5] = 0.0
+    cases["nan_zero_rows"] = nan
+    for case, x in cases.items():
+        x = x.to(dtype)
+        if dtype == torch.float16:
+            x = x.clamp(-6e4, 6e4)
+        if not kernels.supports(fmt, x):
+            assert dtype == torch.float32 and name.startswith("int"), f"{name} {dtype} should have a kernel"
+            continue
+        got = kernels.fake_quant(fmt, x)
+        want = fmt.reference(x)
+        same = (got == want) | (torch.isnan(got) & torch.isnan(want))
+        assert bool(same.all()), f"{name} {dtype} {case}: {int((~same).sum())} mismatches"
