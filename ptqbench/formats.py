@@ -55,6 +55,11 @@ def ceil_log2(a: torch.Tensor) -> torch.Tensor:
     return torch.where(mant == 0, -150, torch.where(mant == 0.5, exp - 1, exp)).to(torch.int32)
 
 
+def true_div(a: torch.Tensor, b: float) -> torch.Tensor:
+    """IEEE ``a / b`` on every device (PyTorch's CUDA kernels multiply by ``1/b`` for Python scalars)."""
+    return a / a.new_full((), b)  # a device tensor made by a fill kernel: no host copy, graph-capturable
+
+
 def round_int(y: torch.Tensor, rounding: Rounding) -> torch.Tensor:
     """Round to an integer: ties to even, or half away from zero."""
     if rounding == "even":
@@ -197,7 +202,11 @@ class CastFormat(Format):
 
     @property
     def is_16bit(self) -> bool:
-        return True
+        return self.dtype != "fp32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         target = _DTYPES[self.dtype]
@@ -253,7 +262,7 @@ class IntFormat(Format):
             xb = to_blocks(x, self.group)
         amax = nan_to_zero_abs(xb).amax(-1, keepdim=True).float()
         sdt = _DTYPES[self.scale_dtype]
-        scale = (amax / self.qmax).to(sdt).clamp(max=torch.finfo(sdt).max).to(exact)
+        scale = true_div(amax, self.qmax).to(sdt).clamp(max=torch.finfo(sdt).max).to(exact)
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = round_int(xb.to(exact) / safe, self.rounding).clamp(-self.qmax, self.qmax)
         out = (q * scale).to(x.dtype)
@@ -334,7 +343,7 @@ class MXFormat(Format):
         elif self.scale_rule == "ceil":
             e = ceil_log2(amax) - self.emax_elem
         else:
-            e = ceil_log2(amax / self.max_elem)
+            e = ceil_log2(true_div(amax, self.max_elem))
         return e.clamp(-127, 127)
 
     def round_element(self, y: torch.Tensor) -> torch.Tensor:
@@ -384,11 +393,11 @@ class NVFP4Format(Format):
         absb = nan_to_zero_abs(xb)
         block_amax = absb.amax(-1, keepdim=True)
         if self.two_level:
-            g = absb.amax() / (448.0 * 6.0)
+            g = true_div(absb.amax(), 448.0 * 6.0)
             g = torch.where(g == 0, torch.ones_like(g), g)  # a zero tensor: any g gives zeros
         else:
             g = torch.ones((), dtype=torch.float32, device=x.device)
-        s_b = (block_amax / 6.0 / g).clamp(2.0**-6, 448.0).to(torch.float8_e4m3fn).float()
+        s_b = (true_div(block_amax, 6.0) / g).clamp(2.0**-6, 448.0).to(torch.float8_e4m3fn).float()
         if self.two_level:
             y = xb * ((1.0 / g) / s_b)
         else:

@@ -17,7 +17,7 @@ from functools import cache
 
 import torch
 
-from ptqbench.formats import ELEMENTS, Format, IntFormat, MXFormat, NVFP4Format
+from ptqbench.formats import ELEMENTS, Format, IntFormat, MXFormat, NVFP4Format, true_div
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs simply never use this module.
     import triton
@@ -123,131 +123,131 @@ if HAVE_TRITON:
         return tl.where(y < 0, -q, q)
 
     @triton.jit
-    def _mx_kernel(
-        x_ptr, out_ptr, M, K,
-        BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-        IS_INT: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr,
-        EMAX: tl.constexpr, INT_STEP: tl.constexpr, RULE: tl.constexpr, AWAY: tl.constexpr,
-    ):  # fmt: skip
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = (rows[:, None] < M) & (cols[None, :] < K)
-        offs = rows[:, None].to(tl.int64) * K + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        ax = tl.abs(x)
-        amax = tl.max(tl.where(ax != ax, 0.0, ax), axis=1)
+    def _mx_tile(x, amax, IS_INT, EMIN, MBITS, MAXV, EMAX, INT_STEP, RULE, AWAY):
+        """MX fake-quant of a [BLOCK_M, NB, BLOCK] tile given its block abs-maxima [BLOCK_M, NB]."""
         if RULE == 0:
             e = _floor_log2(amax) - EMAX
         elif RULE == 1:
             e = _ceil_log2(amax) - EMAX
         else:
             e = _ceil_log2(libdevice.div_rn(amax, MAXV))
-        e = tl.minimum(tl.maximum(e, -127), 127)[:, None]
+        e = tl.minimum(tl.maximum(e, -127), 127)[:, :, None]
         y = x * _pow2(-e)
         if IS_INT:
             q = tl.minimum(tl.maximum(_round(y * INT_STEP, AWAY), -MAXV * INT_STEP), MAXV * INT_STEP) / INT_STEP
             q = tl.where(y != y, y, q)
         else:
             q = _minifloat(y, EMIN, MBITS, MAXV, AWAY)
-        tl.store(out_ptr + offs, (q * _pow2(e)).to(out_ptr.dtype.element_ty), mask=mask)
+        return q * _pow2(e)
 
     @triton.jit
-    def _int_kernel(
-        x_ptr, out_ptr, M, K,
-        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, QMAX: tl.constexpr,
-        SCALE_BF16: tl.constexpr, SCALE_MAX: tl.constexpr, AWAY: tl.constexpr,
-    ):  # fmt: skip
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * GROUP + tl.arange(0, GROUP)
-        mask = (rows[:, None] < M) & (cols[None, :] < K)
-        offs = rows[:, None].to(tl.int64) * K + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        ax = tl.abs(x)
-        amax = tl.max(tl.where(ax != ax, 0.0, ax), axis=1)
+    def _int_tile(x, amax, QMAX, SCALE_BF16, SCALE_MAX, AWAY):
+        """Integer-group fake-quant (fp16/bf16 scales) of a tile."""
         quot = libdevice.div_rn(amax, QMAX * 1.0)
         if SCALE_BF16:
             s = quot.to(tl.bfloat16).to(tl.float32)
         else:
             s = quot.to(tl.float16).to(tl.float32)
-        s = tl.minimum(s, SCALE_MAX)[:, None]
+        s = tl.minimum(s, SCALE_MAX)[:, :, None]
         safe = tl.where(s == 0.0, 1.0, s)
         q = tl.minimum(tl.maximum(_round(libdevice.div_rn(x, safe), AWAY), -QMAX * 1.0), QMAX * 1.0)
-        q = tl.where(x != x, x, q)
-        tl.store(out_ptr + offs, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
+        return tl.where(x != x, x, q) * s
 
     @triton.jit
-    def _nvfp4_kernel(
+    def _nvfp4_tile(x, amax, g, inv_g, TWO_LEVEL, AWAY):
+        """NVFP4 fake-quant of a tile (block scale rounded to E4M3 exactly, RNE, clamped to [2**-6, 448])."""
+        sb = libdevice.div_rn(libdevice.div_rn(amax, 6.0), g)
+        sb = _minifloat(tl.minimum(tl.maximum(sb, 0.015625), 448.0), -6, 3, 448.0, False)[:, :, None]
+        if TWO_LEVEL:
+            q = _minifloat(x * libdevice.div_rn(inv_g, sb), 0, 1, 6.0, AWAY)
+            return q * (g * sb)
+        q = _minifloat(x * libdevice.div_rn(1.0, sb), 0, 1, 6.0, AWAY)
+        return q * sb
+
+    @triton.jit
+    def _fq_kernel(
         x_ptr, out_ptr, g_ptr, M, K,
-        BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, TWO_LEVEL: tl.constexpr, AWAY: tl.constexpr,
+        KIND: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, BLOCK_M: tl.constexpr, AWAY: tl.constexpr,
+        IS_INT: tl.constexpr = False, EMIN: tl.constexpr = 0, MBITS: tl.constexpr = 0, MAXV: tl.constexpr = 1.0,
+        EMAX: tl.constexpr = 0, INT_STEP: tl.constexpr = 1.0, RULE: tl.constexpr = 0,
+        QMAX: tl.constexpr = 7, SCALE_BF16: tl.constexpr = False, SCALE_MAX: tl.constexpr = 65504.0,
+        TWO_LEVEL: tl.constexpr = False,
     ):  # fmt: skip
+        """Fake-quantize a [BLOCK_M rows, NB blocks of BLOCK columns] tile (KIND 0: MX, 1: INT, 2: NVFP4)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = (rows[:, None] < M) & (cols[None, :] < K)
-        offs = rows[:, None].to(tl.int64) * K + cols[None, :]
+        cols = (tl.program_id(1) * NB + tl.arange(0, NB))[None, :, None] * BLOCK + tl.arange(0, BLOCK)[None, None, :]
+        mask = (rows[:, None, None] < M) & (cols < K)
+        offs = rows[:, None, None].to(tl.int64) * K + cols
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         ax = tl.abs(x)
-        amax = tl.max(tl.where(ax != ax, 0.0, ax), axis=1)
-        g = tl.load(g_ptr)
-        sb = libdevice.div_rn(libdevice.div_rn(amax, 6.0), g)
-        sb = tl.minimum(tl.maximum(sb, 0.015625), 448.0)
-        sb = sb.to(tl.float8e4nv).to(tl.float32)[:, None]
-        if TWO_LEVEL:
-            inv_g = tl.load(g_ptr + 1)
-            y = x * libdevice.div_rn(inv_g, sb)
-            scale = g * sb
+        amax = tl.max(tl.where(ax != ax, 0.0, ax), axis=2)
+        if KIND == 0:
+            q = _mx_tile(x, amax, IS_INT, EMIN, MBITS, MAXV, EMAX, INT_STEP, RULE, AWAY)
+        elif KIND == 1:
+            q = _int_tile(x, amax, QMAX, SCALE_BF16, SCALE_MAX, AWAY)
         else:
-            y = x * libdevice.div_rn(1.0, sb)
-            scale = sb
-        q = _minifloat(y, 0, 1, 6.0, AWAY)
-        tl.store(out_ptr + offs, (q * scale).to(out_ptr.dtype.element_ty), mask=mask)
+            q = _nvfp4_tile(x, amax, tl.load(g_ptr), tl.load(g_ptr + 1), TWO_LEVEL, AWAY)
+        tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _absmax_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        """NaN-ignoring abs-max of a flat tensor into out_ptr (int32 bits of a float32, start 0)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        a = tl.abs(tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32))
+        m = tl.max(tl.where(a != a, 0.0, a), axis=0)
+        tl.atomic_max(out_ptr, m.to(tl.int32, bitcast=True))  # non-negative floats order as their bits
 
 
-def _launch_shape(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int, int, int]:
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    m, k = x2.shape
-    block_m = max(1, min(64, 2048 // block))
-    return x2, m, k, block_m
+def tensor_absmax(x: torch.Tensor) -> torch.Tensor:
+    """NaN-ignoring ``max |x|`` as a float32 0-d tensor, in one pass (no host sync)."""
+    flat = x.reshape(-1)
+    out = torch.zeros(1, dtype=torch.int32, device=x.device)
+    block = 8192
+    _absmax_kernel[(triton.cdiv(flat.numel(), block),)](flat, out, flat.numel(), BLOCK=block)
+    return out.view(torch.float32)[0]
+
+
+COLS_PER_STEP = 256  # columns of a tile (NB blocks of BLOCK); rows fill it to 4096 elements
+
+
+def _format_args(fmt: Format) -> tuple[int, dict[str, object]]:
+    """Block size and the kernel's constexpr arguments for ``fmt``."""
+    away = fmt.rounding == "away"
+    if isinstance(fmt, MXFormat):
+        el = None if fmt.is_int else ELEMENTS[fmt.element]
+        return fmt.block, {
+            "KIND": 0, "AWAY": away, "IS_INT": fmt.is_int, "EMIN": el.emin if el else 0,
+            "MBITS": el.mbits if el else 0, "MAXV": fmt.max_elem, "EMAX": fmt.emax_elem,
+            "INT_STEP": 2.0 ** (fmt.element_bits - 2) if fmt.is_int else 1.0,
+            "RULE": ("floor", "ceil", "rceil").index(fmt.scale_rule),
+        }  # fmt: skip
+    if isinstance(fmt, IntFormat):
+        sdt = torch.bfloat16 if fmt.scale_dtype == "bf16" else torch.float16
+        return fmt.group, {
+            "KIND": 1, "AWAY": away, "QMAX": fmt.qmax, "SCALE_BF16": fmt.scale_dtype == "bf16",
+            "SCALE_MAX": float(torch.finfo(sdt).max),
+        }  # fmt: skip
+    if isinstance(fmt, NVFP4Format):
+        return fmt.block, {"KIND": 2, "AWAY": away, "TWO_LEVEL": fmt.two_level}
+    raise TypeError(f"no kernel for {fmt}")
 
 
 def fake_quant(fmt: Format, x: torch.Tensor) -> torch.Tensor:
     """``fmt.quantize(x)`` with a fused kernel; call only when :func:`supports` is true."""
-    if isinstance(fmt, MXFormat):
-        x2, m, k, block_m = _launch_shape(x, fmt.block)
-        out = torch.empty_like(x2)
-        el = None if fmt.is_int else ELEMENTS[fmt.element]
-        grid = (triton.cdiv(m, block_m), triton.cdiv(k, fmt.block))
-        _mx_kernel[grid](
-            x2, out, m, k,
-            BLOCK=fmt.block, BLOCK_M=block_m, IS_INT=fmt.is_int,
-            EMIN=el.emin if el else 0, MBITS=el.mbits if el else 0, MAXV=fmt.max_elem, EMAX=fmt.emax_elem,
-            INT_STEP=2.0 ** (fmt.element_bits - 2) if fmt.is_int else 1.0,
-            RULE=("floor", "ceil", "rceil").index(fmt.scale_rule), AWAY=fmt.rounding == "away",
-        )  # fmt: skip
-        return out.reshape(x.shape)
-    if isinstance(fmt, IntFormat):
-        x2, m, k, block_m = _launch_shape(x, fmt.group)
-        out = torch.empty_like(x2)
-        sdt = torch.bfloat16 if fmt.scale_dtype == "bf16" else torch.float16
-        grid = (triton.cdiv(m, block_m), triton.cdiv(k, fmt.group))
-        _int_kernel[grid](
-            x2, out, m, k,
-            GROUP=fmt.group, BLOCK_M=block_m, QMAX=fmt.qmax,
-            SCALE_BF16=fmt.scale_dtype == "bf16", SCALE_MAX=float(torch.finfo(sdt).max), AWAY=fmt.rounding == "away",
-        )  # fmt: skip
-        return out.reshape(x.shape)
-    if isinstance(fmt, NVFP4Format):
-        x2, m, k, block_m = _launch_shape(x, fmt.block)
-        out = torch.empty_like(x2)
-        if fmt.two_level:
-            a = x2.abs()
-            g = torch.where(torch.isnan(a), 0.0, a.float()).amax() / (448.0 * 6.0)
-            g = torch.where(g == 0, torch.ones_like(g), g)
-            gs = torch.stack([g, 1.0 / g])
-        else:
-            gs = torch.ones(2, device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(m, block_m), triton.cdiv(k, fmt.block))
-        _nvfp4_kernel[grid](
-            x2, out, gs, m, k, BLOCK=fmt.block, BLOCK_M=block_m, TWO_LEVEL=fmt.two_level, AWAY=fmt.rounding == "away"
-        )
-        return out.reshape(x.shape)
-    raise TypeError(f"no kernel for {fmt}")
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    m, k = x2.shape
+    out = torch.empty_like(x2)
+    block, meta = _format_args(fmt)
+    nb = max(1, min(COLS_PER_STEP // block, triton.next_power_of_2(triton.cdiv(k, block))))
+    block_m = max(1, min(64, 4096 // (nb * block)))
+    if isinstance(fmt, NVFP4Format) and fmt.two_level:
+        g = true_div(tensor_absmax(x2), 448.0 * 6.0)
+        g = torch.where(g == 0, torch.ones_like(g), g)
+        gs = torch.stack([g, 1.0 / g])
+    elif isinstance(fmt, NVFP4Format):
+        gs = torch.ones(2, device=x.device, dtype=torch.float32)  # single level: g = 1
+    else:
+        gs = out  # not read
+    grid = (triton.cdiv(m, block_m), triton.cdiv(triton.cdiv(k, block), nb))
+    _fq_kernel[grid](x2, out, gs, m, k, BLOCK=block, NB=nb, BLOCK_M=block_m, **meta)
+    return out.reshape(x.shape)

@@ -42,3 +42,4 @@ def test_kernel_equals_reference(cuda: torch.device, name: str, dtype: torch.dty
         want = fmt.reference(x)
         same = (got == want) | (torch.isnan(got) & torch.isnan(want))
         assert bool(same.all()), f"{name} {dtype} {case}: {int((~same).sum())} mismatches"
+

@@ -1,0 +1,232 @@
+"""``ptqbench bench``: forward time of the full PixArt-Sigma transformer, 16-bit vs quantized.
+
+Random weights from the real config (timing does not depend on values), bf16, 1024px latents
+(128x128x4), batch 2 (classifier-free guidance), 300 caption tokens of width 4096. Every
+targeted attention/FFN linear is replaced by a :class:`~ptqbench.layers.QuantLinear`; variants
+are timed in one process with CUDA events (median of ``--iters`` after warm-up) and reported as
+ratios to the bf16 forward, next to the memory-traffic floor of one extra pass per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ptqbench import kernels
+from ptqbench.errors import UserError
+from ptqbench.layers import LowRankBranch, QuantLinear, dense_weight
+from ptqbench.patching import PatchReport, replace_module, restore_model, select_layers
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One timed configuration: formats of the main branch and an optional 16-bit branch."""
+
+    label: str
+    weight_format: str | None  # None: the untouched bf16 model
+    act_format: str = "bf16"
+    rank: int = 0
+    fused: bool = True  # use the fused activation kernels
+
+
+VARIANTS = (
+    Variant("bf16", None),
+    Variant("bf16 + rank-32 bf16 branch", "bf16", "bf16", 32),
+    Variant("W4A4 mxfp4 (eager torch fake-quant)", "mxfp4", "mxfp4", 0, fused=False),
+    Variant("W4A4 mxfp4", "mxfp4", "mxfp4"),
+    Variant("W4A4 mxfp4 + rank-32 bf16 branch", "mxfp4", "mxfp4", 32),
+    Variant("W4A4 int4_g64", "int4_g64", "int4_g64"),
+    Variant("W4A4 int4_g64 + rank-32 bf16 branch", "int4_g64", "int4_g64", 32),
+    Variant("W4A4 nvfp4 + rank-32 bf16 branch", "nvfp4", "nvfp4", 32),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="pixart-sigma", help="registered model whose transformer config is used")
+    parser.add_argument("--batch", type=int, default=2, help="batch size (2 = one prompt with CFG)")
+    parser.add_argument("--tokens", type=int, default=300, help="caption tokens")
+    parser.add_argument("--iters", type=int, default=10, help="timed forwards per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="write the table as JSON here")
+    parser.add_argument("--small", action="store_true", help="a 2-layer transformer at 256px (smoke test, CPU ok)")
+    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timings")
+
+
+def build_transformer(model: str, small: bool, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model's transformer from its config with random weights (no download)."""
+    from ptqbench.models.diffusers_models import build_transformer
+
+    overrides = {"num_layers": 2, "sample_size": 32} if small else {}
+    return build_transformer(model, device, dtype, **overrides).eval()
+
+
+def make_inputs(transformer: nn.Module, batch: int, tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
+    cfg = transformer.config
+    g = torch.Generator(device=device).manual_seed(0)
+    size = cfg.sample_size
+    return {
+        "hidden_states": torch.randn(batch, cfg.in_channels, size, size, generator=g, device=device, dtype=dtype),
+        "encoder_hidden_states": torch.randn(
+            batch, tokens, cfg.caption_channels, generator=g, device=device, dtype=dtype
+        ),
+        "timestep": torch.full((batch,), 500, device=device, dtype=torch.long),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        "return_dict": False,
+    }
+
+
+def apply_variant(transformer: nn.Module, variant: Variant) -> PatchReport | None:
+    """Swap every targeted layer for a QuantLinear of ``variant`` (random branch factors)."""
+    if variant.weight_format is None:
+        return None
+    selection = select_layers(transformer)
+    quantized = {}
+    g = torch.Generator(device=next(transformer.parameters()).device).manual_seed(1)
+    for name, layer in selection.layers.items():
+        w = dense_weight(layer).detach()
+        branch = None
+        if variant.rank:
+            out_f, in_f = w.shape
+            down = torch.randn(variant.rank, in_f, generator=g, device=w.device, dtype=w.dtype) * 0.02
+            up = torch.randn(out_f, variant.rank, generator=g, device=w.device, dtype=w.dtype) * 0.02
+            branch = LowRankBranch(down, up, "bf16", "bf16")
+        quantized[name] = QuantLinear.from_layer(layer, variant.weight_format, variant.act_format, branch=branch)
+    for name, q in quantized.items():
+        replace_module(transformer, name, q)
+    return PatchReport(quantized, selection.skipped, dict(selection.layers))
+
+
+@torch.no_grad()
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured in a CUDA graph (launch overhead removed); returns the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+@torch.no_grad()
+def time_forward(fn: Callable[[], object], iters: int, warmup: int, device: torch.device) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on a GPU, wall clock otherwise)."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def traffic_floor_ms(transformer: nn.Module, inputs: dict, bandwidth_gbs: float = 3000.0) -> float:
+    """Milliseconds to read and write each targeted linear's input once at ``bandwidth_gbs``."""
+    sizes: list[int] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, a: sizes.append(a[0].numel() * a[0].element_size()))
+        for layer in select_layers(transformer).layers.values()
+    ]
+    with torch.no_grad():
+        transformer(**inputs)
+    for h in hooks:
+        h.remove()
+    return 2 * sum(sizes) / (bandwidth_gbs * 1e9) * 1e3
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.small:
+        raise UserError("bench: the full-size benchmark needs a CUDA GPU (use --small for a CPU smoke run)")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    transformer = build_transformer(args.model, args.small, device, dtype)
+    inputs = make_inputs(transformer, args.batch, args.tokens, device, dtype)
+    floor = traffic_floor_ms(transformer, inputs)
+    use_graph = device.type == "cuda" and not args.no_graph
+    rows: list[dict] = []
+    base: dict[str, float] = {}
+    print(f"{'variant':<42} {'eager ms':>9} {'ratio':>6}" + (f" {'graph ms':>9} {'ratio':>6}" if use_graph else ""))
+    for variant in VARIANTS:
+        report = apply_variant(transformer, variant)
+        with kernels.use_kernels(variant.fused):
+            forward = lambda: transformer(**inputs)  # noqa: E731
+            row = {"variant": variant.label, "eager_ms": time_forward(forward, args.iters, args.warmup, device)}
+            if use_graph:
+                row["graph_ms"] = time_forward(graphed(forward), args.iters, args.warmup, device)
+        if report is not None:
+            restore_model(transformer, report)
+        for mode in ("eager", "graph"):
+            if f"{mode}_ms" in row:
+                base.setdefault(mode, row[f"{mode}_ms"])
+                row[f"{mode}_ratio"] = row[f"{mode}_ms"] / base[mode]
+        rows.append(row)
+        line = f"{variant.label:<42} {row['eager_ms']:9.2f} {row['eager_ratio']:5.2f}x"
+        if use_graph:
+            line += f" {row['graph_ms']:9.2f} {row['graph_ratio']:5.2f}x"
+        print(line, flush=True)
+    n_layers = len(select_layers(transformer).layers)
+    ref = base.get("graph", base["eager"])
+    print(f"floor of one extra read+write pass over each of {n_layers} linears' inputs: "
+          f"{floor:.2f} ms ({floor / ref:.1%} of the bf16 forward)")
+    rows.append({"variant": "floor: one extra pass per layer input", "ms": floor, "ratio": floor / ref})
+    return rows
+
+
+def kernel_table(device: torch.device, iters: int = 50) -> list[dict]:
+    """Fused activation fake-quant vs a plain copy on PixArt-Sigma activation shapes (bf16), graph-timed;
+    the eager torch reference is timed call by call."""
+    from ptqbench.formats import get_format
+
+    rows = []
+    for shape in ((8192, 1152), (8192, 4608)):
+        x = torch.randn(*shape, device=device, dtype=torch.bfloat16)
+        reps = 20  # calls per graph replay, so launch gaps do not count
+
+        def per_call(fn: Callable[[], object]) -> float:
+            return time_forward(graphed(lambda: [fn() for _ in range(reps)]), iters, 3, device) / reps
+
+        copy_ms = per_call(lambda x=x: x.clone())
+        for name in ("mxfp4", "mxfp8_e4m3", "mxint4", "int4_g64", "nvfp4", "nvfp4_1l"):
+            fmt = get_format(name)
+            ms = per_call(lambda fmt=fmt, x=x: fmt.quantize(x))
+            with kernels.use_kernels(False):
+                eager = time_forward(lambda fmt=fmt, x=x: fmt.quantize(x), max(5, iters // 10), 2, device)
+            gbs = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
+            rows.append({"shape": list(shape), "format": name, "kernel_ms": ms, "copy_ms": copy_ms,
+                         "vs_copy": ms / copy_ms, "GB_s": gbs, "eager_ms": eager})
+            print(f"{shape!s:<13} {name:<11} kernel {ms * 1e3:7.1f} us  copy {copy_ms * 1e3:7.1f} us  "
+                  f"{ms / copy_ms:5.2f}x copy  {gbs:6.0f} GB/s   eager torch {eager * 1e3:8.1f} us", flush=True)
+    return rows
+
+
+def main(args: argparse.Namespace) -> int:
+    rows = run(args)
+    kernel_rows = kernel_table(torch.device("cuda")) if torch.cuda.is_available() else []
+    if args.out:
+        info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "torch": torch.__version__, "model": args.model, "small": args.small, "rows": rows,
+                "kernels": kernel_rows}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(info, indent=2))
+    return 0
