@@ -201,9 +201,8 @@ def kernel_table(device: torch.device, iters: int = 50) -> list[dict]:
     rows = []
     for shape in ((8192, 1152), (8192, 4608)):
         x = torch.randn(*shape, device=device, dtype=torch.bfloat16)
-        reps = 20  # calls per graph replay, so launch gaps do not count
-
-        def per_call(fn: Callable[[], object]) -> float:
+        def per_call(fn: Callable[[], object], reps: int = 20) -> float:
+            """Milliseconds per call, ``reps`` calls per graph replay so launch gaps do not count."""
             return time_forward(graphed(lambda: [fn() for _ in range(reps)]), iters, 3, device) / reps
 
         copy_ms = per_call(lambda x=x: x.clone())
