@@ -1,1 +1,7 @@
-"""Catalog of built-in metrics (filled by the metrics work)."""
+"""Catalog of built-in metrics: importing a module registers its metrics.
+
+Heavy libraries (lpips, clean-fid, ImageReward, EfficientNet) are imported only when a metric
+computes, so listing metrics stays fast and an optional package never breaks the install.
+"""
+
+from ptqbench.metrics import fid, image_reward, lpips_metric, pixel  # noqa: F401
