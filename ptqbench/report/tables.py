@@ -1,0 +1,618 @@
+"""Tables per (experiment, model, prompt set, settings): rows = method x formats x branch, columns = metrics.
+
+A :class:`Group` holds the sorted runs of one comparison; :func:`build_table` turns it into a
+:class:`Table` of display cells (best value per metric in bold, ``n/c`` and failures as
+footnotes), which :func:`to_markdown`, :func:`to_latex` and the HTML page render. The CSV holds
+the raw numbers. Everything is sorted, so the same runs always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from ptqbench.report.load import DIRECTION_PREFIX, SETTINGS, STATUS_PREFIX
+
+METHOD_ORDER = {"none": 0, "rtn": 1, "smoothquant": 2, "svdquant": 3, "loraq": 4}
+REFERENCE_LABEL = "16-bit reference"
+DASH = "—"
+NOT_COMPUTED = "n/c"
+MAX_NOTE = 2000
+ARROWS = {True: "↑", False: "↓", None: ""}
+CONFIG_COLUMNS = 7  # Method, Weights, Acts, Branch, Rank, Bits/w, Size
+# Params that never tell two rows of one table apart (identity, bookkeeping, format sub-fields).
+_IDENTITY = {
+    "cell_hash", "git_commit", "device", "bits_per_weight", "model_bytes", "model", "prompt_set", "method",
+    "weight_format", "act_format", "branch_format", "branch_act_format", "rank",
+}
+_IDENTITY_PREFIXES = ("versions.", "weight_format.", "act_format.", "branch_format.", "branch_act_format.")
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """A metric column: its name and direction (None when neither registry nor tags say)."""
+
+    name: str
+    higher_is_better: bool | None
+    paired: bool = False  # compares with the 16-bit images (so the reference's own value is trivial)
+
+    @property
+    def header(self) -> str:
+        arrow = ARROWS[self.higher_is_better]
+        return f"{self.name} {arrow}" if arrow else self.name
+
+
+@dataclass
+class Group:
+    """The runs one table compares: same experiment, model, prompt set and generation settings."""
+
+    experiment: str
+    model: str
+    prompt_set: str
+    settings: dict[str, str]
+    rows: list[dict[str, Any]]
+    metrics: list[MetricInfo]
+    slug: str = ""
+
+    @property
+    def title(self) -> str:
+        settings = ", ".join(f"{k}={v}" for k, v in self.settings.items() if v != "")
+        return f"{self.model} · {self.prompt_set}" + (f" ({settings})" if settings else "") + f" · {self.experiment}"
+
+    @property
+    def reference(self) -> dict[str, Any] | None:
+        return next((r for r in self.rows if r["is_reference"] and r["status"] == "finished"), None)
+
+    def finished(self, quantized_only: bool = False) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] == "finished" and not (quantized_only and r["is_reference"])]
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
+
+
+def _natural(value: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def registry_metrics(notes: list[str]) -> dict[str, MetricInfo]:
+    """Direction and pairing of every registered metric; a registry that fails to load is noted, not fatal."""
+    from ptqbench.metrics import METRICS
+
+    try:
+        names = METRICS.names()
+    except ImportError as exc:  # a builtin module failed; what registered before it is still there
+        notes.append(f"metric registry incomplete ({exc}); directions of the others come from the runs' tags")
+        names = METRICS.names()
+    out = {}
+    for name in names:
+        try:
+            cls = METRICS.get(name)
+            out[name] = MetricInfo(name, bool(cls.higher_is_better), "reference" in getattr(cls, "needs", ()))
+        except (ImportError, AttributeError) as exc:
+            notes.append(f"metric {name}: registry entry unavailable ({exc}); direction from the runs' tags")
+    return out
+
+
+def metric_info(name: str, rows: Iterable[dict[str, Any]], registry: dict[str, MetricInfo]) -> MetricInfo:
+    """The registry's metric (direction, pairing), else the direction of the runs' metric_direction tag."""
+    if name in registry:
+        return registry[name]
+    tags = sorted({r["tags"].get(DIRECTION_PREFIX + name, "") for r in rows} - {""})
+    return MetricInfo(name, {"higher": True, "lower": False}.get(tags[0]) if len(tags) == 1 else None)
+
+
+def sort_key(row: dict[str, Any]) -> tuple:
+    method = row["method"]
+    return (
+        not row["is_reference"],
+        METHOD_ORDER.get(method, len(METHOD_ORDER)),
+        method,
+        row["weight_format"],
+        row["act_format"],
+        row["branch_format"],
+        row["branch_act_format"],
+        row["rank"],
+        row.get("variant", ""),
+        row["cell_hash"],
+        row["run_id"],
+    )
+
+
+def _variant_params(row: dict[str, Any]) -> dict[str, str]:
+    """Params that may tell two rows of a table apart (the group's settings excluded, unless the
+    method has a field of the same name, whose value the param then holds)."""
+    same = set(SETTINGS) - ambiguous_settings(row["method"])
+    return {
+        k: v for k, v in row["params"].items()
+        if k not in _IDENTITY and k not in same and not k.startswith(_IDENTITY_PREFIXES)
+    }
+
+
+def _base_label(row: dict[str, Any]) -> str:
+    if row["is_reference"]:
+        return REFERENCE_LABEL
+    text = f"{row['method']} W:{row['weight_format'] or '?'} A:{row['act_format'] or '?'}"
+    if row["rank"] > 0:
+        text += f" r{row['rank_text']} B:{branch_text(row)}"
+    return text
+
+
+def _label_variants(rows: list[dict[str, Any]]) -> None:
+    """Rows that share method, formats, branch and rank get the params that tell them apart."""
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_key.setdefault(_base_label(r), []).append(r)
+    for base, same in by_key.items():
+        for r in same:
+            r["variant"] = ""
+        if len(same) > 1:
+            params = [_variant_params(r) for r in same]
+            keys = sorted({k for p in params for k in p if len({q.get(k, "") for q in params}) > 1})
+            for r, p in zip(same, params, strict=True):
+                r["variant"] = ", ".join(f"{k}={p.get(k, '')}" for k in keys)
+        for r in same:
+            r["row_label"] = base + (f" ({r['variant']})" if r["variant"] else "")
+
+
+def ambiguous_settings(method: str, notes: list[str] | None = None) -> set[str]:
+    """Settings that a method's own fields share a name with, so its flattened params may hold the
+    method's value (e.g. an optimizer's ``steps``) instead of the generation setting.
+
+    A method registry that cannot load is noted (and nothing is treated as ambiguous).
+    """
+    from ptqbench.method import METHODS
+
+    try:
+        if method in ("", "none") or method not in METHODS:
+            return set()
+        return {f.name for f in dataclasses.fields(METHODS.get(method))} & set(SETTINGS)
+    except (ImportError, TypeError) as exc:
+        text = f"method {method}: registry entry unavailable ({exc}); its params are taken as logged"
+        if notes is not None and text not in notes:
+            notes.append(text)
+        return set()
+
+
+def _assign(records: list[dict[str, Any]], notes: list[str]) -> dict[tuple, list[dict[str, Any]]]:
+    """Rows keyed by (experiment, model, prompt set, *settings); a row whose settings params are
+    ambiguous joins the one group that matches its other settings (noted when its value differs)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    pending = []
+    for r in records:
+        ambiguous = ambiguous_settings(r["method"], notes)
+        key = (r["experiment"], r["model"], r["prompt_set"], *(r[k] for k in SETTINGS))
+        if ambiguous:
+            pending.append((r, ambiguous))
+        else:
+            groups.setdefault(key, []).append(r)
+    for r, ambiguous in pending:
+        key = (r["experiment"], r["model"], r["prompt_set"], *(r[k] for k in SETTINGS))
+        matches = [
+            k for k in groups
+            if k[:3] == key[:3] and all(k[3 + i] == key[3 + i] for i, s in enumerate(SETTINGS) if s not in ambiguous)
+        ]
+        if len(matches) == 1 and matches[0] != key:
+            target = matches[0]
+            differ = [s for i, s in enumerate(SETTINGS) if target[3 + i] != key[3 + i]]
+            logged = ", ".join(f"{s}={r[s]}" for s in differ)
+            notes.append(
+                f"{r['experiment']}: run {r['run_id']} ({r['method']}) logs {logged}: "
+                f"{r['method']}'s own field(s), which overwrite the generation setting(s) of the same name; "
+                f"grouped with the runs whose other settings match"
+            )
+            r.update({s: target[3 + i] for i, s in enumerate(SETTINGS)})
+            key = target
+        elif len(matches) > 1:
+            notes.append(
+                f"{r['experiment']}: run {r['run_id']} ({r['method']}): {', '.join(sorted(ambiguous))} may be "
+                f"{r['method']}'s own field rather than the generation setting; grouped by the logged value"
+            )
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def make_groups(
+    frame: pd.DataFrame, registry: dict[str, MetricInfo] | None = None, notes: list[str] | None = None
+) -> list[Group]:
+    """One group per (experiment, model, prompt set, settings), sorted; rows sorted within.
+
+    ``registry`` describes the registered metrics (see :func:`registry_metrics`).
+    """
+    registry = registry or {}
+    groups = []
+    for key, rows in _assign([dict(r) for r in frame.to_dict("records")], [] if notes is None else notes).items():
+        _label_variants(rows)
+        rows.sort(key=sort_key)
+        names = sorted({n for r in rows for n in r["metric_names"]})
+        metrics = [metric_info(n, rows, registry) for n in names]
+        experiment, model, prompt_set, *settings = key
+        groups.append(Group(experiment, model, prompt_set, dict(zip(SETTINGS, settings, strict=True)), rows, metrics))
+    groups.sort(key=lambda g: (g.model, g.prompt_set, g.experiment, [_natural(v) for v in g.settings.values()]))
+    siblings: dict[tuple[str, str, str], list[Group]] = {}
+    for g in groups:
+        siblings.setdefault((g.experiment, g.model, g.prompt_set), []).append(g)
+    for g in groups:
+        slug = "--".join(slugify(p) for p in (g.experiment, g.model, g.prompt_set))
+        same = siblings[(g.experiment, g.model, g.prompt_set)]
+        differ = [k for k in SETTINGS if len({s.settings[k] for s in same}) > 1]
+        if differ:  # groups of one experiment, model and prompt set at different settings
+            slug += "--" + slugify("_".join(f"{k}{g.settings[k]}" for k in differ))
+        g.slug = slug
+    return groups
+
+
+# ----------------------------------------------------------------------------- display values
+
+
+def method_text(row: dict[str, Any]) -> str:
+    if row["is_reference"]:
+        return REFERENCE_LABEL
+    return row["method"] + (f" ({row['variant']})" if row["variant"] else "")
+
+
+def branch_text(row: dict[str, Any]) -> str:
+    if row["rank"] <= 0 or not row["branch_format"]:
+        return DASH
+    bf, baf = row["branch_format"], row["branch_act_format"]
+    return bf if baf in ("", bf) else f"{bf}/{baf}"
+
+
+def decimals(values: Iterable[float]) -> int:
+    """Decimals for a column: three significant digits of its smallest value (0 to 4), plus up to
+    two more where that would show different values as equal (e.g. SSIM 0.9987 vs 0.9991)."""
+    finite = [v for v in values if math.isfinite(v)]
+    nonzero = [abs(v) for v in finite if v != 0]
+    if not nonzero:
+        return 3
+    base = max(0, min(4, 2 - math.floor(math.log10(min(nonzero)))))
+    distinct = len(set(finite))
+    return next((d for d in range(base, base + 2) if len({f"{v:.{d}f}" for v in finite}) == distinct), base + 2)
+
+
+def fmt_number(value: float, places: int) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{places}f}"
+
+
+SIZE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+
+
+def size_unit(values: Iterable[float]) -> tuple[str, int]:
+    finite = [v for v in values if math.isfinite(v)]
+    top = max(finite, default=0.0)
+    return next(((u, f) for u, f in SIZE_UNITS if top >= 10 * f), SIZE_UNITS[-1])
+
+
+def metric_value(row: dict[str, Any], name: str) -> float | None:
+    value = row["metrics"].get(name)
+    return None if value is None else float(value)
+
+
+def metric_reason(row: dict[str, Any], name: str) -> str:
+    """Why a finished run has no value: its metric_status tag, or that nothing was logged."""
+    tag = row["tags"].get(STATUS_PREFIX + name, "")
+    if not tag:
+        return "the run logged neither a value nor a metric_status tag"
+    return re.sub(r"^not_computed:\s*", "", tag)
+
+
+def one_line(text: str, limit: int = MAX_NOTE) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass
+class Cell:
+    text: str
+    bold: bool = False
+    notes: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    align: str  # "l" or "r"
+    subheader: str = ""  # e.g. "n=16" under a metric
+    metric: bool = False
+
+
+@dataclass
+class Table:
+    slug: str
+    title: str
+    columns: list[Column]
+    rows: list[list[Cell]]
+    reference_rows: int
+    footnotes: list[str]
+    legend: str
+    status_column: int  # index of the Status column
+
+    @property
+    def any_unfinished(self) -> bool:
+        return any(row[self.status_column].text != "finished" for row in self.rows)
+
+
+class _Notes:
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def add(self, text: str) -> int:
+        if text not in self.texts:
+            self.texts.append(text)
+        return self.texts.index(text) + 1
+
+
+def _metric_cells(group: Group, info: MetricInfo, notes_for: list[_Notes | None]) -> tuple[list[Cell], str]:
+    rows = group.rows
+    values = [metric_value(r, info.name) if r["status"] == "finished" else None for r in rows]
+    places = decimals(v for v in values if v is not None)
+    ns = {
+        int(r["metrics"][f"{info.name}_n"])
+        for r, v in zip(rows, values, strict=True)
+        if v is not None and f"{info.name}_n" in r["metrics"]
+    }
+    uniform = len(ns) <= 1
+    sub = f"n={next(iter(ns))}" if len(ns) == 1 else ("n varies" if ns else "")
+    candidates = [
+        float(fmt_number(v, places))
+        for r, v in zip(rows, values, strict=True)
+        if v is not None and not r["is_reference"] and not math.isnan(v)
+    ]
+    best = None
+    if info.higher_is_better is not None and len(candidates) >= 2:
+        best = max(candidates) if info.higher_is_better else min(candidates)
+    cells = []
+    for r, v, notes in zip(rows, values, notes_for, strict=True):
+        if r["status"] != "finished":
+            cells.append(Cell(DASH))
+        elif v is None:
+            assert notes is not None
+            n = notes.add(f"{info.name} not computed: {one_line(metric_reason(r, info.name))}")
+            cells.append(Cell(NOT_COMPUTED, notes=[n]))
+        else:
+            text = fmt_number(v, places)
+            if not uniform and f"{info.name}_n" in r["metrics"]:
+                text += f" (n={int(r['metrics'][info.name + '_n'])})"
+            shown = float(fmt_number(v, places))
+            cells.append(Cell(text, bold=best is not None and not r["is_reference"] and shown == best))
+    return cells, sub
+
+
+def build_table(group: Group) -> Table:
+    """The display table of a group: config columns, metric columns, status; footnotes numbered in order."""
+    notes = _Notes()
+    rows = group.rows
+    unit, factor = size_unit(r["model_bytes"] for r in rows)
+    columns = [
+        Column("Method", "l"),
+        Column("Weights", "l"),
+        Column("Acts", "l"),
+        Column("Branch", "l"),
+        Column("Rank", "r"),
+        Column("Bits/w", "r"),
+        Column(f"Size ({unit})", "r"),
+    ]
+    size_places = 0 if factor == 1 else 1
+    table_rows: list[list[Cell]] = []
+    for r in rows:
+        bpw, size = r["bits_per_weight"], r["model_bytes"]
+        table_rows.append(
+            [
+                Cell(method_text(r)),
+                Cell(r["weight_format"] or DASH),
+                Cell(r["act_format"] or DASH),
+                Cell(branch_text(r)),
+                Cell(r["rank_text"] or DASH),
+                Cell(DASH if math.isnan(bpw) else f"{bpw:.3f}"),
+                Cell(DASH if math.isnan(size) else fmt_number(size / factor, size_places)),
+            ]
+        )
+    # Metric cells are built column by column, but footnotes must number in reading order:
+    # collect per-row notes first, then merge row by row.
+    per_row_notes = [_Notes() if r["status"] == "finished" else None for r in rows]
+    metric_cols = []
+    for info in group.metrics:
+        cells, sub = _metric_cells(group, info, per_row_notes)
+        metric_cols.append(cells)
+        columns.append(Column(info.header, "r", sub, metric=True))
+    columns.append(Column("Status", "l"))
+    for i, r in enumerate(rows):
+        local = per_row_notes[i]
+        for cells in metric_cols:
+            cell = cells[i]
+            cell.notes = [notes.add(local.texts[n - 1]) for n in cell.notes] if local else []
+            table_rows[i].append(cell)
+        status = Cell(r["status"])
+        if r["status"] != "finished":
+            reason = r["error"] if r["status"] == "failed" else "the run has not finished (running, or killed)"
+            status.notes = [notes.add(f"{r['row_label']} {r['status']}: {one_line(reason)}")]
+        table_rows[i].append(status)
+    has_dir = any(m.higher_is_better is not None for m in group.metrics)
+    legend = "↑ higher is better, ↓ lower is better; best finished quantized value per metric in bold"
+    legend = legend if has_dir else ""
+    legend += ("; " if legend else "") + f"{NOT_COMPUTED} = not computed; {DASH} = no value (run not finished)"
+    if group.reference is None:
+        legend += "; no finished 16-bit reference run in this group"
+    return Table(
+        slug=group.slug,
+        title=group.title,
+        columns=columns,
+        rows=table_rows,
+        reference_rows=sum(1 for r in rows if r["is_reference"]),
+        footnotes=notes.texts,
+        legend=legend,
+        status_column=len(columns) - 1,
+    )
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+
+def _md(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*").replace("\n", " ")
+
+
+def _md_cell(cell: Cell) -> str:
+    text = _md(cell.text)
+    if cell.bold:
+        text = f"**{text}**"
+    return text + "".join(f"[{n}]" for n in cell.notes)
+
+
+def to_markdown(table: Table) -> str:
+    headers = [_md(c.header + (f" ({c.subheader})" if c.subheader else "")) for c in table.columns]
+    lines = [f"### {_md(table.title)}", "", "| " + " | ".join(headers) + " |"]
+    lines.append("|" + "|".join(":---" if c.align == "l" else "---:" for c in table.columns) + "|")
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
+    lines += ["", _md(table.legend) + "."]
+    if table.footnotes:
+        lines += [""] + [f"[{i}] {_md(t)}  " for i, t in enumerate(table.footnotes, 1)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------- LaTeX
+
+# Only symbols of the base fonts (no TS1/textcomp glyphs, which OT1 documents render as bitmaps).
+_LATEX = {
+    "\\": r"$\backslash$", "&": r"\&", "%": r"\%", "$": r"{\char36}", "#": r"\#", "_": r"\_", "{": r"\{",
+    "}": r"\}", "~": r"\~{}", "^": r"\^{}", "<": r"$<$", ">": r"$>$", "|": r"$|$",
+    "—": "---", "–": "--", "…": r"\ldots{}", "·": r"$\cdot$",
+    "×": r"$\times$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "≤": r"$\leq$", "≥": r"$\geq$",
+    "±": r"$\pm$", "\u00a0": "~",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Plain text as LaTeX (pdflatex-safe): specials escaped, other non-ASCII transliterated."""
+    out = []
+    for ch in str(text).replace("\n", " "):
+        if ch in _LATEX:
+            out.append(_LATEX[ch])
+        elif ord(ch) < 128:
+            out.append(ch)
+        else:
+            ascii_ = unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode()
+            out.append(latex_escape(ascii_) if ascii_ else "?")
+    return "".join(out)
+
+
+def _tex_cell(cell: Cell) -> str:
+    text = latex_escape(cell.text)
+    if cell.bold:
+        text = rf"\textbf{{{text}}}"
+    return text + "".join(rf"\textsuperscript{{{n}}}" for n in cell.notes)
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs ``table`` float: grouped headers, n under each metric, footnotes below."""
+    keep = [i for i in range(len(table.columns)) if i != table.status_column or table.any_unfinished]
+    cols = [table.columns[i] for i in keep]
+    n_config = CONFIG_COLUMNS
+    n_metrics = sum(1 for c in cols if c.metric)
+    lines = [
+        "% generated by `ptqbench report` from the tracked MLflow runs; regenerate, do not edit",
+        r"\begin{table}[htbp]",
+        r"\centering",
+        r"\small",
+        rf"\caption{{{latex_escape(table.title)}}}",
+        rf"\label{{tab:{table.slug.replace('_', '-')}}}",
+        r"\begin{tabular}{" + "".join(c.align for c in cols) + "}",
+        r"\toprule",
+    ]
+    if n_metrics:
+        rest = len(cols) - n_config - n_metrics
+        top = [rf"\multicolumn{{{n_config}}}{{c}}{{Configuration}}", rf"\multicolumn{{{n_metrics}}}{{c}}{{Metrics}}"]
+        top += [""] * rest
+        lines.append(" & ".join(top) + r" \\")
+        lines.append(
+            rf"\cmidrule(lr){{1-{n_config}}}\cmidrule(lr){{{n_config + 1}-{n_config + n_metrics}}}"
+        )
+    lines.append(" & ".join(latex_escape(c.header) for c in cols) + r" \\")
+    if any(c.subheader for c in cols):
+        lines.append(" & ".join(latex_escape(c.subheader).replace("=", "{=}") for c in cols) + r" \\")
+    lines.append(r"\midrule")
+    for i, row in enumerate(table.rows):
+        if i == table.reference_rows and table.reference_rows:
+            lines.append(r"\midrule")
+        lines.append(" & ".join(_tex_cell(row[j]) for j in keep) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\par\smallskip", r"{\footnotesize", latex_escape(table.legend) + "."]
+    for i, text in enumerate(table.footnotes, 1):
+        lines.append(rf"\par\textsuperscript{{{i}}}\,{latex_escape(text)}")
+    lines += ["\\par}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- CSV
+
+
+def _csv_value(value: Any) -> Any:
+    return "" if isinstance(value, float) and math.isnan(value) else value
+
+
+def table_frame(group: Group) -> pd.DataFrame:
+    """The raw numbers of a group, one row per run, in table order."""
+    other = sorted({k for r in group.rows for k in r["metrics"]} - {m.name for m in group.metrics}
+                   - {f"{m.name}_n" for m in group.metrics} - {"bits_per_weight", "model_bytes"})
+    records = []
+    for r in group.rows:
+        rec: dict[str, Any] = {
+            "experiment": r["experiment"], "model": r["model"], "prompt_set": r["prompt_set"],
+            **{k: r[k] for k in SETTINGS},
+            "row": r["row_label"], "method": r["method"], "weight_format": r["weight_format"],
+            "act_format": r["act_format"], "branch_format": r["branch_format"],
+            "branch_act_format": r["branch_act_format"], "rank": r["rank"],
+            "bits_per_weight": r["bits_per_weight"], "model_bytes": r["model_bytes"],
+            "status": r["status"], "error": r["error"],
+        }
+        for m in group.metrics:
+            value = metric_value(r, m.name)
+            rec[m.name] = value
+            rec[f"{m.name}_n"] = r["metrics"].get(f"{m.name}_n")
+            status = ("ok" if value is not None else "not_computed") if r["status"] == "finished" else ""
+            rec[f"{m.name}_status"] = status
+            rec[f"{m.name}_reason"] = metric_reason(r, m.name) if r["status"] == "finished" and value is None else ""
+            rec[f"{m.name}_direction"] = {True: "higher", False: "lower", None: ""}[m.higher_is_better]
+        for k in other:
+            rec[k] = r["metrics"].get(k)
+        rec["run_id"], rec["cell_hash"] = r["run_id"], r["cell_hash"]
+        records.append({k: _csv_value(v) for k, v in rec.items()})
+    return pd.DataFrame(records)
+
+
+def to_csv(frame: pd.DataFrame) -> str:
+    return frame.to_csv(index=False, lineterminator="\n")
+
+
+def runs_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every loaded run flattened (params, metrics, tags as prefixed columns), sorted deterministically."""
+    records = []
+    for r in frame.to_dict("records"):
+        rec = {k: r[k] for k in ("experiment", "model", "prompt_set", "method", "status", "run_id", "cell_hash")}
+        rec.update({f"param.{k}": v for k, v in r["params"].items()})
+        rec.update({f"metric.{k}": v for k, v in r["metrics"].items()})
+        rec.update({f"tag.{k}": v for k, v in r["tags"].items() if not k.startswith("mlflow.")})
+        records.append(rec)
+    out = pd.DataFrame(records)
+    fixed = ["experiment", "model", "prompt_set", "method", "status", "run_id", "cell_hash"]
+    out = out[fixed + sorted(c for c in out.columns if c not in fixed)]
+    return out.sort_values(["experiment", "model", "prompt_set", "method", "cell_hash", "run_id"], kind="stable")
