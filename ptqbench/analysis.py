@@ -13,8 +13,9 @@ from ptqbench.layers import QuantLinear, dense_weight
 
 def relative_weight_error(layer: nn.Module, quantized: QuantLinear) -> float:
     """``||W - W_eff|| / ||W||`` (Frobenius, float64)."""
-    w = dense_weight(layer).double()
-    return float(torch.linalg.norm(w - quantized.effective_weight().double()) / torch.linalg.norm(w).clamp_min(1e-30))
+    w = dense_weight(layer).detach().double()
+    err = torch.linalg.norm(w - quantized.effective_weight().detach().double())
+    return float(err / torch.linalg.norm(w).clamp_min(1e-30))
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 A pipeline exposes the ``transformer`` to quantize and ``generate(prompts, seeds, settings)``,
 which returns images as a float32 tensor ``[N, 3, H, W]`` in [0, 1] on the CPU. Noise is drawn
-per prompt from its own seed on the CPU, so batching and device never change an image's noise.
+per prompt from its own seed on the CPU, so batching and device never change an image's noise
+(batched and single calls may still differ by float rounding in the network).
 """
 
 from __future__ import annotations

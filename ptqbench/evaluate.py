@@ -1,0 +1,203 @@
+"""Evaluate one (pipeline, method) cell: calibrate, quantize, generate, score, restore.
+
+:func:`evaluate` calibrates when the method uses statistics, quantizes the transformer's selected
+layers in place, records per-layer errors, generates images with the prompts' fixed seeds,
+scores the metrics against the cached 16-bit reference images and always restores the
+transformer, so one loaded pipeline serves many cells. ``method=None`` is the 16-bit reference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ptqbench.analysis import layer_errors
+from ptqbench.cache import Cache
+from ptqbench.calibration import CalibConfig, calibrate
+from ptqbench.generation import NullProgress, Progress, generate_images, reference_images
+from ptqbench.memory import model_bits
+from ptqbench.method import Method
+from ptqbench.metrics.base import MetricInputs, MetricResult, get_metric
+from ptqbench.models.base import GenSettings, Pipeline
+from ptqbench.patching import LayerPlan, PatchReport, quantize_model, restore_model, select_layers
+from ptqbench.prompts import PromptSet
+from ptqbench.stats import LayerStats
+
+__all__ = ["EvalResult", "NullProgress", "Progress", "evaluate", "model_bytes", "other_elements"]
+
+LAYER_ERROR_COLUMNS = (
+    "layer", "out_features", "in_features", "rank", "bits", "bits_per_weight",
+    "rel_weight_error", "rel_output_error", "seconds",
+)
+SAMPLE_ROWS = 64  # calibration rows per layer used for the relative output error
+
+
+@dataclass
+class EvalResult:
+    """Everything one cell produced (see the evaluate contract)."""
+
+    metrics: dict[str, MetricResult]
+    layer_errors: pd.DataFrame
+    bits: int
+    weights: int
+    bits_per_weight: float
+    model_bytes: int
+    quantized: list[str]
+    skipped: dict[str, str]
+    images_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def other_elements(model: nn.Module, layers: Mapping[str, nn.Module]) -> int:
+    """Elements of every parameter and buffer of ``model`` except the weights and biases of ``layers``."""
+    skip = {id(t) for layer in layers.values() for t in (layer.weight, layer.bias) if t is not None}
+    seen: set[int] = set()
+    total = 0
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in skip and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel()
+    return total
+
+
+def model_bytes(model: nn.Module, layers: Mapping[str, nn.Module], layer_bits: int) -> int:
+    """Bytes of the whole transformer: ``layers`` at ``layer_bits`` in total, everything else at 16 bits.
+
+    Works on a meta-device model (``build_transformer(name)``) for dry runs, with ``layer_bits``
+    from :func:`ptqbench.memory.model_bits`.
+    """
+    return math.ceil((16 * other_elements(model, layers) + layer_bits) / 8)
+
+
+def _sample_inputs(stats: Mapping[str, LayerStats] | None) -> dict[str, torch.Tensor] | None:
+    if not stats:
+        return None
+    out = {name: st.rows[:SAMPLE_ROWS] for name, st in stats.items() if st.rows is not None}
+    return out or None
+
+
+class _Timer:
+    def __init__(self, timings: dict[str, float], name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start
+
+
+def _quantize(
+    transformer: nn.Module,
+    method: Method,
+    stats: Mapping[str, LayerStats] | None,
+    plan: LayerPlan,
+    ranks: Mapping[str, int] | None,
+    progress: Progress,
+) -> tuple[PatchReport, dict[str, float]]:
+    """quantize_model with per-layer seconds (time between progress callbacks)."""
+    seconds: dict[str, float] = {}
+    last = [time.perf_counter()]
+
+    def tick(name: str) -> None:
+        now = time.perf_counter()
+        seconds[name] = now - last[0]
+        last[0] = now
+        progress.advance()
+
+    device = next(transformer.parameters()).device
+    moved = None if stats is None else {k: v.to(device) for k, v in stats.items()}
+    return quantize_model(transformer, method, moved, plan, ranks, progress=tick), seconds
+
+
+def evaluate(
+    pipeline: Pipeline,
+    method: Method | None,
+    prompts: PromptSet,
+    *,
+    metrics: Sequence[str],
+    settings: GenSettings,
+    calibration: CalibConfig,
+    cache: Cache,
+    out_dir: Path,
+    plan: LayerPlan | None = None,
+    ranks: dict[str, int] | None = None,
+    progress: Progress | None = None,
+    real_dir: Path | None = None,
+) -> EvalResult:
+    """Run one cell; ``method=None`` is the 16-bit reference (its images are the cached reference).
+
+    Quantized images go to ``out_dir/images``; ``real_dir`` (real images, for FID) is passed to
+    the metrics. Timings (seconds): reference, calibrate, quantize, generate, metrics, total.
+    """
+    progress = progress or NullProgress()
+    start = time.perf_counter()
+    timings = {"reference": 0.0, "calibrate": 0.0, "quantize": 0.0, "generate": 0.0, "metrics": 0.0}
+    scorers = {name: get_metric(name) for name in metrics}  # unknown names fail before any work
+    transformer = pipeline.transformer
+    plan = plan or LayerPlan.for_model(transformer)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    progress.stage("reference", len(prompts))
+    with _Timer(timings, "reference"):
+        ref_dir, reference = reference_images(pipeline, prompts, settings, cache, progress)
+
+    selection = select_layers(transformer, plan)
+    if method is None:
+        shapes = selection.shapes()
+        bits, weights = model_bits(None, shapes), sum(s.weights for s in shapes)
+        total_bytes = model_bytes(transformer, selection.layers, bits)
+        errors = pd.DataFrame(columns=list(LAYER_ERROR_COLUMNS))
+        images, images_dir, quantized, skipped = reference, ref_dir, [], dict(selection.skipped)
+    else:
+        stats = None
+        spec = method.stats_spec()
+        if not spec.empty:
+            progress.stage("calibrate", calibration.n_prompts)
+            with _Timer(timings, "calibrate"):
+                stats = calibrate(pipeline, selection.layers, spec, calibration, settings, cache, progress)
+        report = None
+        try:
+            progress.stage("quantize", len(selection.layers))
+            with _Timer(timings, "quantize"):
+                report, seconds = _quantize(transformer, method, stats, plan, ranks, progress)
+            errors = layer_errors(report.originals, report.quantized, _sample_inputs(stats), seconds)
+            progress.stage("generate", len(prompts))
+            images_dir = out_dir / "images"
+            with _Timer(timings, "generate"):
+                images = generate_images(pipeline, prompts, settings, images_dir, progress)
+        finally:
+            if report is not None:
+                restore_model(transformer, report)
+        bits, weights = report.bits(), report.weights()
+        total_bytes = model_bytes(transformer, report.originals, bits)
+        quantized, skipped = list(report.quantized), dict(report.skipped)
+
+    progress.stage("metrics", len(scorers))
+    results: dict[str, MetricResult] = {}
+    with _Timer(timings, "metrics"):
+        inputs = MetricInputs(images, reference, list(prompts.prompts), real_dir, str(pipeline.device))
+        for name, scorer in scorers.items():
+            results[name] = scorer(inputs)
+            progress.advance()
+    timings["total"] = time.perf_counter() - start
+    return EvalResult(
+        metrics=results,
+        layer_errors=errors,
+        bits=bits,
+        weights=weights,
+        bits_per_weight=bits / weights if weights else 0.0,
+        model_bytes=total_bytes,
+        quantized=quantized,
+        skipped=skipped,
+        images_dir=images_dir,
+        timings=timings,
+    )
