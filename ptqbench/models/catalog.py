@@ -1,5 +1,7 @@
-"""Catalog of built-in models: PixArt-Sigma and SANA (real, through diffusers) and tiny CPU pipelines."""
+"""Catalog of built-in models: PixArt-Sigma and SANA (real, through diffusers), tiny CPU pipelines, and
+the shipped Fashion-MNIST DiT (registered by its own module)."""
 
+from ptqbench.models import fmnist  # noqa: F401  (registers fmnist-dit)
 from ptqbench.models.base import MODELS, GenSettings, ModelSpec
 
 _LOADERS = "ptqbench.models.diffusers_models"
