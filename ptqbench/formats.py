@@ -43,16 +43,25 @@ def pow2(e: torch.Tensor) -> torch.Tensor:
     return torch.where(e >= -126, normal, sub)
 
 
+def _exponent_bits(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unbiased exponent and mantissa bits of non-negative float32 ``a`` (subnormals normalized)."""
+    a = a.float()
+    sub = a < 2.0**-126
+    bits = torch.where(sub, a * 2.0**64, a).view(torch.int32)
+    exp = ((bits >> 23) & 0xFF) - 127 - torch.where(sub, 64, 0)
+    return exp.to(torch.int32), bits & 0x7FFFFF
+
+
 def floor_log2(a: torch.Tensor) -> torch.Tensor:
-    """Exact ``floor(log2(a))`` for positive finite float tensors (int32); 0 maps to -150."""
-    mant, exp = torch.frexp(a.float())
-    return torch.where(mant == 0, -150, exp - 1).to(torch.int32)
+    """Exact ``floor(log2(a))`` for non-negative finite float tensors (int32); 0 maps to -150."""
+    exp, _ = _exponent_bits(a)
+    return torch.where(a == 0, -150, exp).to(torch.int32)
 
 
 def ceil_log2(a: torch.Tensor) -> torch.Tensor:
-    """Exact ``ceil(log2(a))`` for positive finite float tensors (int32); 0 maps to -150."""
-    mant, exp = torch.frexp(a.float())
-    return torch.where(mant == 0, -150, torch.where(mant == 0.5, exp - 1, exp)).to(torch.int32)
+    """Exact ``ceil(log2(a))`` for non-negative finite float tensors (int32); 0 maps to -150."""
+    exp, mant = _exponent_bits(a)
+    return torch.where(a == 0, -150, exp + (mant != 0).to(torch.int32)).to(torch.int32)
 
 
 def true_div(a: torch.Tensor, b: float) -> torch.Tensor:
@@ -68,8 +77,8 @@ def round_int(y: torch.Tensor, rounding: Rounding) -> torch.Tensor:
 
 
 def nan_to_zero_abs(x: torch.Tensor) -> torch.Tensor:
-    a = x.abs()
-    return torch.where(torch.isnan(a), torch.zeros_like(a), a)
+    """``|x|`` with NaN as 0 (Inf kept)."""
+    return torch.nan_to_num(x.abs(), nan=0.0, posinf=float("inf"))
 
 
 def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -120,11 +129,28 @@ class Minifloat:
         return 1 + self.ebits + self.mbits
 
     def round(self, y: torch.Tensor, rounding: Rounding = "even") -> torch.Tensor:
-        """Nearest representable value of float32 ``y`` (saturating, NaN kept)."""
+        """Nearest representable value of float32 ``y`` (saturating, NaN kept).
+
+        Normal range: the float32 significand is rounded to ``mbits`` bits on its bit pattern (a
+        carry moves into the exponent by itself). Below the smallest normal the quantum is fixed,
+        ``2**(emin - mbits)``: adding and subtracting ``2**(emin - mbits + 23)`` rounds to it
+        (float32 addition rounds to nearest even; ``away`` divides by the exact quantum instead).
+        """
         a = y.abs()
-        e = floor_log2(a).clamp(min=self.emin)
-        quantum = pow2(e - self.mbits)
-        q = (round_int(a / quantum, rounding) * quantum).clamp(max=self.max_normal)
+        shift = 23 - self.mbits
+        bits = a.view(torch.int32)
+        if rounding == "even":
+            bits = bits + ((1 << (shift - 1)) - 1) + ((bits >> shift) & 1)
+        else:
+            bits = bits + (1 << (shift - 1))
+        normal = (bits & ~((1 << shift) - 1)).view(torch.float32)
+        quantum = 2.0 ** (self.emin - self.mbits)
+        if rounding == "even":
+            magic = quantum * 2.0**23
+            sub = (a + magic) - magic
+        else:
+            sub = torch.floor(a / quantum + 0.5) * quantum
+        q = torch.where(a < 2.0**self.emin, sub, normal).clamp(max=self.max_normal)
         q = torch.where(torch.isnan(y), y, q)
         return torch.copysign(q, y)
 
