@@ -38,6 +38,8 @@ LAYER_ERROR_COLUMNS = (
 )
 SAMPLE_ROWS = 64  # calibration rows per layer used for the relative output error
 
+REFERENCE_ITSELF = "the 16-bit reference is not compared with itself"
+
 
 @dataclass
 class EvalResult:
@@ -186,7 +188,10 @@ def evaluate(
     with _Timer(timings, "metrics"):
         inputs = MetricInputs(images, reference, list(prompts.prompts), real_dir, str(pipeline.device))
         for name, scorer in scorers.items():
-            results[name] = scorer(inputs)
+            if method is None and "reference" in scorer.needs:
+                results[name] = MetricResult.missing(scorer, REFERENCE_ITSELF)
+            else:
+                results[name] = scorer(inputs)
             progress.advance()
     timings["total"] = time.perf_counter() - start
     return EvalResult(

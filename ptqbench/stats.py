@@ -124,7 +124,7 @@ class StatsCollector:
             st.xtx = part if st.xtx is None else st.xtx + part.to(st.xtx.device)
         if spec.rows:
             keys = torch.rand(x.shape[0], generator=self._generator(name, x.device), device=x.device)
-            rows = x.float()
+            rows = x.to(torch.float32, copy=True)  # never a view of the layer input
             if st.rows is not None:
                 keys = torch.cat([st._keys.to(x.device), keys])
                 rows = torch.cat([st.rows.to(x.device), rows])

@@ -29,7 +29,7 @@ from ptqbench.report.tables import build_table, latex_escape, make_groups, to_ma
 
 PROMPTS = ["a red fox in snow", "a bowl of ramen, studio light", "city skyline at dusk", "an old map of the sea"]
 SEEDS = [11, 22, 33, 44]
-SETTINGS = {"n_prompts": "4", "steps": "2", "guidance": "4.5", "resolution": "32"}
+SETTINGS = {"n_prompts": "4", "gen.steps": "2", "gen.guidance": "4.5", "gen.resolution": "32"}
 IR_REASON = (
     "ImageReward weights not found at /root/.cache/ImageReward/ImageReward.pt "
     "(set $PTQBENCH_IMAGEREWARD_DIR to a folder holding ImageReward.pt and med_config.json)"
@@ -375,12 +375,13 @@ def test_escaping_and_pareto_front() -> None:
     assert pareto_front([(1, 1.0), (2, 0.5), (3, 2.0)], higher_is_better=True) == [0, 2]
 
 
-def fake_run(run_id: str, method: str, steps: str, status: str = "FINISHED", start: int = 0, **params: str) -> Any:
+def fake_run(run_id: str, method: str, gen_steps: str, status: str = "FINISHED", start: int = 0, **params: str) -> Any:
     """An object shaped like an MLflow Run (info + data), for the grouping logic without a store."""
     tags = {"model": "m", "method": method, "prompt_set": "p", "is_reference": str(method == "none").lower(),
             "cell_hash": params.pop("cell_hash", run_id), "metric_direction.fid": "lower",
             "ptqbench.status": {"FINISHED": "finished", "FAILED": "failed"}.get(status, "running")}
-    all_params = {"steps": steps, "n_prompts": "4", "resolution": "32", "method": method, **params}
+    all_params = {"gen.steps": gen_steps, "n_prompts": "4", "gen.resolution": params.pop("resolution", "32"),
+                  "method": method, **params}
     if method != "none":
         all_params.update(fmt_params("weight_format", "int4_g64") | fmt_params("act_format", "int4_g64"))
     info = SimpleNamespace(run_id=run_id, run_name=run_id, status=status, start_time=start, artifact_uri="")
@@ -401,14 +402,14 @@ def test_groups_split_by_settings_variants_and_duplicates() -> None:
         fake_run("c", "smoothquant", "2", alpha="0.5"), fake_run("d", "none", "4"),
         fake_run("e", "rtn", "4", status="RUNNING"),
         fake_run("f1", "rtn", "2", status="FAILED", start=5, cell_hash="h"), fake_run("f2", "rtn", "2", cell_hash="h"),
-        fake_run("g", "stepper_test", "100", resolution="64"), fake_run("r64", "none", "4", resolution="64"),
+        fake_run("g", "stepper_test", "4", resolution="64", steps="100"), fake_run("r64", "none", "4", resolution="64"),
     ]
     records, notes = dedupe([record(r, "e") for r in runs])
     assert sorted(r["run_id"] for r in records) == ["a", "b", "c", "d", "e", "f2", "g", "r64"]
     assert notes == ["experiment e: cell h has several runs; showing f2 (finished), not f1 (failed)"]
     METHODS.register("stepper_test", Stepper)
     try:
-        groups = make_groups(pd.DataFrame(records), notes=notes)
+        groups = make_groups(pd.DataFrame(records))
     finally:
         METHODS.unregister("stepper_test")
     assert [g.slug for g in groups] == ["e--m--p--steps2_resolution32", "e--m--p--steps4_resolution32",
@@ -417,9 +418,9 @@ def test_groups_split_by_settings_variants_and_duplicates() -> None:
     assert [r["row_label"] for r in groups[0].rows] == [
         "16-bit reference", "rtn W:int4_g64 A:int4_g64", "smoothquant W:int4_g64 A:int4_g64 (alpha=0.5)",
         "smoothquant W:int4_g64 A:int4_g64 (alpha=0.8)"]
-    # 'steps' of the stepper run is its own field: it joins the one group matching its other settings.
+    # the method's own 'steps' field is a param of its own; generation steps are 'gen.steps'
     assert [r["run_id"] for r in groups[2].rows] == ["r64", "g"] and groups[2].rows[1]["steps"] == "4"
-    assert "logs steps=100: stepper_test's own field(s)" in notes[1]
+    assert groups[2].rows[1]["params"]["steps"] == "100"
     text = to_markdown(build_table(groups[1]))
     assert "| rtn | int4_g64 | int4_g64 | — | — | — | — | — | running[1] |" in text
     assert "[1] rtn W:int4_g64 A:int4_g64 running: the run has not finished (running, or killed)" in text

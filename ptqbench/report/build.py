@@ -58,7 +58,7 @@ def build_report(uri: str, out: Path, experiments: Sequence[str] | None = None) 
     client = client_for(uri)
     runs = load_runs(client, experiments)
     report = Report(out=out, notes=list(runs.notes), runs=len(runs.frame))
-    groups = tables.make_groups(runs.frame, tables.registry_metrics(report.notes), report.notes)
+    groups = tables.make_groups(runs.frame, tables.registry_metrics(report.notes))
     report.groups = len(groups)
     sections = []
     with tempfile.TemporaryDirectory(prefix="ptqbench-report-") as tmp:

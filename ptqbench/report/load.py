@@ -24,6 +24,9 @@ from ptqbench.errors import UserError
 
 # Params that identify the group a table compares within (same reference images, same n).
 SETTINGS = ("n_prompts", "steps", "guidance", "resolution", "dtype")
+# the param each setting is logged as (generation settings are namespaced, methods have a "steps")
+SETTING_PARAMS = {"n_prompts": "n_prompts", "steps": "gen.steps", "guidance": "gen.guidance",
+                  "resolution": "gen.resolution", "dtype": "dtype"}
 # Non-metric numbers logged as metrics.
 BOOKKEEPING_METRICS = ("bits_per_weight", "model_bytes")
 BOOKKEEPING_PREFIXES = ("layer_", "seconds_")
@@ -132,7 +135,7 @@ def record(run: Any, experiment: str) -> dict[str, Any]:
         "error": tags.get("ptqbench.error", "" if status != "failed" else "failed without a ptqbench.error tag"),
         "model": tags.get("model") or params.get("model") or "",
         "prompt_set": tags.get("prompt_set") or params.get("prompt_set") or "",
-        **{k: params.get(k, "") for k in SETTINGS},
+        **{k: params.get(SETTING_PARAMS[k], "") for k in SETTINGS},
         "method": "none" if is_ref else method,
         "is_reference": is_ref,
         "label": tags.get("label", run.info.run_name or ""),

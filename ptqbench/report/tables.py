@@ -8,7 +8,6 @@ the raw numbers. Everything is sorted, so the same runs always give the same byt
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import unicodedata
@@ -18,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from ptqbench.report.load import DIRECTION_PREFIX, SETTINGS, STATUS_PREFIX
+from ptqbench.report.load import DIRECTION_PREFIX, SETTING_PARAMS, SETTINGS, STATUS_PREFIX
 
 METHOD_ORDER = {"none": 0, "rtn": 1, "smoothquant": 2, "svdquant": 3, "loraq": 4}
 REFERENCE_LABEL = "16-bit reference"
@@ -32,7 +31,8 @@ _IDENTITY = {
     "cell_hash", "git_commit", "device", "bits_per_weight", "model_bytes", "model", "prompt_set", "method",
     "weight_format", "act_format", "branch_format", "branch_act_format", "rank",
 }
-_IDENTITY_PREFIXES = ("versions.", "weight_format.", "act_format.", "branch_format.", "branch_act_format.")
+_IDENTITY_PREFIXES = ("versions.", "weight_format.", "act_format.", "branch_format.", "branch_act_format.", "gen.")
+_SETTING_PARAMS = set(SETTING_PARAMS.values())
 
 
 # ----------------------------------------------------------------------------- groups
@@ -133,12 +133,10 @@ def sort_key(row: dict[str, Any]) -> tuple:
 
 
 def _variant_params(row: dict[str, Any]) -> dict[str, str]:
-    """Params that may tell two rows of a table apart (the group's settings excluded, unless the
-    method has a field of the same name, whose value the param then holds)."""
-    same = set(SETTINGS) - ambiguous_settings(row["method"])
+    """Params that may tell two rows of a table apart (the group's settings excluded)."""
     return {
         k: v for k, v in row["params"].items()
-        if k not in _IDENTITY and k not in same and not k.startswith(_IDENTITY_PREFIXES)
+        if k not in _IDENTITY and k not in _SETTING_PARAMS and not k.startswith(_IDENTITY_PREFIXES)
     }
 
 
@@ -168,73 +166,23 @@ def _label_variants(rows: list[dict[str, Any]]) -> None:
             r["row_label"] = base + (f" ({r['variant']})" if r["variant"] else "")
 
 
-def ambiguous_settings(method: str, notes: list[str] | None = None) -> set[str]:
-    """Settings that a method's own fields share a name with, so its flattened params may hold the
-    method's value (e.g. an optimizer's ``steps``) instead of the generation setting.
-
-    A method registry that cannot load is noted (and nothing is treated as ambiguous).
-    """
-    from ptqbench.method import METHODS
-
-    try:
-        if method in ("", "none") or method not in METHODS:
-            return set()
-        return {f.name for f in dataclasses.fields(METHODS.get(method))} & set(SETTINGS)
-    except (ImportError, TypeError) as exc:
-        text = f"method {method}: registry entry unavailable ({exc}); its params are taken as logged"
-        if notes is not None and text not in notes:
-            notes.append(text)
-        return set()
-
-
-def _assign(records: list[dict[str, Any]], notes: list[str]) -> dict[tuple, list[dict[str, Any]]]:
-    """Rows keyed by (experiment, model, prompt set, *settings); a row whose settings params are
-    ambiguous joins the one group that matches its other settings (noted when its value differs)."""
+def _assign(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Rows keyed by (experiment, model, prompt set, *settings)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    pending = []
     for r in records:
-        ambiguous = ambiguous_settings(r["method"], notes)
         key = (r["experiment"], r["model"], r["prompt_set"], *(r[k] for k in SETTINGS))
-        if ambiguous:
-            pending.append((r, ambiguous))
-        else:
-            groups.setdefault(key, []).append(r)
-    for r, ambiguous in pending:
-        key = (r["experiment"], r["model"], r["prompt_set"], *(r[k] for k in SETTINGS))
-        matches = [
-            k for k in groups
-            if k[:3] == key[:3] and all(k[3 + i] == key[3 + i] for i, s in enumerate(SETTINGS) if s not in ambiguous)
-        ]
-        if len(matches) == 1 and matches[0] != key:
-            target = matches[0]
-            differ = [s for i, s in enumerate(SETTINGS) if target[3 + i] != key[3 + i]]
-            logged = ", ".join(f"{s}={r[s]}" for s in differ)
-            notes.append(
-                f"{r['experiment']}: run {r['run_id']} ({r['method']}) logs {logged}: "
-                f"{r['method']}'s own field(s), which overwrite the generation setting(s) of the same name; "
-                f"grouped with the runs whose other settings match"
-            )
-            r.update({s: target[3 + i] for i, s in enumerate(SETTINGS)})
-            key = target
-        elif len(matches) > 1:
-            notes.append(
-                f"{r['experiment']}: run {r['run_id']} ({r['method']}): {', '.join(sorted(ambiguous))} may be "
-                f"{r['method']}'s own field rather than the generation setting; grouped by the logged value"
-            )
         groups.setdefault(key, []).append(r)
     return groups
 
 
-def make_groups(
-    frame: pd.DataFrame, registry: dict[str, MetricInfo] | None = None, notes: list[str] | None = None
-) -> list[Group]:
+def make_groups(frame: pd.DataFrame, registry: dict[str, MetricInfo] | None = None) -> list[Group]:
     """One group per (experiment, model, prompt set, settings), sorted; rows sorted within.
 
     ``registry`` describes the registered metrics (see :func:`registry_metrics`).
     """
     registry = registry or {}
     groups = []
-    for key, rows in _assign([dict(r) for r in frame.to_dict("records")], [] if notes is None else notes).items():
+    for key, rows in _assign([dict(r) for r in frame.to_dict("records")]).items():
         _label_variants(rows)
         rows.sort(key=sort_key)
         names = sorted({n for r in rows for n in r["metric_names"]})

@@ -1,0 +1,1012 @@
+"""Suites: a YAML file validated into a typed :class:`Suite`, then expanded into :class:`Cell`\\ s.
+
+Schema (``suites/*.yaml`` are commented examples)::
+
+    name: equal_memory              # MLflow experiment; required
+    description: ...
+    defaults: {steps, guidance, resolution, batch_size, dtype}   # for every model
+    models:                         # required; a name or a mapping with overrides
+      - pixart-sigma
+      - {name: sana-1.6b, path: /local/diffusers/folder, dtype: bf16, steps: 20, resolution: 1024}
+    prompts: {set: mjhq, n: 5000, path: meta_data.json, real: ${MJHQ_IMAGES}}   # or a list of them
+    calibration: {set: mjhq-calib, n: 64, steps, guidance, resolution, seed: 0, rows: 256, path}
+    metrics: [fid, image_reward, lpips, psnr]
+    layers: {include: ["*"], exclude: ["*.ff.net.2"]}   # on top of each model's default skips
+    budget:                         # for `rank: budget` (equal memory)
+      reference: {method: svdquant, rank: 32, branch: bf16}   # main formats follow the candidate
+      per_layer: false              # one rank model-wide, or one per layer
+      multiple: 1                   # solved ranks are multiples of this
+    methods:                        # required: the grid
+      - method: loraq               # any registered method and any of its fields
+        format: [int4_g64, mxfp4]   # a list is an axis: the entry expands to the Cartesian product
+        rank: budget
+        variants:                   # one more axis whose items set several fields together
+          - {branch: mxfp8_e4m3}
+          - {branch_format: mxfp4, branch_act_format: mxfp8_e4m3}
+        layers: {exclude: [...]}    # per-entry layer selection
+
+``format: X`` sets ``weight_format`` and ``act_format``; ``branch: X`` sets ``branch_format`` and
+``branch_act_format``. ``rank: budget`` gets the largest rank whose exact bits fit the ``budget``
+reference on each model's real layer shapes (built on the meta device, so no weights are needed).
+Paths are relative to the suite file; ``~`` and ``$VAR`` expand (``real`` naming an unset variable
+means no real images: metrics that need them are recorded as not computed). Each model gets a
+16-bit reference cell per prompt set, and every cell a hash (:func:`ptqbench.cache.cache_key`) of
+its resolved configuration. Every error names the file, the line and the field, and says what
+would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import os
+import re
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ptqbench.cache import cache_key
+from ptqbench.errors import UserError
+from ptqbench.memory import LayerShape, bits_per_weight, model_bits, solve_rank
+from ptqbench.method import METHODS, LowRankMethod, Method
+from ptqbench.models.base import GenSettings, ModelSpec
+
+YamlPath = tuple[str | int, ...]
+BUDGET = "budget"
+SETTINGS = ("steps", "guidance", "resolution", "batch_size")
+DTYPES = ("fp16", "bf16", "fp32")
+SHORTHANDS = {"format": ("weight_format", "act_format"), "branch": ("branch_format", "branch_act_format")}
+ENTRY_KEYS = ("method", "variants", "layers")
+OTHER_BITS = 16  # parameters and buffers outside the quantized layers stay 16-bit
+
+
+# ============================================================================ YAML with lines
+
+
+def dotted(path: YamlPath) -> str:
+    """``("methods", 2, "rank")`` -> ``methods[2].rank``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A suite file's name and the line of every node, to point errors at the right place."""
+
+    file: str
+    lines: Mapping[YamlPath, int] = field(default_factory=dict, repr=False)
+
+    def line(self, path: YamlPath) -> int | None:
+        for i in range(len(path), -1, -1):
+            if path[:i] in self.lines:
+                return self.lines[path[:i]]
+        return None
+
+    def where(self, path: YamlPath) -> str:
+        line = self.line(path)
+        return f"{self.file}:{line}" if line else self.file
+
+    def error(self, path: YamlPath, message: str) -> UserError:
+        field_name = f" {dotted(path)}:" if path else ""
+        return UserError(f"{self.where(path)}:{field_name} {message}")
+
+
+def _convert(node: yaml.Node, loader: yaml.SafeLoader, path: YamlPath, lines: dict, file: str) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node)
+            if not isinstance(key, (str, int, float, bool)):
+                raise UserError(f"{file}:{key_node.start_mark.line + 1}: {dotted(path)}: keys must be plain names")
+            key = str(key)
+            if key in out:
+                raise UserError(
+                    f"{file}:{key_node.start_mark.line + 1}: {dotted((*path, key))}: duplicate key "
+                    f"(first set on line {lines[(*path, key)]})"
+                )
+            out[key] = _convert(value_node, loader, (*path, key), lines, file)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_convert(v, loader, (*path, i), lines, file) for i, v in enumerate(node.value)]
+    return loader.construct_object(node)
+
+
+def load_yaml(path: str | Path) -> tuple[Any, Source]:
+    """Parse a YAML file keeping each node's line; syntax errors name the line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: suite file not found" + ("" if path.suffix else " (expected a .yaml file)"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the suite file ({exc})") from None
+    loader = yaml.SafeLoader(text)
+    lines: dict[YamlPath, int] = {}
+    try:
+        node = loader.get_single_node()
+        data = {} if node is None else _convert(node, loader, (), lines, str(path))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(f"{at}: YAML syntax error: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: YAML error: {exc}") from None
+    finally:
+        loader.dispose()
+    return data, Source(str(path), lines)
+
+
+# ============================================================================ field validation
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "true/false", type(None): "empty"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _mapping(src: Source, path: YamlPath, value: Any, allowed: Sequence[str], required: Sequence[str] = ()) -> dict:
+    if not isinstance(value, dict):
+        raise src.error(path, f"expected a mapping with keys {', '.join(allowed)}, got {_type_name(value)}")
+    for key in value:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise src.error((*path, key), f"unknown key {key!r}{hint} (valid: {', '.join(allowed)})")
+    for key in required:
+        if key not in value:
+            raise src.error(path, f"missing required key {key!r}")
+    return value
+
+
+def _int(src: Source, path: YamlPath, value: Any, low: int = 0, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise src.error(path, f"expected an integer >= {low}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        valid = f"{low}..{high}" if high is not None else f">= {low}"
+        raise src.error(path, f"{value} is out of range (valid: {valid})")
+    return value
+
+
+def _float(src: Source, path: YamlPath, value: Any, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise src.error(path, f"expected a number >= {low}, got {value!r}")
+    if value < low:
+        raise src.error(path, f"{value} is out of range (valid: >= {low})")
+    return float(value)
+
+
+def _str(src: Source, path: YamlPath, value: Any, choices: Sequence[str] | None = None) -> str:
+    if not isinstance(value, str) or not value:
+        raise src.error(path, f"expected a non-empty string, got {value!r}")
+    if choices is not None and value not in choices:
+        raise src.error(path, f"{value!r} is not valid (valid: {', '.join(choices)})")
+    return value
+
+
+def _bool(src: Source, path: YamlPath, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise src.error(path, f"expected true or false, got {value!r}")
+    return value
+
+
+def _str_list(src: Source, path: YamlPath, value: Any, allow_empty: bool = True) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise src.error(path, f"expected a string or a list of strings, got {_type_name(value)}")
+    if not items and not allow_empty:
+        raise src.error(path, "the list is empty (give at least one entry)")
+    return tuple(_str(src, (*path, i), v) for i, v in enumerate(items))
+
+
+_ENV_VAR = re.compile(r"\$\{?(\w+)\}?")
+
+
+def _unset_vars(text: str) -> list[str]:
+    return [m for m in _ENV_VAR.findall(text) if m not in os.environ]
+
+
+def _file(src: Source, path: YamlPath, value: Any) -> str:
+    """A path that must exist (``~`` and ``$VAR`` expanded; relative to the suite file's folder)."""
+    text = _str(src, path, value)
+    unset = _unset_vars(text)
+    if unset:
+        raise src.error(path, f"{text}: environment variable {unset[0]} is not set")
+    p = Path(os.path.expandvars(text)).expanduser()
+    if not p.is_absolute():
+        p = Path(src.file).parent / p
+    if not p.exists():
+        raise src.error(path, f"{text}: no such file or folder (looked for {p})")
+    return str(p)
+
+
+def _real_dir(src: Source, path: YamlPath, value: Any) -> tuple[str | None, str]:
+    """A folder of real images: (path, "") or, when it names an unset variable, (None, why)."""
+    text = _str(src, path, value)
+    unset = _unset_vars(text)
+    if unset:
+        return None, f"{dotted(path)}: ${unset[0]} is not set, so metrics on real images are not computed"
+    found = _file(src, path, text)
+    if not Path(found).is_dir():
+        raise src.error(path, f"{text}: not a folder (expected a folder of real images, e.g. MJHQ-30K's)")
+    return found, ""
+
+
+# ============================================================================ typed sections
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model of the suite with its sampling settings resolved (model defaults < suite defaults < entry)."""
+
+    name: str
+    settings: GenSettings
+    path: str | None = None
+    dtype: str | None = None
+    line: int | None = None
+
+    def key(self) -> dict[str, Any]:
+        """What identifies the model in a cell's hash (not ``path``, which differs across machines)."""
+        out: dict[str, Any] = {"model": self.name}
+        if self.dtype:
+            out["dtype"] = self.dtype
+        return out
+
+
+@dataclass(frozen=True)
+class PromptsEntry:
+    """An evaluation prompt set: a registered name, how many prompts, an optional data path, and
+    an optional folder of real images (for FID); ``note`` says why a named folder is not used."""
+
+    set: str
+    n: int | None = None
+    path: str | None = None
+    real: str | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration prompts and sampling (None = the evaluation settings) and the row reservoir."""
+
+    set: str = "builtin-calib"
+    n: int = 64
+    path: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    resolution: int | None = None
+    seed: int = 0
+    rows: int = 256
+
+    def key(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
+
+
+@dataclass(frozen=True)
+class Layers:
+    """Module-name globs to quantize and to leave in 16-bit (on top of the model's default skips)."""
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+
+    def key(self) -> dict[str, list[str]]:
+        return {"include": list(self.include), "exclude": list(self.exclude)}
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One expanded method configuration (``rank`` may still be ``"budget"``)."""
+
+    method: str
+    fields: tuple[tuple[str, Any], ...]
+    layers: Layers
+    origin: YamlPath  # the method entry, for error lines
+    field_paths: tuple[tuple[str, YamlPath], ...] = ()
+
+    @property
+    def solves_rank(self) -> bool:
+        return dict(self.fields).get("rank") == BUDGET
+
+    def path_of(self, name: str) -> YamlPath:
+        return dict(self.field_paths).get(name, self.origin)
+
+    def build(self, rank: int | None = None) -> Method:
+        """The method (with ``rank`` replacing a ``budget`` placeholder)."""
+        fields = dict(self.fields)
+        if fields.get("rank") == BUDGET:
+            fields["rank"] = 0 if rank is None else rank
+        return METHODS.get(self.method)(**fields)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Equal memory: candidates get the largest rank whose exact bits fit the reference's."""
+
+    method: str
+    fields: tuple[tuple[str, Any], ...]
+    per_layer: bool = False
+    multiple: int = 1
+    path: YamlPath = ("budget",)
+
+    def reference(self, candidate: Method) -> Method:
+        """The reference method; main formats not given follow the candidate's."""
+        fields = dict(self.fields)
+        for name in ("weight_format", "act_format"):
+            fields.setdefault(name, getattr(candidate, name))
+        return METHODS.get(self.method)(**fields)
+
+    def key(self, candidate: Method) -> dict[str, Any]:
+        return {"reference": self.reference(candidate).params(), "per_layer": self.per_layer, "multiple": self.multiple}
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A validated suite: every name checked, every method grid point built once."""
+
+    name: str
+    description: str
+    source: Source
+    models: tuple[ModelEntry, ...]
+    prompts: tuple[PromptsEntry, ...]
+    calibration: Calibration
+    metrics: tuple[str, ...]
+    layers: Layers
+    grid: tuple[GridPoint, ...]
+    budget: Budget | None = None
+
+    @property
+    def file(self) -> str:
+        return self.source.file
+
+
+TOP_KEYS = (
+    "name", "description", "defaults", "models", "prompts", "calibration", "metrics", "layers", "methods", "budget",
+)
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file (raises :class:`UserError` naming file, line and field)."""
+    data, src = load_yaml(path)
+    data = _mapping(src, (), data, TOP_KEYS, required=("name", "models", "methods"))
+    name = _str(src, ("name",), data["name"])
+    models = _models(src, data["models"], _defaults(src, data.get("defaults", {})))
+    prompts = _prompts(src, data.get("prompts", {"set": "builtin"}))
+    calibration = _calibration(src, data.get("calibration", {}))
+    metrics = _metrics(src, data.get("metrics", []))
+    layers = _layers(src, ("layers",), data.get("layers", {}))
+    budget = _budget(src, data["budget"]) if data.get("budget") is not None else None
+    return Suite(
+        name=name,
+        description=str(data.get("description", "") or "").strip(),
+        source=src,
+        models=models,
+        prompts=prompts,
+        calibration=calibration,
+        metrics=metrics,
+        layers=layers,
+        grid=_grid(src, data["methods"], layers, budget),
+        budget=budget,
+    )
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+def _defaults(src: Source, value: Any) -> dict[str, Any]:
+    value = _mapping(src, ("defaults",), value or {}, (*SETTINGS, "dtype"))
+    return _settings(src, ("defaults",), value) | (
+        {"dtype": _str(src, ("defaults", "dtype"), value["dtype"], DTYPES)} if "dtype" in value else {}
+    )
+
+
+def _settings(src: Source, path: YamlPath, value: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in SETTINGS:
+        if key in value:
+            v = value[key]
+            out[key] = _float(src, (*path, key), v) if key == "guidance" else _int(src, (*path, key), v, low=1)
+    return out
+
+
+def _models(src: Source, value: Any, defaults: Mapping[str, Any]) -> tuple[ModelEntry, ...]:
+    from ptqbench.models.base import MODELS
+
+    if not isinstance(value, list) or not value:
+        raise src.error(("models",), f"expected a non-empty list of model names or mappings, got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        path: YamlPath = ("models", i)
+        item = {"name": item} if isinstance(item, str) else item
+        item = _mapping(src, path, item, ("name", "path", "dtype", *SETTINGS), required=("name",))
+        name = _str(src, (*path, "name"), item["name"])
+        if name not in MODELS:
+            raise src.error((*path, "name"), str(MODELS.unknown(name)))
+        spec: ModelSpec = MODELS.get(name)
+        settings = dataclasses.replace(spec.defaults, **{**_pick(defaults, SETTINGS), **_settings(src, path, item)})
+        dtype = _str(src, (*path, "dtype"), item["dtype"], DTYPES) if "dtype" in item else defaults.get("dtype")
+        model_path = _file(src, (*path, "path"), item["path"]) if item.get("path") is not None else None
+        out.append(ModelEntry(name, settings, model_path, dtype, src.line(path)))
+    return tuple(out)
+
+
+def _pick(d: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    return {k: d[k] for k in keys if k in d}
+
+
+def _check_prompt_set(src: Source, path: YamlPath, name: str) -> str:
+    from ptqbench.prompts import PROMPT_SETS
+
+    if name not in PROMPT_SETS:
+        close = difflib.get_close_matches(name, PROMPT_SETS, n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise src.error(path, f"unknown prompt set {name!r}{hint} (valid: {', '.join(PROMPT_SETS)})")
+    return name
+
+
+def _prompts(src: Source, value: Any) -> tuple[PromptsEntry, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise src.error(("prompts",), "the list is empty (give at least one prompt set)")
+    out = []
+    for i, item in enumerate(items):
+        path: YamlPath = ("prompts", i) if isinstance(value, list) else ("prompts",)
+        item = {"set": item} if isinstance(item, str) else item
+        item = _mapping(src, path, item, ("set", "n", "path", "real"), required=("set",))
+        n = _int(src, (*path, "n"), item["n"], low=1) if item.get("n") is not None else None
+        p = _file(src, (*path, "path"), item["path"]) if item.get("path") is not None else None
+        real, note = _real_dir(src, (*path, "real"), item["real"]) if item.get("real") is not None else (None, "")
+        name = _check_prompt_set(src, (*path, "set"), _str(src, (*path, "set"), item["set"]))
+        out.append(PromptsEntry(name, n, p, real, note))
+    if len({(e.set, e.n) for e in out}) != len(out):
+        raise src.error(("prompts",), "the same prompt set is listed twice")
+    return tuple(out)
+
+
+def _calibration(src: Source, value: Any) -> Calibration:
+    path: YamlPath = ("calibration",)
+    keys = [f.name for f in dataclasses.fields(Calibration)]
+    value = _mapping(src, path, value or {}, keys)
+    out: dict[str, Any] = {}
+    for key, v in value.items():
+        p = (*path, key)
+        if v is None and key in ("path", "steps", "guidance", "resolution"):
+            out[key] = None
+        elif key == "set":
+            out[key] = _check_prompt_set(src, p, _str(src, p, v))
+        elif key == "path":
+            out[key] = _file(src, p, v)
+        elif key == "guidance":
+            out[key] = _float(src, p, v)
+        else:
+            out[key] = _int(src, p, v, low=0 if key in ("seed", "rows") else 1)
+    return Calibration(**out)
+
+
+def _metrics(src: Source, value: Any) -> tuple[str, ...]:
+    from ptqbench.metrics.base import METRICS
+
+    names = _str_list(src, ("metrics",), value)
+    for i, name in enumerate(names):
+        if name not in METRICS:
+            raise src.error(("metrics", i), str(METRICS.unknown(name)))
+    if len(set(names)) != len(names):
+        raise src.error(("metrics",), "a metric is listed twice")
+    return names
+
+
+def _layers(src: Source, path: YamlPath, value: Any) -> Layers:
+    value = _mapping(src, path, value or {}, ("include", "exclude"))
+    include = _str_list(src, (*path, "include"), value["include"], allow_empty=False) if "include" in value else ("*",)
+    exclude = _str_list(src, (*path, "exclude"), value["exclude"]) if "exclude" in value else ()
+    return Layers(include, exclude)
+
+
+# ---------------------------------------------------------------------------- methods
+
+
+def _method_class(src: Source, path: YamlPath, name: Any) -> type[Method]:
+    name = _str(src, path, name)
+    if name not in METHODS:
+        raise src.error(path, str(METHODS.unknown(name)))
+    return METHODS.get(name)
+
+
+def _sequence_fields(cls: type[Method]) -> set[str]:
+    """Fields whose type is a list or tuple (a list value sets them; a list of lists sweeps them)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    out = set()
+    for name, hint in hints.items():
+        origin = typing.get_origin(hint) or hint
+        text = str(hint)
+        if origin in (list, tuple) or text.startswith(("tuple", "list", "Sequence", "typing.Sequence")):
+            out.add(name)
+    return out
+
+
+def _expand_fields(src: Source, path: YamlPath, raw: Mapping[str, Any], cls: type[Method]) -> list[dict[str, Any]]:
+    """Shorthands applied, then the Cartesian product of the list-valued fields.
+
+    Each result maps a field name to ``(value, yaml path)``.
+    """
+    valid = [f.name for f in dataclasses.fields(cls)]
+    seq = _sequence_fields(cls)
+    axes: list[list[tuple[tuple[str, ...], Any, YamlPath]]] = []
+    seen: dict[str, YamlPath] = {}
+    for key, value in raw.items():
+        kpath = (*path, key)
+        targets = SHORTHANDS.get(key, (key,))
+        for t in targets:
+            if t not in valid:
+                close = difflib.get_close_matches(t, [*valid, *SHORTHANDS, *ENTRY_KEYS], n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise src.error(kpath, f"method {cls.name} has no field {key!r}{hint} (valid: {', '.join(valid)})")
+            if t in seen:
+                raise src.error(kpath, f"{t} is set twice (also by {dotted(seen[t])})")
+            seen[t] = kpath
+        is_axis = isinstance(value, list) and (key not in seq or all(isinstance(v, list) for v in value))
+        if is_axis and not value:
+            raise src.error(kpath, "empty list: an axis with no values expands to no cells")
+        values = [(v, (*kpath, i)) for i, v in enumerate(value)] if is_axis else [(value, kpath)]
+        axes.append([(targets, v, p) for v, p in values])
+    out = []
+    for combo in itertools.product(*axes):
+        point: dict[str, Any] = {}
+        for targets, v, p in combo:
+            for t in targets:
+                point[t] = (tuple(v) if isinstance(v, list) else v, p)
+        out.append(point)
+    return out
+
+
+def _grid(src: Source, value: Any, layers: Layers, budget: Budget | None) -> tuple[GridPoint, ...]:
+    if not isinstance(value, list) or not value:
+        raise src.error(
+            ("methods",), "the method grid is empty (valid: a list of entries like {method: rtn, format: mxfp4})"
+        )
+    points: list[GridPoint] = []
+    for i, entry in enumerate(value):
+        points.extend(_entry_points(src, ("methods", i), entry, layers, budget))
+    return tuple(points)
+
+
+def _entry_points(src: Source, path: YamlPath, entry: Any, layers: Layers, budget: Budget | None) -> list[GridPoint]:
+    if not isinstance(entry, dict) or "method" not in entry:
+        raise src.error(path, f"expected a mapping with a 'method' key (registered: {', '.join(METHODS.names())})")
+    cls = _method_class(src, (*path, "method"), entry["method"])
+    entry_layers = _layers(src, (*path, "layers"), entry["layers"]) if "layers" in entry else layers
+    base = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+    variants = entry.get("variants", [{}])
+    if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
+        raise src.error((*path, "variants"), "expected a non-empty list of mappings (fields set together)")
+    points = []
+    for j, variant in enumerate(variants):
+        vpath = (*path, "variants", j) if "variants" in entry else path
+        clash = sorted(set(variant) & set(base))
+        if clash:
+            raise src.error((*vpath, clash[0]), f"{clash[0]} is set both in the entry and in this variant")
+        for fixed in _expand_fields(src, path, base, cls):
+            for extra in _expand_fields(src, vpath, variant, cls):
+                both = {**fixed, **extra}
+                clash2 = sorted(set(fixed) & set(extra))
+                if clash2:
+                    raise src.error(extra[clash2[0]][1], f"{clash2[0]} is set both in the entry and in this variant")
+                points.append(_grid_point(src, path, cls, both, entry_layers, budget))
+    return points
+
+
+def _grid_point(
+    src: Source, path: YamlPath, cls: type[Method], fields: Mapping[str, tuple[Any, YamlPath]], layers: Layers,
+    budget: Budget | None,
+) -> GridPoint:
+    values = {k: v for k, (v, _) in fields.items()}
+    paths = {k: p for k, (_, p) in fields.items()}
+    if values.get("rank") == BUDGET:
+        if not issubclass(cls, LowRankMethod):
+            raise src.error(paths["rank"], f"rank: budget needs a low-rank method, and {cls.name} has no branch")
+        if budget is None:
+            raise src.error(paths["rank"], "rank: budget needs a top-level 'budget' section with the reference method")
+    elif "rank" in values and (isinstance(values["rank"], bool) or not isinstance(values["rank"], int)
+                               or values["rank"] < 0):
+        raise src.error(paths["rank"], f"rank must be an integer >= 0 or 'budget', got {values['rank']!r}")
+    point = GridPoint(cls.name, tuple(sorted(values.items())), layers, path, tuple(sorted(paths.items())))
+    try:
+        point.build()
+    except (UserError, TypeError, ValueError) as exc:
+        raise _field_error(src, path, cls, values, paths, exc) from None
+    return point
+
+
+def _field_error(
+    src: Source, path: YamlPath, cls: type[Method], values: Mapping[str, Any], paths: Mapping[str, YamlPath],
+    exc: Exception,
+) -> UserError:
+    """A method that would not build: point at the field at fault (a bad format, or the field the
+    message names), else at the entry."""
+    from ptqbench.formats import get_format
+
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("format") and f.name in values:
+            try:
+                get_format(values[f.name])
+            except UserError as fmt_exc:
+                return src.error(paths[f.name], str(fmt_exc))
+    message = str(exc) if isinstance(exc, UserError) else f"method {cls.name}: {exc}"
+    for name in sorted(paths, key=len, reverse=True):
+        if re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", message):
+            return src.error(paths[name], message)
+    return src.error(path, message)
+
+
+def _budget(src: Source, value: Any) -> Budget:
+    path: YamlPath = ("budget",)
+    value = _mapping(src, path, value, ("reference", "per_layer", "multiple"), required=("reference",))
+    ref = value["reference"]
+    rpath = (*path, "reference")
+    if not isinstance(ref, dict) or "method" not in ref:
+        raise src.error(rpath, "expected a method mapping, e.g. {method: svdquant, rank: 32, branch: bf16}")
+    cls = _method_class(src, (*rpath, "method"), ref["method"])
+    raw = {k: v for k, v in ref.items() if k != "method"}
+    expanded = _expand_fields(src, rpath, raw, cls)
+    if len(expanded) != 1:
+        raise src.error(rpath, "the budget reference must be one configuration (no lists)")
+    fields = {k: v for k, (v, _) in expanded[0].items()}
+    if fields.get("rank") == BUDGET:
+        raise src.error((*rpath, "rank"), "the reference needs a fixed rank")
+    budget = Budget(
+        cls.name,
+        tuple(sorted(fields.items())),
+        _bool(src, (*path, "per_layer"), value["per_layer"]) if "per_layer" in value else False,
+        _int(src, (*path, "multiple"), value["multiple"], low=1) if "multiple" in value else 1,
+        path,
+    )
+    try:
+        METHODS.get(cls.name)(**fields)
+    except (UserError, TypeError, ValueError) as exc:
+        paths = {k: p for k, (_, p) in expanded[0].items()}
+        raise _field_error(src, rpath, cls, fields, paths, exc) from None
+    return budget
+
+
+# ============================================================================ model shapes
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """The selected layers' shapes and the element count of everything else (kept 16-bit)."""
+
+    layers: tuple[LayerShape, ...]
+    other_elements: int
+    skipped: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_module(cls, transformer: Any, layers: Layers) -> ModelShapes:
+        """Shapes of a built transformer (real weights or the meta device) under a layer selection."""
+        from ptqbench.evaluate import other_elements
+        from ptqbench.patching import LayerPlan, select_layers
+
+        plan = LayerPlan.for_model(transformer, layers.include, layers.exclude)
+        selection = select_layers(transformer, plan)
+        return cls(tuple(selection.shapes()), other_elements(transformer, selection.layers), dict(selection.skipped))
+
+    def model_bits(self, method: Method | None, ranks: Sequence[int] | None = None) -> int:
+        return model_bits(method, self.layers, ranks) + OTHER_BITS * self.other_elements
+
+    def model_bytes(self, method: Method | None, ranks: Sequence[int] | None = None) -> int:
+        return -(-self.model_bits(method, ranks) // 8)
+
+    def bits_per_weight(self, method: Method | None, ranks: Sequence[int] | None = None) -> float:
+        return bits_per_weight(method, self.layers, ranks)
+
+
+ShapesFn = Callable[[ModelEntry, Layers], ModelShapes]
+
+
+def meta_transformer(entry: ModelEntry) -> Any | None:
+    """The model's transformer built on the meta device (instant, no memory, no download), or None.
+
+    Built from ``path``'s ``transformer/config.json`` when the entry points at a local diffusers
+    folder, else from the released config that ships with ptqbench; None for models with neither
+    (the tiny in-process ones, plugins), whose pipeline must be loaded.
+    """
+    import torch
+
+    from ptqbench.models import diffusers_models as dm
+
+    if entry.name not in dm.TRANSFORMER_CONFIGS:
+        return None
+    config_file = Path(entry.path) / "transformer" / "config.json" if entry.path else None
+    if config_file is not None and config_file.is_file():
+        import diffusers
+
+        cls = getattr(diffusers, dm.TRANSFORMER_CONFIGS[entry.name][0])
+        with torch.device("meta"):
+            return cls.from_config(cls.load_config(str(config_file.parent)))
+    return dm.build_transformer(entry.name, device="meta")
+
+
+def load_transformer(entry: ModelEntry) -> Any:
+    """The transformer of a loaded pipeline (on the CPU), for models that cannot be built on meta."""
+    from ptqbench.models.base import get_model
+
+    return get_model(entry.name).load("cpu", entry.path, entry.dtype).transformer
+
+
+class ShapeCache:
+    """Model shapes per (model, layer selection); each transformer is built on the meta device when
+    possible, else taken from ``load(entry)`` (default: the pipeline loaded on the CPU)."""
+
+    def __init__(self, load: Callable[[ModelEntry], Any] | None = None):
+        self._load = load or load_transformer
+        self._modules: dict[tuple[str, str | None], Any] = {}
+        self._shapes: dict[tuple[str, str | None, Layers], ModelShapes] = {}
+
+    def __call__(self, entry: ModelEntry, layers: Layers) -> ModelShapes:
+        key = (entry.name, entry.path, layers)
+        if key not in self._shapes:
+            mkey = (entry.name, entry.path)
+            if mkey not in self._modules:
+                module = meta_transformer(entry)
+                self._modules[mkey] = module if module is not None else self._load(entry)
+            self._shapes[key] = ModelShapes.from_module(self._modules[mkey], layers)
+        return self._shapes[key]
+
+
+# ============================================================================ cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: a model, a prompt set and a method (None: the 16-bit reference), fully resolved."""
+
+    suite: str
+    model: ModelEntry
+    prompts: PromptsEntry
+    method: Method | None
+    calibration: Calibration
+    layers: Layers
+    metrics: tuple[str, ...]
+    config: Mapping[str, Any]  # the resolved configuration (hashed, logged, written as config.yaml)
+    hash: str
+    label: str
+    ranks: Mapping[str, int] | None = None  # per-layer ranks when the budget is solved per layer
+    bits: int = 0  # exact bits of the quantized layers
+    bits_per_weight: float = 16.0
+    model_bytes: int = 0
+    origin: str = ""  # file:line of the grid entry
+
+    @property
+    def is_reference(self) -> bool:
+        return self.method is None
+
+    @property
+    def method_name(self) -> str:
+        return "none" if self.method is None else self.method.name
+
+    @property
+    def rank(self) -> int | None:
+        return getattr(self.method, "rank", None)
+
+    def params(self) -> dict[str, Any]:
+        """The configuration for MLflow params: per-layer ranks summarized (the full map is in config.yaml)."""
+        out = {k: v for k, v in self.config.items() if k != "rank_per_layer"}
+        if self.ranks:
+            values = list(self.ranks.values())
+            out["rank_per_layer"] = {"min": min(values), "max": max(values), "mean": sum(values) / len(values)}
+        out["bits_per_weight"] = self.bits_per_weight
+        out["model_bytes"] = self.model_bytes
+        return out
+
+
+def expand(suite: Suite, shapes: ShapesFn | None = None) -> list[Cell]:
+    """Every cell of the suite: per model and prompt set, the 16-bit reference then the grid.
+
+    ``shapes`` gives each model's layer shapes (default: built on the meta device); they solve
+    ``rank: budget`` and give every cell its exact bits.
+    """
+    shapes = shapes or ShapeCache()
+    cells: list[Cell] = []
+    for entry in suite.models:
+        for prompts in suite.prompts:
+            cells.append(_reference_cell(suite, entry, prompts, shapes))
+            cells.extend(_method_cell(suite, entry, prompts, point, shapes) for point in suite.grid)
+    _check_unique(suite, cells)
+    return cells
+
+
+def _model_label(suite: Suite, entry: ModelEntry) -> str:
+    twins = [m for m in suite.models if m.name == entry.name]
+    if len(twins) == 1:
+        return entry.name
+    differs = [
+        f"{k}={getattr(entry.settings, k)}" for k in SETTINGS
+        if len({getattr(t.settings, k) for t in twins}) > 1
+    ]
+    if len({t.dtype for t in twins}) > 1:
+        differs.append(f"dtype={entry.dtype}")
+    return f"{entry.name}[{','.join(differs)}]"
+
+
+def _base_config(suite: Suite, entry: ModelEntry, prompts: PromptsEntry) -> dict[str, Any]:
+    config = entry.key()
+    config.update(prompt_set=prompts.set, n_prompts=prompts.n)
+    # generation settings are namespaced: a method may have fields of the same name (loraq's steps)
+    config.update({f"gen.{k}": v for k, v in dataclasses.asdict(entry.settings).items()})
+    config["metrics"] = list(suite.metrics)
+    return config
+
+
+def _reference_cell(suite: Suite, entry: ModelEntry, prompts: PromptsEntry, shapes: ShapesFn) -> Cell:
+    config = {**_base_config(suite, entry, prompts), "method": "none"}
+    digest = cache_key(config)
+    model_shapes = shapes(entry, suite.layers)
+    label = _label(suite, entry, prompts, "16-bit reference")
+    return Cell(
+        suite.name, entry, prompts, None, suite.calibration, suite.layers, suite.metrics, config, digest, label,
+        bits=model_bits(None, model_shapes.layers),
+        bits_per_weight=model_shapes.bits_per_weight(None), model_bytes=model_shapes.model_bytes(None),
+        origin=f"{suite.file}:{entry.line}" if entry.line else suite.file,
+    )
+
+
+def _label(suite: Suite, entry: ModelEntry, prompts: PromptsEntry, what: str) -> str:
+    where = f" @{prompts.set}" if len(suite.prompts) > 1 else ""
+    return f"{_model_label(suite, entry)}{where} {what}"
+
+
+LABEL_FIELDS = ("weight_format", "act_format", "rank", "branch_format", "branch_act_format")
+
+
+def extra_fields(method: Method, besides_label: bool = False) -> list[str]:
+    """``field=value`` for every non-default field other than formats and rank (``besides_label``:
+    only those whose value :meth:`Method.label` does not already show)."""
+    try:  # defaults that derive from the formats (e.g. loraq's mid_format) count as defaults
+        default = type(method)(**{k: getattr(method, k) for k in LABEL_FIELDS if hasattr(method, k)})
+    except (TypeError, UserError):
+        return []
+    shown = method.label() if besides_label else ""
+    return [
+        f"{f.name}={getattr(method, f.name)}" for f in dataclasses.fields(method)
+        if f.name not in LABEL_FIELDS and getattr(method, f.name) != getattr(default, f.name)
+        and not (shown and str(getattr(method, f.name)) in shown)
+    ]
+
+
+def _method_label(method: Method) -> str:
+    return " ".join([method.label(), *extra_fields(method, besides_label=True)])
+
+
+def _method_cell(suite: Suite, entry: ModelEntry, prompts: PromptsEntry, point: GridPoint, shapes: ShapesFn) -> Cell:
+    src = suite.source
+    model_shapes = shapes(entry, point.layers)
+    if not model_shapes.layers:
+        raise src.error(("layers",), f"selects no quantizable layer of {entry.name} (check include/exclude globs)")
+    method, ranks, budget_key = _resolve_rank(suite, entry, point, model_shapes)
+    rank_list = [ranks[s.name] for s in model_shapes.layers] if ranks else None
+    config = _base_config(suite, entry, prompts)
+    if not method.stats_spec().empty:
+        config["calibration"] = suite.calibration.key()
+    config["layers"] = point.layers.key()
+    config.update(method.params())
+    if ranks:
+        config["rank_per_layer"] = dict(ranks)
+    if budget_key:
+        config["budget"] = budget_key
+    digest = cache_key({k: v for k, v in config.items() if k != "budget"})
+    return Cell(
+        suite.name, entry, prompts, method, suite.calibration, point.layers, suite.metrics, config, digest,
+        _label(suite, entry, prompts, _method_label(method)), ranks,
+        bits=model_bits(method, model_shapes.layers, rank_list),
+        bits_per_weight=model_shapes.bits_per_weight(method, rank_list),
+        model_bytes=model_shapes.model_bytes(method, rank_list),
+        origin=src.where(point.origin),
+    )
+
+
+def _resolve_rank(
+    suite: Suite, entry: ModelEntry, point: GridPoint, shapes: ModelShapes
+) -> tuple[Method, dict[str, int] | None, dict[str, Any] | None]:
+    """The method with its rank: as given (checked against the layer dims) or solved for equal memory."""
+    src = suite.source
+    smallest = min(shapes.layers, key=lambda s: min(s.out_features, s.in_features))
+    limit = min(smallest.out_features, smallest.in_features)
+    if not point.solves_rank:
+        method = point.build()
+        rank = getattr(method, "rank", None)
+        if rank is not None and rank > limit:
+            raise src.error(
+                point.path_of("rank"),
+                f"rank {rank} exceeds the smallest selected layer of {entry.name} ({smallest.name}: "
+                f"{smallest.out_features}x{smallest.in_features}) (valid: 0..{limit})",
+            )
+        return method, None, None
+    assert suite.budget is not None
+    candidate = point.build(rank=0)
+    reference = suite.budget.reference(candidate)
+    try:
+        solved = solve_rank(reference, candidate, shapes.layers, suite.budget.multiple, suite.budget.per_layer)
+    except UserError as exc:
+        where = src.where(suite.budget.path)
+        raise src.error(point.path_of("rank"), f"{entry.name}: {exc} (budget at {where})") from None
+    budget_key = suite.budget.key(candidate)
+    if isinstance(solved, list):
+        ranks = {s.name: r for s, r in zip(shapes.layers, solved, strict=True)}
+        return dataclasses.replace(candidate, rank=max(solved)), ranks, budget_key
+    return dataclasses.replace(candidate, rank=solved), None, budget_key
+
+
+def _check_unique(suite: Suite, cells: Sequence[Cell]) -> None:
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.hash in seen:
+            first = seen[cell.hash]
+            raise UserError(
+                f"{cell.origin}: duplicate cell {cell.label!r}: the same configuration as the cell from "
+                f"{first.origin} (each configuration may appear once; remove one or change a field)"
+            )
+        seen[cell.hash] = cell
+
+
+# ============================================================================ selection and display
+
+
+def select(cells: Sequence[Cell], only: str | None = None, shard: tuple[int, int] | None = None) -> list[Cell]:
+    """Cells matching ``only`` (a glob on label, model, method or hash), then shard ``i`` of ``n``
+    (cells sorted by hash, every n-th from i); the suite's order is kept."""
+    import fnmatch
+
+    chosen = list(cells)
+    if only:
+        chosen = [
+            c for c in chosen
+            if any(fnmatch.fnmatchcase(s, only) for s in (c.label, c.model.name, c.method_name, c.hash))
+        ]
+    if shard:
+        i, n = shard
+        keep = {c.hash for c in sorted(chosen, key=lambda c: c.hash)[i::n]}
+        chosen = [c for c in chosen if c.hash in keep]
+    return chosen
+
+
+def formats_text(method: Method | None) -> str:
+    if method is None:
+        return "16-bit"
+    text = f"W:{method.weight_format} A:{method.act_format}"
+    if isinstance(method, LowRankMethod):
+        text += f" B:{method.branch_format}/{method.branch_act_format}"
+    return text
+
+
+def rank_text(cell: Cell) -> str:
+    if cell.ranks:
+        values = list(cell.ranks.values())
+        return f"per-layer {min(values)}..{max(values)}"
+    return "-" if cell.rank is None else str(cell.rank)
+
+
+def dry_run_lines(cells: Sequence[Cell]) -> list[str]:
+    """One aligned line per cell: hash, model, method, formats, rank, exact bits per weight, model bytes."""
+    rows = [("cell_hash", "model", "method", "formats", "rank", "bits/weight", "model bytes", "note")]
+    for c in cells:
+        note = ""
+        if "budget" in c.config:
+            ref = c.config["budget"]["reference"]
+            note = f"rank solved: equal memory to {ref['method']} r{ref.get('rank')} B:{ref.get('branch_format')}"
+        method = " ".join([c.method_name, *(extra_fields(c.method) if c.method else [])])
+        rows.append(
+            (c.hash, c.model.name, method, formats_text(c.method), rank_text(c), f"{c.bits_per_weight:.6f}",
+             f"{c.model_bytes:,}", note)
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]

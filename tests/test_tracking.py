@@ -1,0 +1,195 @@
+"""MLflow tracking: run lifecycle by cell hash, limits on keys and values, a real ``mlflow server``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ptqbench.tracking import (
+    DEFAULT_URI,
+    MAX_KEY,
+    MAX_PARAM_VALUE,
+    TRUNCATED,
+    Tracker,
+    flatten,
+    local_artifact_root,
+    resolve_uri,
+    safe_key,
+    truncate,
+)
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, migrated MLflow database (creating one takes seconds; copying it does not)."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    Tracker(f"sqlite:///{path}").client.search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracker(tmp_path: Path, template_db: Path) -> Tracker:
+    shutil.copyfile(template_db, tmp_path / "mlflow.db")
+    return Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_uri_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri() == DEFAULT_URI == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert resolve_uri() == "http://127.0.0.1:1"
+    assert resolve_uri("sqlite:///x.db") == "sqlite:///x.db"
+    monkeypatch.chdir(tmp_path)
+    assert local_artifact_root("sqlite:///mlflow.db") == tmp_path.resolve() / "mlartifacts"
+    assert local_artifact_root(f"sqlite:///{tmp_path}/sub/m.db") == tmp_path / "sub" / "mlartifacts"
+    assert local_artifact_root("http://127.0.0.1:5000") is None
+
+
+def test_flatten_and_limits() -> None:
+    flat = flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": [1, 2], "f": None, "g": {}})
+    assert flat == {"a.b": "1", "a.c.d": "x", "e": "[1, 2]", "f": "None", "g": "{}"}
+    long = "v" * (MAX_PARAM_VALUE + 10)
+    value = flatten({"k": long})["k"]
+    assert len(value) == MAX_PARAM_VALUE and value.endswith(TRUNCATED)
+    assert truncate("short", 10) == "short"
+    k1, k2 = safe_key("k" * 300 + "1"), safe_key("k" * 300 + "2")
+    assert len(k1) == MAX_KEY and k1 != k2
+    assert safe_key("metric_status.fid (x)*") == "metric_status.fid _x__"
+
+
+def test_cell_lifecycle(tracker: Tracker, tmp_path: Path) -> None:
+    exp = tracker.experiment("suite-a", {"suite_file": "a.yaml"})
+    assert tracker.experiment("suite-a") == exp
+    assert tracker.claim(exp, "abc123") is None  # nothing yet: run it
+
+    run = tracker.start(exp, "cell one", {"cell_hash": "abc123", "model": "m"})
+    logged = tracker.log_params(run, {f"p{i}": i for i in range(250)} | {"long": "x" * 7000})
+    assert len(logged) == 251 and logged["long"].endswith(TRUNCATED)
+    tracker.log_metrics(run, {"psnr": 21.5, "psnr_n": 4, "fid": None})
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "config.yaml").write_text("a: 1\n")
+    tracker.log_artifacts(run, tmp_path / "art")
+    tracker.finish(run)
+
+    [found] = tracker.find(exp, "abc123")
+    assert found.status == "FINISHED" and found.tags["ptqbench.status"] == "finished"
+    assert found.metrics == {"psnr": 21.5, "psnr_n": 4.0}
+    assert found.params["p249"] == "249" and len(found.params) == 251
+    assert tracker.artifacts(run) == ["config.yaml"]
+    # artifacts of a local store go next to the database, not into the working directory
+    assert (tmp_path / "mlartifacts").is_dir()
+    assert tracker.claim(exp, "abc123").run_id == run  # finished: skip
+
+
+def test_stale_and_failed_runs_are_replaced(tracker: Tracker) -> None:
+    exp = tracker.experiment("suite-b")
+    killed = tracker.start(exp, "c", {"cell_hash": "beef"})  # left RUNNING, as after SIGKILL
+    failed = tracker.start(exp, "c", {"cell_hash": "beef"})
+    tracker.fail(failed, "RuntimeError: boom", "Traceback...\nRuntimeError: boom")
+    runs = {r.run_id: r for r in tracker.find(exp, "beef")}
+    assert runs[failed].status == "FAILED" and runs[failed].tags["ptqbench.error"] == "RuntimeError: boom"
+    assert runs[killed].status == "RUNNING"
+    assert tracker.artifacts(failed) == ["traceback.txt"]
+
+    assert tracker.claim(exp, "beef") is None  # both deleted; the cell must run
+    assert tracker.find(exp, "beef") == []
+    fresh = tracker.start(exp, "c", {"cell_hash": "beef"})
+    tracker.finish(fresh)
+    extra = tracker.start(exp, "c", {"cell_hash": "beef"})  # a concurrent duplicate
+    tracker.finish(extra)
+    assert tracker.claim(exp, "beef").run_id == fresh
+    assert [r.run_id for r in tracker.find(exp, "beef")] == [fresh]
+    with pytest.raises(ValueError):
+        tracker.find(exp, "x' OR '1'='1")
+
+
+def test_deleted_experiment_is_restored(tracker: Tracker) -> None:
+    exp = tracker.experiment("suite-c")
+    tracker.client.delete_experiment(exp)
+    assert tracker.experiment("suite-c") == exp
+    assert tracker.client.get_experiment(exp).lifecycle_stage == "active"
+
+
+def test_unreachable_store_is_a_user_error() -> None:
+    from ptqbench.errors import UserError
+
+    start = time.time()
+    with pytest.raises(UserError, match="no MLflow server answers"):
+        Tracker(f"http://127.0.0.1:{_free_port()}").experiment("x")
+    assert time.time() - start < 15
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, artifacts in tmp), killed at teardown."""
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
+        ],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                log.flush()
+                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_real_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
+    tracker = Tracker(mlflow_server)
+    exp = tracker.experiment("served")
+    run = tracker.start(exp, "cell", {"cell_hash": "0a1b", "is_reference": "false"})
+    tracker.log_params(run, {"method": "rtn", "weight_format": {"block": 32}})
+    tracker.log_metrics(run, {"psnr": 30.0})
+    art = tmp_path / "a"
+    art.mkdir()
+    (art / "layer_errors.csv").write_text("layer,rel_weight_error\nx,0.1\n")
+    tracker.log_artifacts(run, art)
+    tracker.finish(run)
+    stale = tracker.start(exp, "cell", {"cell_hash": "0a1c"})
+    assert tracker.claim(exp, "0a1c") is None and tracker.find(exp, "0a1c") == []
+    assert stale not in [r.run_id for r in tracker.runs(exp)]
+
+    [found] = tracker.find(exp, "0a1b")
+    assert found.status == "FINISHED"
+    assert found.params == {"method": "rtn", "weight_format.block": "32"}
+    assert found.metrics == {"psnr": 30.0}
+    assert tracker.artifacts(run) == ["layer_errors.csv"]
+    assert (tmp_path / "art").is_dir()  # proxied to the server's artifact folder
