@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptqbench.cudagraph import cuda_graphs
 from ptqbench.layers import LowRankBranch, QuantLinear, dense_weight
 from ptqbench.method import METHODS, get_method
 from ptqbench.models.diffusers_models import PIXART_SIGMA_1024, TINY_PIXART
@@ -164,6 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         convert = time.perf_counter() - t0
         try:
             timing = time_variant(model, inputs, args, device)
+            if device.type == "cuda":  # the same, with the transformer replayed from CUDA graphs
+                with cuda_graphs(model, enabled=True):
+                    graphed = time_variant(model, inputs, args, device)
+                timing["graph_seconds_per_image"] = graphed["seconds_per_image"]
+                timing["graph_equals_eager"] = bool(torch.equal(graphed["latents"], timing["latents"]))
         finally:
             if report is not None:
                 restore_model(model, report)
@@ -174,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "quantized_layers": 0 if report is None else len(report.quantized),
                "bits_per_weight": None if report is None else report.bits_per_weight()}
         results["variants"][name] = row
-        print(f"{name:28s} {row['seconds_per_image']:8.3f} s/image  convert {convert:6.2f} s  "
+        graph = f"  graphs {row['graph_seconds_per_image']:7.3f} s/image" if "graph_seconds_per_image" in row else ""
+        print(f"{name:28s} {row['seconds_per_image']:8.3f} s/image{graph}  convert {convert:6.2f} s  "
               f"latent rel err {err:.4f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

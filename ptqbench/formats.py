@@ -305,13 +305,25 @@ class IntFormat(Format):
             xb = to_blocks(x, self.group)
         amax = nan_to_zero_abs(xb).amax(-1, keepdim=True).float()
         sdt = _DTYPES[self.scale_dtype]
-        scale = true_div(amax, self.qmax).to(sdt).clamp(max=torch.finfo(sdt).max).to(exact)
+        # float64 then float32 equals float32 IEEE division here (amax has 24 bits), however the
+        # float64 quotient is computed (compiled code may multiply by a reciprocal)
+        scale = (amax.double() / self.qmax).float().to(sdt).clamp(max=torch.finfo(sdt).max).to(exact)
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        q = round_int(xb.to(exact) / safe, self.rounding).clamp(-self.qmax, self.qmax)
+        xe = xb.to(exact)
+        y = xe / safe
+        # Only an exact tie (x = (k + 1/2) s) sits close enough to a rounding boundary for a
+        # division by a reciprocal to move it; detect it exactly (the product is exact) and round it.
+        half = torch.round(y * 2) * 0.5
+        y = torch.where((half * safe == xe) & (half != torch.round(half)), half, y)
+        q = round_int(y, self.rounding).clamp(-self.qmax, self.qmax)
         out = (q * scale).to(x.dtype)
         if self.per_tensor:
             return out.reshape(x.shape)
         return out.squeeze(-2) if self.group is None else from_blocks(out, n)
+
+    @property
+    def compiles_exactly(self) -> bool:
+        return True  # divisions are exact or tie-corrected (see reference)
 
     def n_scales(self, shape: Sequence[int]) -> int:
         if self.per_tensor:

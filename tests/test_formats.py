@@ -412,16 +412,22 @@ def test_cast_formats() -> None:
     assert math.isclose(get_format("fp32").bits_per_element(), 32)
 
 
-@pytest.mark.parametrize("name", ["mxfp4", "mxfp6_e3m2", "mxfp8_e4m3", "mxint8", "mxint4:rounding=away"])
+@pytest.mark.parametrize(
+    "name", ["mxfp4", "mxfp6_e3m2", "mxfp8_e4m3", "mxint8", "mxint4:rounding=away", "int4_g64", "int8_pc",
+             "int6_g32:rounding=away", "int4_g64:scale_dtype=fp32"],
+)
 def test_compiled_cpu_path_equals_reference(name: str) -> None:
-    """Large CPU tensors of MX formats go through torch.compile of the reference: same values, bit for bit."""
+    """Large CPU tensors of MX and INT formats go through torch.compile of the reference: same values."""
     from ptqbench.formats import COMPILE_MIN_NUMEL
 
     fmt = get_format(name)
-    assert fmt.compiles_exactly and not get_format("int4_g64").compiles_exactly
+    assert fmt.compiles_exactly and not get_format("nvfp4").compiles_exactly
     g = torch.Generator().manual_seed(3)
     x = torch.randn(256, 1024, generator=g) / torch.rand(256, 1024, generator=g).clamp_min(1e-3) ** 0.5
     x[:, 17] *= 300.0
+    # a group of exact ties: amax 3.5 gives s = 0.5 for 4-bit, the others are (k + 1/2) * s
+    ties = torch.tensor([3.5] + [(0.25 + 0.5 * (i % 6)) * (-1) ** i for i in range(63)])
+    x[:, 64:128] = ties
     assert x.numel() >= COMPILE_MIN_NUMEL
     for dtype in DTYPES:
         xd = x.to(dtype)
