@@ -329,6 +329,7 @@ class LoRaQ(LowRankMethod):
     def _init(self, ws: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``L = U S^1/2``, ``R = S^1/2 V^T`` from the SVD of ``ws`` or of ``ws - Q1(ws)``."""
         target = ws if self.init == "svd" else ws - quantize_stack(self.weight_format, ws, batch.segments)
-        u, s, vh = truncated_svd(target, self.rank, resolve_svd(self.svd, self.rank, tuple(ws.shape)), self.seed)
+        method = resolve_svd(self.svd, self.rank, tuple(ws.shape), ws.device)
+        u, s, vh = truncated_svd(target, self.rank, method, self.seed)
         root = s.sqrt()
         return u * root[..., None, :], root[..., :, None] * vh

@@ -19,7 +19,7 @@ layer still stores (and counts) its own copy of the shared factor.
 
 Same-shape layers are batched: SVDs, the candidate search and the refinement run on stacked
 ``[B, out, in]`` tensors. The truncated SVD is a seeded randomized range finder (power
-iterations, Cholesky QR, Rayleigh-Ritz) unless ``2 r >= min(out, in)`` (``svd`` field
+iterations, Cholesky QR, Rayleigh-Ritz) unless the exact SVD is cheaper (:func:`resolve_svd`; ``svd`` field
 ``auto``; ``exact`` and ``randomized`` force one); on real weights its reconstruction error is
 within 0.04% of the exact SVD's (MiniLM, ranks 32 and 62).
 """
@@ -75,10 +75,14 @@ def _orthonormalize(y: torch.Tensor, passes: int = 1) -> torch.Tensor:
     return y
 
 
-def resolve_svd(kind: str, rank: int, shape: tuple[int, ...]) -> str:
-    """``auto``: randomized, unless the range finder would need (nearly) every column anyway."""
+def resolve_svd(kind: str, rank: int, shape: tuple[int, ...], device: torch.device | str = "cpu") -> str:
+    """``auto``: randomized while its ``2 r`` columns are fewer than ``min(m, n)`` on a GPU (where
+    matrix products are cheap and batched exact SVDs are not), and while ``8 r <= min(m, n)`` on
+    the CPU, above which the exact SVD is faster (2 cores, 256-wide layers: randomized vs exact
+    3.9 vs 9.2 ms at r = 32, 12.8 vs 8.0 ms at r = 62, 35 vs 7.3 ms at r = 120)."""
     if kind == "auto":
-        return "exact" if 2 * rank >= min(shape[-2:]) else "randomized"
+        factor = 2 if torch.device(device).type == "cuda" else 8
+        return "exact" if factor * rank > min(shape[-2:]) or 2 * rank >= min(shape[-2:]) else "randomized"
     return kind
 
 
@@ -302,7 +306,7 @@ class Fitter:
         the residual ``ws - up_q down_q`` and its quantized version."""
         if self.spec.rank == 0:
             return None, None, ws, quantize_stack(self.weight_format, ws, segments)
-        method = resolve_svd(self.svd, self.spec.rank, tuple(target.shape))
+        method = resolve_svd(self.svd, self.spec.rank, tuple(target.shape), target.device)
         u, s, vh = truncated_svd(target, self.spec.rank, method, self.seed)
         up_q, down_q = self.spec.quantize(*self.spec.factors(u, s, vh), segments)
         res = ws - up_q @ down_q
