@@ -150,7 +150,7 @@ def evaluate(
 
     progress.stage("reference", len(prompts))
     with _Timer(timings, "reference"):
-        ref_dir, reference = reference_images(pipeline, prompts, settings, cache, progress)
+        ref_dir, reference = reference_images(pipeline, prompts, settings, cache, progress, uint8=True)
 
     selection = select_layers(transformer, plan)
     if method is None:
@@ -175,7 +175,7 @@ def evaluate(
             progress.stage("generate", len(prompts))
             images_dir = out_dir / "images"
             with _Timer(timings, "generate"):
-                images = generate_images(pipeline, prompts, settings, images_dir, progress)
+                images = generate_images(pipeline, prompts, settings, images_dir, progress, uint8=True)
         finally:
             if report is not None:
                 restore_model(transformer, report)

@@ -2,7 +2,7 @@
 
 A folder of images holds one PNG per prompt and ``index.json``
 (``[{"index", "key", "prompt", "seed", "file"}]``). Images are returned exactly as saved
-(8-bit values as float32 in [0, 1]), so a folder read back with :func:`load_images` equals what
+(8-bit values, as uint8 or as float32 in [0, 1]), so a folder read back with :func:`load_images` equals what
 was generated. The 16-bit reference images are generated once per (model identity, scheduler,
 steps, guidance, resolution, prompt keys and texts, seed rule, dtype) and kept in the
 :class:`~ptqbench.cache.Cache` under ``reference/<key>``.
@@ -76,13 +76,18 @@ def read_index(directory: str | Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_images(directory: str | Path) -> torch.Tensor:
-    """The images of a folder written by :func:`generate_images`, in index order: float32 ``[N, 3, H, W]``."""
+def load_images(directory: str | Path, *, uint8: bool = False) -> torch.Tensor:
+    """The images of a folder written by :func:`generate_images`, in index order: ``[N, 3, H, W]``,
+    float32 in [0, 1], or as stored (``uint8=True``)."""
     entries = read_index(directory)
     if not entries:
-        return torch.empty(0, 3, 0, 0)
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8 if uint8 else torch.float32)
     arrays = [np.asarray(Image.open(Path(directory) / e["file"]).convert("RGB")) for e in entries]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
+    return _as_requested(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), uint8)
+
+
+def _as_requested(images: torch.Tensor, uint8: bool) -> torch.Tensor:
+    return images.contiguous() if uint8 else images.float().div_(255)
 
 
 def generate_images(
@@ -91,10 +96,13 @@ def generate_images(
     settings: GenSettings,
     out_dir: str | Path,
     progress: Progress | None = None,
+    *,
+    uint8: bool = False,
 ) -> torch.Tensor:
     """Generate one image per prompt (seed = ``seed_for(key)``), save PNGs and ``index.json``.
 
-    Returns the saved images as float32 ``[N, 3, H, W]`` in [0, 1] (8-bit values).
+    Returns the saved images ``[N, 3, H, W]``: float32 in [0, 1] (8-bit values), or the uint8
+    values themselves (``uint8=True``, a quarter of the memory).
     """
     progress = progress or NullProgress()
     seeds = prompts.seeds()
@@ -109,8 +117,8 @@ def generate_images(
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_index(out_dir, entries)
     if not chunks:
-        return torch.empty(0, 3, settings.resolution, settings.resolution)
-    return torch.cat(chunks).float().div_(255)
+        return _as_requested(torch.empty(0, 3, settings.resolution, settings.resolution, dtype=torch.uint8), uint8)
+    return _as_requested(torch.cat(chunks), uint8)
 
 
 def model_identity(pipeline: Pipeline) -> dict[str, Any]:
@@ -138,8 +146,11 @@ def reference_images(
     settings: GenSettings,
     cache: Cache,
     progress: Progress | None = None,
+    *,
+    uint8: bool = False,
 ) -> tuple[Path, torch.Tensor]:
-    """The 16-bit reference images (folder, tensor): from the cache, else generated once and cached.
+    """The 16-bit reference images (folder, tensor as :func:`generate_images` returns it): from the
+    cache, else generated once and cached.
 
     ``pipeline.transformer`` must be unquantized when they are generated.
     """
@@ -148,10 +159,10 @@ def reference_images(
     if cache.done("reference", key):
         progress = progress or NullProgress()
         progress.advance(len(prompts))
-        return folder, load_images(folder)
+        return folder, load_images(folder, uint8=uint8)
     if any(isinstance(m, QuantLinear) for m in pipeline.transformer.modules()):
         raise RuntimeError("reference images need the 16-bit transformer: restore_model() it first")
-    images = generate_images(pipeline, prompts, settings, folder, progress)
+    images = generate_images(pipeline, prompts, settings, folder, progress, uint8=uint8)
     meta = {"model": model_identity(pipeline), "settings": settings.__dict__, "prompt_set": prompts.name}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     cache.mark_done("reference", key)

@@ -12,8 +12,9 @@ from safetensors import safe_open
 
 from ptqbench import cli, get_method
 from ptqbench.errors import UserError
+from ptqbench.generation import to_uint8
 from ptqbench.metrics.base import MetricInputs
-from ptqbench.metrics.fmnist_metrics import FDFMNIST, ClassAccuracy, file_sha256
+from ptqbench.metrics.fmnist_metrics import FDFMNIST, ClassAccuracy, FDFMNISTRef, file_sha256
 from ptqbench.models import fmnist, fmnist_data, get_model
 from ptqbench.models.base import GenSettings
 from ptqbench.models.fmnist_train import (
@@ -224,6 +225,22 @@ def test_metrics_on_real_images_and_noise() -> None:
     assert math.isfinite(fd_real.value) and 0 <= fd_real.value < 0.2 * fd_noise.value
     other = ClassAccuracy()(MetricInputs(real[:2], prompts=["a red car", "bag"]))
     assert other.status == "not_computed" and "Fashion-MNIST class-name prompts" in other.reason
+
+
+@needs_data
+def test_fd_to_the_reference_images_grows_with_the_distortion() -> None:
+    test_x, _ = fmnist_data.load_split("test")
+    ref = to_uint8(fmnist_data.to_unit(test_x[:200]).repeat(1, 3, 1, 1))  # uint8, as the runner passes
+    same = FDFMNISTRef()(MetricInputs(ref, ref))
+    assert same.status == "ok" and abs(same.value) < 1e-3 and same.n == 200 and not same.higher_is_better
+    g = torch.Generator().manual_seed(0)
+    noisy = [to_uint8(ref / 255 + s * torch.randn(ref.shape, generator=g)) for s in (0.05, 0.3)]
+    small, large = (FDFMNISTRef()(MetricInputs(x, ref)).value for x in noisy)
+    assert 0.1 < small < large, (small, large)
+    # uint8 and float inputs of the same images give the same value
+    assert FDFMNIST()(MetricInputs(noisy[0])).value == FDFMNIST()(MetricInputs(noisy[0].float() / 255)).value
+    alone = FDFMNISTRef()(MetricInputs(ref))
+    assert alone.status == "not_computed" and "reference" in alone.reason
 
 
 def test_metrics_say_what_is_missing(tmp_path) -> None:

@@ -101,6 +101,26 @@ def test_psnr_of_identical_images_is_capped_not_inf():
     assert r.value == pytest.approx((100.0 + 20 * math.log10(255)) / 2, abs=1e-3)
 
 
+def test_uint8_images_as_the_runner_passes_them():
+    """uint8 images (a quarter of the memory) score as their float values; hand-computed PSNR."""
+    ref = (torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 200).round().to(torch.uint8)
+    img = ref.clone()
+    img[0] += 3  # MSE (3/255)^2
+    img[2, :, :8] += 1  # half the pixels one level off
+    inputs = MetricInputs(img, ref)
+    assert inputs.images.dtype == torch.float32 and torch.equal(inputs.images, img.float() / 255)
+    assert inputs.stored() is img and inputs.n == 3
+    psnr = get_metric("psnr")(inputs).value
+    expected = (20 * math.log10(255 / 3) + MAX_PSNR_DB + 10 * math.log10(2 * 255**2)) / 3
+    assert psnr == pytest.approx(expected, abs=1e-9)
+    ssim = get_metric("ssim")
+    u8 = (images(2, 64) * 255).round().to(torch.uint8)
+    noisy8 = (noisy(u8.float() / 255, 0.05) * 255).round().to(torch.uint8)
+    as_float = ssim(MetricInputs(noisy8.float() / 255, u8.float() / 255)).value
+    # uint8 divides by 255 in float64; the float inputs carry float32's rounding of k / 255
+    assert ssim(MetricInputs(noisy8, u8)).value == pytest.approx(as_float, abs=1e-7) and as_float < 0.999
+
+
 def test_ssim_identical_is_one_and_degrades_in_order():
     ref = images(4, 64)
     ssim = get_metric("ssim")

@@ -24,15 +24,52 @@ METRICS: Registry[type[Metric]] = Registry(
 Need = Literal["reference", "prompts", "real"]
 
 
-@dataclass(frozen=True)
 class MetricInputs:
-    """Everything a metric may use. Images are float32 ``[N, 3, H, W]`` in [0, 1] (CPU)."""
+    """Everything a metric may use: images ``[N, 3, H, W]`` on the CPU, optionally the 16-bit
+    reference images (same prompts and seeds), the prompts, a folder of real images, a device.
 
-    images: torch.Tensor
-    reference: torch.Tensor | None = None
-    prompts: Sequence[str] | None = None
-    real_dir: Path | None = None
-    device: str = "cpu"
+    Images may be given as uint8, as their PNGs hold them (the runner does: a quarter of
+    float32's memory at N = 5000, 1024 px), or as floats in [0, 1]. ``images`` and ``reference``
+    always read as float32 in [0, 1] (converted on each access); metrics that stream read
+    :meth:`stored` slices through :func:`image_floats` instead.
+    """
+
+    __slots__ = ("_images", "_reference", "device", "prompts", "real_dir")
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        reference: torch.Tensor | None = None,
+        prompts: Sequence[str] | None = None,
+        real_dir: Path | None = None,
+        device: str = "cpu",
+    ):
+        self._images, self._reference = images, reference
+        self.prompts, self.real_dir, self.device = prompts, real_dir, device
+
+    @property
+    def images(self) -> torch.Tensor:
+        return image_floats(self._images)
+
+    @property
+    def reference(self) -> torch.Tensor | None:
+        return None if self._reference is None else image_floats(self._reference)
+
+    def stored(self, which: Literal["images", "reference"] = "images") -> torch.Tensor | None:
+        """The images (or reference) as given: uint8 or float."""
+        return self._images if which == "images" else self._reference
+
+    @property
+    def n(self) -> int:
+        return int(self._images.shape[0])
+
+
+def image_floats(
+    images: torch.Tensor, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Images in [0, 1] as ``dtype`` on ``device`` (uint8 ones divided by 255 in ``dtype``)."""
+    x = images.to(device=device, dtype=dtype)
+    return x.div_(255) if images.dtype == torch.uint8 else x
 
 
 @dataclass(frozen=True)
@@ -66,7 +103,7 @@ class Metric:
         return self.compute(inputs)
 
 
-_FIELD = {"reference": "reference", "prompts": "prompts", "real": "real_dir"}
+_FIELD = {"reference": "_reference", "prompts": "prompts", "real": "real_dir"}
 
 
 def register_metric(cls: type[Metric]) -> type[Metric]:

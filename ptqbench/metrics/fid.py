@@ -65,14 +65,17 @@ def _workers() -> int:
 
 
 def tensor_features(images: torch.Tensor, net: FeatureNet, batch_size: int = BATCH) -> np.ndarray:
-    """Features ``[N, D]`` of float images ``[N, 3 or 1, H, W]`` in [0, 1], exactly as if read back from PNGs."""
+    """Features ``[N, D]`` of images ``[N, 3 or 1, H, W]`` (uint8, or float in [0, 1]), exactly as
+    if read back from PNGs."""
     if images.shape[1] == 1:  # grey images are read as RGB by clean-fid
         images = images.expand(-1, 3, -1, -1)
     resize = clean_resizer(net.size)
     feats = []
     with ThreadPoolExecutor(_workers()) as pool, torch.inference_mode():
         for i in range(0, images.shape[0], batch_size):
-            u8 = (images[i : i + batch_size].float().clamp(0, 1) * 255).round().to(torch.uint8)
+            u8 = images[i : i + batch_size]
+            if u8.dtype != torch.uint8:
+                u8 = (u8.float().clamp(0, 1) * 255).round().to(torch.uint8)
             resized = list(pool.map(resize, u8.permute(0, 2, 3, 1).numpy()))
             batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).contiguous()
             feats.append(net.model(batch.to(net.device)).float().cpu().numpy())
@@ -192,13 +195,14 @@ class FrechetMetric(Metric):
         return self._nets[device]
 
     def compute(self, inputs: MetricInputs) -> MetricResult:
-        n = int(inputs.images.shape[0])
+        n = inputs.n
+        reference = inputs.stored("reference")
         if n < 2:
             return MetricResult.missing(self, f"{self.name}: needs at least 2 generated images, got {n}")
         files: list[str] = []
         if self.against == "reference":
-            assert inputs.reference is not None
-            if inputs.reference.shape[0] < 2:
+            assert reference is not None
+            if reference.shape[0] < 2:
                 return MetricResult.missing(self, f"{self.name}: needs at least 2 reference images")
         else:
             assert inputs.real_dir is not None
@@ -210,12 +214,12 @@ class FrechetMetric(Metric):
         if isinstance(net, Missing):
             return MetricResult.missing(self, f"{self.name}: {net.reason}")
         if self.against == "reference":
-            assert inputs.reference is not None
-            other = feature_stats(tensor_features(inputs.reference, net))
+            assert reference is not None
+            other = feature_stats(tensor_features(reference, net))
         else:
             assert inputs.real_dir is not None
             other = real_stats(Path(inputs.real_dir), files, net)
-        value = frechet_distance_from_stats(*feature_stats(tensor_features(inputs.images, net)), *other)
+        value = frechet_distance_from_stats(*feature_stats(tensor_features(inputs.stored(), net)), *other)
         return MetricResult(self.name, value, n, higher_is_better=False)
 
 

@@ -88,8 +88,10 @@ def load_image_reward(device: str) -> Any:
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Float images ``[N, 3, H, W]`` in [0, 1] as the RGB PIL images their PNGs hold."""
-    u8 = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """Images ``[N, 3, H, W]`` (uint8, or float in [0, 1]) as the RGB PIL images their PNGs hold."""
+    if images.dtype != torch.uint8:
+        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    u8 = images.permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in u8]
 
 
@@ -112,7 +114,7 @@ class ImageRewardMetric(Metric):
 
     def compute(self, inputs: MetricInputs) -> MetricResult:
         assert inputs.prompts is not None
-        n = int(inputs.images.shape[0])
+        n = inputs.n
         if len(inputs.prompts) != n:
             return MetricResult.missing(self, f"{self.name}: {len(inputs.prompts)} prompts for {n} images")
         if inputs.device not in self._models:
@@ -123,7 +125,7 @@ class ImageRewardMetric(Metric):
         model = self._models[inputs.device]
         rewards = []
         for i in range(0, n, 16):
-            rewards += score(model, inputs.prompts[i : i + 16], to_pil(inputs.images[i : i + 16]))
+            rewards += score(model, inputs.prompts[i : i + 16], to_pil(inputs.stored()[i : i + 16]))
         return MetricResult(self.name, sum(rewards) / n, n, higher_is_better=True)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ptqbench.metrics import weights
-from ptqbench.metrics.base import Metric, MetricInputs, MetricResult, Need, register_metric
+from ptqbench.metrics.base import Metric, MetricInputs, MetricResult, Need, image_floats, register_metric
 from ptqbench.metrics.pixel import paired_problem
 from ptqbench.metrics.weights import Missing
 
@@ -81,12 +81,13 @@ class LPIPS(Metric):
         net = self.network(inputs.device)
         if isinstance(net, Missing):
             return MetricResult.missing(self, f"{self.name}: {net.reason}")
-        assert inputs.reference is not None
+        images, reference = inputs.stored(), inputs.stored("reference")
+        assert reference is not None
         values = []
         with torch.inference_mode():
-            for i in range(0, inputs.images.shape[0], CHUNK):
-                a = inputs.images[i : i + CHUNK].to(inputs.device, torch.float32)
-                b = inputs.reference[i : i + CHUNK].to(inputs.device, torch.float32)
+            for i in range(0, inputs.n, CHUNK):
+                a = image_floats(images[i : i + CHUNK], inputs.device)
+                b = image_floats(reference[i : i + CHUNK], inputs.device)
                 values.append(net(a, b, normalize=True).flatten().double().cpu())
         per_image = torch.cat(values)
         return MetricResult(self.name, float(per_image.mean()), int(per_image.numel()), higher_is_better=False)

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ptqbench.metrics.base import Metric, MetricInputs, MetricResult, Need, register_metric
+from ptqbench.metrics.base import Metric, MetricInputs, MetricResult, Need, image_floats, register_metric
 
 MAX_PSNR_DB = 100.0
 """PSNR of an image identical to its reference (MSE 0, +inf) is reported as this cap (MSE floor 1e-10),
@@ -27,7 +27,7 @@ CHUNK = 8
 
 def paired_problem(inputs: MetricInputs) -> str | None:
     """Why images and reference cannot be paired index by index, or None."""
-    a, b = inputs.images, inputs.reference
+    a, b = inputs.stored(), inputs.stored("reference")
     if b is None:
         return "no reference images"
     if a.shape != b.shape:
@@ -38,11 +38,12 @@ def paired_problem(inputs: MetricInputs) -> str | None:
 
 
 def _chunks(inputs: MetricInputs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    assert inputs.reference is not None
-    for i in range(0, inputs.images.shape[0], CHUNK):
+    images, reference = inputs.stored(), inputs.stored("reference")
+    assert reference is not None
+    for i in range(0, inputs.n, CHUNK):
         yield (
-            inputs.images[i : i + CHUNK].to(inputs.device, torch.float64),
-            inputs.reference[i : i + CHUNK].to(inputs.device, torch.float64),
+            image_floats(images[i : i + CHUNK], inputs.device, torch.float64),
+            image_floats(reference[i : i + CHUNK], inputs.device, torch.float64),
         )
 
 
