@@ -113,7 +113,7 @@ def chunks(total: int, size: int) -> list[tuple[int, int]]:
 def set_info(q: QuantLinear, **info: Any) -> QuantLinear:
     """Attach what the method decided for this layer (``q.info``: chosen smoothing, rotation
     used, fallbacks) so that reports can show it."""
-    q.info = {**getattr(q, "info", {}), **info}
+    q.info.update(info)
     return q
 
 

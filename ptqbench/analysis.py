@@ -11,6 +11,7 @@ from torch import nn
 from ptqbench.layers import QuantLinear, dense_weight
 
 
+@torch.no_grad()
 def relative_weight_error(layer: nn.Module, quantized: QuantLinear) -> float:
     """``||W - W_eff|| / ||W||`` (Frobenius, float64)."""
     w = dense_weight(layer).detach().double()
@@ -29,6 +30,7 @@ def relative_output_error(layer: nn.Module, quantized: QuantLinear, x: torch.Ten
     return float(torch.linalg.norm(y - yq) / torch.linalg.norm(y).clamp_min(1e-30))
 
 
+@torch.no_grad()
 def layer_errors(
     originals: Mapping[str, nn.Module],
     quantized: Mapping[str, QuantLinear],

@@ -8,6 +8,8 @@ construction; activations are fake-quantized per forward, per token along the re
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,7 +105,11 @@ class QuantLinear(nn.Module):
 
     ``weight`` is the main-branch weight ``[out, in]`` *before* quantization, already smoothed
     (multiplied by ``smooth``) and with the branch subtracted, as the method computed it.
+    ``info`` holds what the method decided for this layer (chosen smoothing, objective, ...),
+    written to the per-layer error CSV.
     """
+
+    info: dict[str, Any]
 
     def __init__(
         self,
@@ -124,6 +130,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("smooth", None if smooth is None else smooth.to(weight.dtype))
         self.branch = branch
+        self.info = {}
 
     @classmethod
     def from_layer(
