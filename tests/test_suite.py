@@ -67,19 +67,44 @@ def test_shipped_suites_validate(path: Path) -> None:
 
 def test_shipped_suites_are_all_there() -> None:
     names = {p.stem for p in SUITES}
-    assert {"equal_memory", "formats", "rank_sweep", "mixed_precision", "loraq_objectives", "smoke"} <= names
+    assert {"equal_memory", "formats", "rank_sweep", "mixed_precision", "loraq_objectives", "smoke", "fmnist"} <= names
 
 
-def test_equal_memory_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli([str(REPO / "suites" / "equal_memory.yaml"), "--dry-run"], capsys)
+def _low_rank_cells(suite: str, n_cells: int, step: float, capsys: pytest.CaptureFixture[str]) -> dict[str, dict]:
+    """Dry-run a shipped suite: {model: {(method, formats): (rank, bits/weight)}} of low-rank cells,
+    after checking every solved cell is at most its SVDQuant reference's bits and within ``step``
+    (about one rank's bits per weight) of it."""
+    code, out, _ = run_cli([str(REPO / "suites" / suite), "--dry-run"], capsys)
     assert code == 0
     lines = [line for line in out.splitlines() if re.match(r"^[0-9a-f]{16}\s", line)]
-    assert len(lines) == 38  # 2 models x (reference + 3 rtn + 3 smoothquant + 3 svdquant + 9 loraq)
+    assert len(lines) == n_cells
     rows = [re.split(r"\s{2,}", line) for line in lines]
     by_model: dict[str, dict[tuple[str, str], tuple[int, float]]] = {}
     for _digest, model, method, formats, rank, bpw, *_ in rows:
         if method.startswith("loraq") or method.startswith("svdquant"):
-            by_model.setdefault(model, {})[(method, formats)] = (int(rank), float(bpw))
+            by_model.setdefault(model, {})[(method.split()[0], formats)] = (int(rank), float(bpw))
+    for model, cells in by_model.items():
+        for (method, formats), (_, bpw) in cells.items():
+            main = formats.split(" B:")[0]
+            ref = cells[("svdquant", f"{main} B:bf16/bf16")][1]
+            assert bpw <= ref, (model, method, formats)
+            assert bpw > ref - step, (model, method, formats)  # the largest rank that fits: close to it
+    return by_model
+
+
+def test_fmnist_dry_run_solves_ranks_for_the_shipped_model(capsys: pytest.CaptureFixture[str]) -> None:
+    # ref + 3 x (rtn, smoothquant, svdquant) + 9 loraq; one rank of a 6-bit branch on 256-wide layers
+    # is about 0.047 bits per weight
+    cells = _low_rank_cells("fmnist.yaml", 19, 0.05, capsys)["fmnist-dit"]
+    ranks = {formats: rank for (method, formats), (rank, _) in cells.items() if method == "loraq"}
+    assert ranks["W:int4_g64 A:int4_g64 B:int8_g64/int8_g64"] == 62
+    assert ranks["W:int4_g64 A:int4_g64 B:int6_g64/int6_g64"] == 80
+    assert ranks["W:mxint4 A:mxint4 B:mxint6/mxint6"] == 81
+    assert ranks["W:mxfp4 A:mxfp4 B:mxfp4/mxfp8_e4m3"] == 120
+
+
+def test_equal_memory_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
+    by_model = _low_rank_cells("equal_memory.yaml", 38, 0.02, capsys)  # 2 models x (1 + 3 + 3 + 3 + 9)
     pixart = by_model["pixart-sigma"]
     svd = pixart[("svdquant", "W:mxfp4 A:mxfp4 B:bf16/bf16")]
     assert svd[0] == 32
@@ -88,12 +113,6 @@ def test_equal_memory_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert pixart[("loraq", "W:mxfp4 A:mxfp4 B:mxfp6_e2m3/mxfp6_e2m3")][0] == 81
     assert pixart[("loraq", "W:mxfp4 A:mxfp4 B:mxfp4/mxfp8_e4m3")][0] == 120
     assert pixart[("loraq", "W:int4_g64 A:int4_g64 B:int8_g64/int8_g64")][0] == 62
-    for model, cells in by_model.items():
-        for (method, formats), (_, bpw) in cells.items():
-            main = formats.split(" B:")[0]
-            ref = cells[("svdquant", f"{main} B:bf16/bf16")][1]
-            assert bpw <= ref, (model, method, formats)
-            assert bpw > ref - 0.02, (model, method, formats)  # the largest rank that fits: close to it
 
 
 # ----------------------------------------------------------------------------- expansion and hashing
