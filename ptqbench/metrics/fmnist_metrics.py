@@ -90,6 +90,13 @@ def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, digest: str)
     return Path(path)
 
 
+def _feature_stats(
+    model: fmnist.FMNISTClassifier, images: torch.Tensor, device: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the classifier's features of ``images`` (uint8 or float in [0, 1])."""
+    return feature_stats(fmnist.classify(model, image_floats(images), device)[1].numpy())
+
+
 class _FMNISTMetric(Metric):
     """Shared: the classifier (``classifier`` path, else env, else shipped) and the real data folder."""
 
@@ -146,9 +153,7 @@ class FDFMNIST(_FMNISTMetric):
             mu_r, sigma_r = real_feature_stats(model, digest, self.data, inputs.device)
         except UserError as exc:
             return MetricResult.missing(self, str(exc))
-        _, feats = fmnist.classify(model, inputs.images, inputs.device)
-        mu, sigma = feature_stats(feats.numpy())
-        value = frechet_distance_from_stats(mu, sigma, mu_r, sigma_r)
+        value = frechet_distance_from_stats(*_feature_stats(model, inputs.stored(), inputs.device), mu_r, sigma_r)
         return MetricResult(self.name, value, n, higher_is_better=self.higher_is_better)
 
 
@@ -171,9 +176,6 @@ class FDFMNISTRef(_FMNISTMetric):
             model, _ = self._load()
         except UserError as exc:
             return MetricResult.missing(self, str(exc))
-        stats = [
-            feature_stats(fmnist.classify(model, image_floats(x), inputs.device)[1].numpy())
-            for x in (inputs.stored(), reference)
-        ]
+        stats = [_feature_stats(model, x, inputs.device) for x in (inputs.stored(), reference)]
         value = frechet_distance_from_stats(*stats[0], *stats[1])
         return MetricResult(self.name, value, n, higher_is_better=self.higher_is_better)
