@@ -17,6 +17,17 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): small
+    tensors gain nothing from intra-op threads, and batched CPU SVDs in the methods slow down by orders
+    of magnitude when threads compete for a busy runner's cores. The previous setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cuda() -> torch.device:
     """The GPU, or skip."""

@@ -23,12 +23,7 @@ SETTINGS = GenSettings(steps=3, guidance=4.5, resolution=32, batch_size=2)
 CALIB = CalibConfig(prompt_set="builtin-calib", n_prompts=3, rows=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
 
 
 @pytest.fixture(scope="module")

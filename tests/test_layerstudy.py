@@ -6,7 +6,6 @@ import dataclasses
 
 import pandas as pd
 import pytest
-import torch
 
 from ptqbench import get_method
 from ptqbench.cli import main as cli
@@ -19,14 +18,7 @@ LORAQ = "loraq:weight_format=mxfp4,act_format=mxfp4,steps=5,smooth_alpha=0.5"
 SVDQ = "svdquant:weight_format=mxfp4,act_format=mxfp4,num_grids=2"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small-tensor fake quantization gains nothing from intra-op threads and slows down badly when
-    a shared runner is oversubscribed; the previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
 
 
 @pytest.fixture(scope="module")

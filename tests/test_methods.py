@@ -49,14 +49,7 @@ W8A8 = {"weight_format": "int8_pc", "act_format": "int8_pc"}
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small-tensor fake quantization gains nothing from intra-op threads and slows down badly when
-    a shared runner is oversubscribed; the previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
 
 
 @pytest.fixture(scope="module")

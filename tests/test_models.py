@@ -19,13 +19,7 @@ PROMPTS = ["a red fox in the snow", "a lighthouse in a storm", "a bowl of ramen"
 SEEDS = [11, 22, 33, 44]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: threading only adds overhead (and stalls on a busy CI machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
 
 
 @pytest.fixture(scope="module")
