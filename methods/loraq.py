@@ -249,9 +249,6 @@ class LoRaQ(LowRankMethod):
         mid = f" mid:{self.mid_format}" if self.mid_format is not None else ""
         return f"{super().label()}{mid} {self.objective} {self.steps}st"
 
-    def quantize_layer(self, layer: nn.Module, stats: LayerStats | None = None) -> QuantLinear:
-        return self.quantize_layers({"layer": layer}, None if stats is None else {"layer": stats})["layer"]
-
     @torch.no_grad()
     def quantize_layers(
         self,

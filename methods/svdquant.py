@@ -482,9 +482,6 @@ class SVDQuant(LowRankMethod):
     def branch_spec(self) -> BranchSpec:
         return BranchSpec(self.rank, self.branch_format, self.branch_act_format, None, "us")
 
-    def quantize_layer(self, layer: nn.Module, stats: LayerStats | None = None) -> QuantLinear:
-        return self.quantize_layers({"layer": layer}, None if stats is None else {"layer": stats})["layer"]
-
     @torch.no_grad()
     def quantize_layers(
         self,

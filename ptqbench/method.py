@@ -70,7 +70,11 @@ class Method:
 
     # ------------------------------------------------------------------ quantization
     def quantize_layer(self, layer: nn.Module, stats: LayerStats | None = None) -> QuantLinear:
-        raise NotImplementedError
+        """Quantize one layer. Methods implement this, or :meth:`quantize_layers` (batched over
+        same-shape layers), in which case one layer is a batch of one."""
+        if type(self).quantize_layers is Method.quantize_layers:
+            raise NotImplementedError(f"{type(self).__name__} implements neither quantize_layer nor quantize_layers")
+        return self.quantize_layers({"layer": layer}, None if stats is None else {"layer": stats})["layer"]
 
     def quantize_layers(
         self,

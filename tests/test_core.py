@@ -17,7 +17,7 @@ from ptqbench.errors import UserError
 from ptqbench.formats import get_format
 from ptqbench.layers import LowRankBranch, QuantLinear
 from ptqbench.memory import LayerShape, bits_per_weight, model_bits, solve_rank
-from ptqbench.method import METHODS, LowRankMethod
+from ptqbench.method import METHODS, LowRankMethod, Method
 from ptqbench.patching import LayerPlan, quantize_model, restore_model, select_layers
 from ptqbench.registry import Registry
 from ptqbench.stats import StatsCollector, StatsSpec
@@ -198,6 +198,20 @@ def test_registry_duplicates_and_suggestions() -> None:
         reg.get("alpah")
     with pytest.raises(ValueError, match="already registered"):
         METHODS.register("rtn", object)
+
+
+def test_a_batched_method_quantizes_one_layer_as_a_batch_of_one() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Batched(Method):
+        def quantize_layers(self, layers, stats=None, progress=None):
+            return {name: QuantLinear.from_layer(lin, self.weight_format, self.act_format, weight=lin.weight * 2)
+                    for name, lin in layers.items()}
+
+    layer = nn.Linear(8, 4)
+    q = Batched(weight_format="fp32", act_format="fp32").quantize_layer(layer)
+    assert torch.equal(q.effective_weight(), layer.weight.detach() * 2)
+    with pytest.raises(NotImplementedError, match="neither quantize_layer nor quantize_layers"):
+        Method(weight_format="fp32", act_format="fp32").quantize_layer(layer)
 
 
 def test_outside_plugin_registers_a_method_through_entry_points(tmp_path: Path) -> None:
