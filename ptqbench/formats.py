@@ -29,6 +29,8 @@ import torch
 from ptqbench.errors import UserError
 from ptqbench.registry import Registry
 
+TensorFn = Callable[[torch.Tensor], torch.Tensor]
+
 Rounding = Literal["even", "away"]
 ScaleRule = Literal["floor", "ceil", "rceil"]
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -214,7 +216,7 @@ class Format:
         code may divide by a reciprocal, so only formats written for it qualify)."""
         return False
 
-    def compile_target(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def compile_target(self) -> TensorFn:
         """The function the CPU path compiles (the reference, or an equal variant that vectorizes)."""
         return self.reference
 
@@ -416,14 +418,14 @@ class MXFormat(Format):
             return round_int(y * step, self.rounding).clamp(-self.max_elem * step, self.max_elem * step) / step
         return ELEMENTS[self.element].round(y, self.rounding)
 
-    def reference(self, x: torch.Tensor, exp2: Callable[[torch.Tensor], torch.Tensor] = pow2) -> torch.Tensor:
+    def reference(self, x: torch.Tensor, exp2: TensorFn = pow2) -> torch.Tensor:
         xb = to_blocks(x, self.block).float()
         amax = nan_to_zero_abs(xb).amax(-1, keepdim=True)
         scale = exp2(self.shared_exponent(amax))
         out = self.round_element(xb / scale) * scale
         return from_blocks(out, x.shape[-1]).to(x.dtype)
 
-    def compile_target(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def compile_target(self) -> TensorFn:
         # torch.exp2 vectorizes where the bit-built pow2 does not (about 6x); exact for integer
         # exponents, which the compiled path checks once before it is used
         return functools.partial(self.reference, exp2=lambda e: torch.exp2(e.float()))
@@ -481,11 +483,11 @@ class NVFP4Format(Format):
 
 
 COMPILE_MIN_NUMEL = 1 << 16  # below this, compiled and eager cost about the same
-_COMPILED: dict[Format, Callable[[torch.Tensor], torch.Tensor] | None] = {}
+_COMPILED: dict[Format, TensorFn | None] = {}
 _CHECKED: dict[tuple[Format, torch.dtype, int], bool] = {}
 
 
-def _compiled_reference(fmt: Format, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _compiled_reference(fmt: Format, x: torch.Tensor) -> TensorFn | None:
     """The ``torch.compile`` of ``fmt`` (dynamic shapes) for inputs like ``x``, or None when
     disabled (``PTQBENCH_COMPILE=0``), when compiling failed, or when it differed from the
     reference on a probe of every binade in ``x``'s dtype and row width (checked once each)."""
@@ -502,7 +504,7 @@ def _compiled_reference(fmt: Format, x: torch.Tensor) -> Callable[[torch.Tensor]
     return compiled
 
 
-def _flat_compiled(fmt: Format) -> Callable[[torch.Tensor], torch.Tensor]:
+def _flat_compiled(fmt: Format) -> TensorFn:
     """The compiled target on 2-D views (one graph per dtype and raggedness, not per rank).
 
     Every format of a class shares one code object and so one dynamo cache, whose default limit
@@ -536,10 +538,7 @@ def _probe(width: int) -> torch.Tensor:
     return x
 
 
-Quantizer = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _probe_agrees(fmt: Format, compiled: Quantizer, dtype: torch.dtype, width: int) -> bool:
+def _probe_agrees(fmt: Format, compiled: TensorFn, dtype: torch.dtype, width: int) -> bool:
     """Whether ``compiled`` equals ``fmt.reference`` on :func:`_probe`; any compiler failure (no
     C++ compiler, say) warns and counts as a disagreement, so the eager path is used."""
     try:
