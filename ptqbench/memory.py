@@ -16,14 +16,27 @@ from ptqbench.errors import UserError
 from ptqbench.method import LowRankMethod, Method
 
 
+QKV = ("to_q", "to_k", "to_v")
+
+
+def qkv_group(name: str) -> str | None:
+    """The share group of an attention projection that may share its input with its siblings
+    (``<parent>.qkv`` for ``<parent>.to_q/to_k/to_v``), else ``None``."""
+    parent, _, leaf = name.rpartition(".")
+    return f"{parent}.qkv" if leaf in QKV else None
+
+
 @dataclass(frozen=True)
 class LayerShape:
-    """What the accounting needs of a layer: its name, ``[out, in]`` and whether it has a bias."""
+    """What the accounting needs of a layer: its name, ``[out, in]``, whether it has a bias, and
+    ``group``: layers with the same group read one input and may share a smoothing vector and a
+    down-projection (counted once by methods that share them)."""
 
     name: str
     out_features: int
     in_features: int
     bias: bool
+    group: str | None = None
 
     @property
     def weights(self) -> int:
