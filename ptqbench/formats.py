@@ -10,6 +10,9 @@ Conventions (spec/formats.md): round to nearest with ties to even (or half away 
 saturation to +/- the largest normal, NaN stays NaN (it is ignored by the block's abs-max), an
 all-zero block gives zeros. Arithmetic runs in float32 where that is exact and in float64 where
 float32 could round (float32 inputs of integer formats, fp32 scales).
+
+This module holds the numerics only; where they run (Triton, ``torch.compile``, eager) is
+:mod:`ptqbench.kernels`' choice, steered by ``quantize(x, backend=...)`` or ``kernels.use_backend``.
 """
 
 from __future__ import annotations
@@ -17,19 +20,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import re
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 
+import ptqbench.kernels as kernels
 from ptqbench.errors import UserError
+from ptqbench.kernels import Backend, KernelSpec, TensorFn
 from ptqbench.registry import Registry
-
-TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
 Rounding = Literal["even", "away"]
 ScaleRule = Literal["floor", "ceil", "rceil"]
@@ -188,23 +189,27 @@ class Format:
     def name(self) -> str:
         raise NotImplementedError
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize along the last dim: a fused Triton kernel on CUDA where one exists; on the
-        CPU, large tensors of formats that compile exactly go through ``torch.compile`` of the
-        reference (one vectorized loop instead of a dozen passes); else the torch reference.
-        All paths give the same values (tested)."""
-        if x.is_cuda:
-            from ptqbench import kernels
-
-            if kernels.supports(self, x):
-                return kernels.fake_quant(self, x)
-        elif self.compiles_exactly and x.numel() >= COMPILE_MIN_NUMEL and not (
-            x.requires_grad and torch.is_grad_enabled()
-        ):
-            compiled = _compiled_reference(self, x)
+    def quantize(self, x: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
+        """Fake-quantize along the last dim on the path :func:`ptqbench.kernels.choose` picks for
+        ``backend`` (``None``: the current one; by default a fused Triton kernel on CUDA where one
+        exists, ``torch.compile`` of the reference for large CPU tensors of formats that compile
+        exactly, else the torch reference). All paths give the same values (tested)."""
+        path = self.backend_for(x, backend)
+        if path == "triton":
+            return kernels.fake_quant(x, _kernel_spec(self, x.dtype))
+        if path == "compiled":
+            compiled = kernels.compiled(self, x)
             if compiled is not None:
                 return compiled(x)
         return self.reference(x)
+
+    def backend_for(self, x: torch.Tensor, backend: Backend | None = None) -> kernels.Path:
+        """The path ``quantize(x, backend)`` takes: ``"triton"``, ``"compiled"`` or ``"eager"``."""
+        return kernels.choose(x, backend, _kernel_spec(self, x.dtype), self.compiles_exactly)
+
+    def kernel_spec(self, dtype: torch.dtype) -> KernelSpec | None:
+        """The fused kernel that computes this format bit-identically for inputs of ``dtype``, if any."""
+        return None
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The torch implementation (the definition the kernels are tested against)."""
@@ -222,6 +227,24 @@ class Format:
 
     def bits(self, shape: Sequence[int]) -> int:
         raise NotImplementedError
+
+    @property
+    def shift(self) -> float:
+        """The constant ``c`` added before quantizing and subtracted after (0: none)."""
+        return 0.0
+
+    def unshifted(self) -> Format:
+        """This format without its shift (itself when it has none)."""
+        return self
+
+    def with_shift(self, shift: float, unsigned: bool = True) -> Format:
+        """The shifted variant ``Q(x + c) - c`` (``c = shift``), unsigned by default: only
+        integer formats have one (deepcompressor shifts integer activations)."""
+        raise UserError(f"format {self}: only integer formats can be shifted (got a {type(self).__name__})")
+
+    def shift_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + c`` in ``x``'s dtype (``c`` rounded to it first), what the shifted grid quantizes."""
+        return x if self.shift == 0 else x + x.new_full((), self.shift)
 
     @property
     def is_16bit(self) -> bool:
@@ -258,7 +281,7 @@ class CastFormat(Format):
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
         target = _DTYPES[self.dtype]
         return x if x.dtype == target else x.to(target).to(x.dtype)
 
@@ -268,11 +291,15 @@ class CastFormat(Format):
 
 @dataclass(frozen=True)
 class IntFormat(Format):
-    """Symmetric signed b-bit integer with one scale per group, row (channel/token) or tensor.
+    """b-bit integers with one scale per group, row (channel/token) or tensor, no zero point.
 
-    ``s = scale_dtype(amax / qmax)`` with ``qmax = 2**(b-1) - 1`` and the quotient computed in
-    float32 (as deployed code does), ``q = clamp(round(x / s), -qmax, qmax)``, value ``q * s``.
-    A scale that overflows its dtype saturates at the dtype's max; a zero scale gives zeros.
+    Signed (symmetric): codes in ``[-qmax, qmax]``, ``qmax = 2**(b-1) - 1``. Unsigned: codes in
+    ``[0, qmax]``, ``qmax = 2**b - 1`` (deepcompressor's ``uint``: the same abs-max scale, negative
+    values clamp to 0). ``s = scale_dtype(amax / qmax)`` with ``amax = max |x|`` and the quotient
+    computed in float32 (as deployed code does), ``q = clamp(round(x / s), qmin, qmax)``, value
+    ``q * s``. A scale that overflows its dtype saturates at the dtype's max; a zero scale gives
+    zeros. ``shift = c`` quantizes ``x + c`` and subtracts ``c`` again, each step in ``x``'s dtype
+    (``c`` rounded to it): deepcompressor's shifted activations (the ``-c`` is its folded bias).
     """
 
     bits_: int = 4
@@ -280,6 +307,8 @@ class IntFormat(Format):
     per_tensor: bool = False
     scale_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     rounding: Rounding = "even"
+    unsigned: bool = False
+    shift: float = 0.0  # type: ignore[assignment]  # a field here, a property on Format
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits_ <= 16:
@@ -290,18 +319,46 @@ class IntFormat(Format):
             raise UserError("integer format: per_tensor excludes group")
         _check_choice("scale_dtype", self.scale_dtype, _DTYPES)
         _check_choice("rounding", self.rounding, ("even", "away"))
+        _check_choice("unsigned", self.unsigned, (False, True))
+        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)) or not math.isfinite(self.shift):
+            raise UserError(f"integer format: shift must be a finite number, got {self.shift!r}")
+        object.__setattr__(self, "shift", float(self.shift))
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits_ - 1) - 1
+        return 2**self.bits_ - 1 if self.unsigned else 2 ** (self.bits_ - 1) - 1
+
+    @property
+    def qmin(self) -> int:
+        return 0 if self.unsigned else -self.qmax
 
     @property
     def name(self) -> str:
+        base = f"{'u' if self.unsigned else ''}int{self.bits_}"
         if self.per_tensor:
-            return f"int{self.bits_}_pt"
-        return f"int{self.bits_}_pc" if self.group is None else f"int{self.bits_}_g{self.group}"
+            return f"{base}_pt"
+        return f"{base}_pc" if self.group is None else f"{base}_g{self.group}"
+
+    def unshifted(self) -> IntFormat:
+        return dataclasses.replace(self, shift=0.0) if self.shift else self
+
+    def with_shift(self, shift: float, unsigned: bool = True) -> IntFormat:
+        return dataclasses.replace(self, shift=shift, unsigned=unsigned)
+
+    def _unshift(self, y: torch.Tensor) -> torch.Tensor:
+        return y - y.new_full((), self.shift)
+
+    def quantize(self, x: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
+        if self.shift:
+            return self._unshift(self.unshifted().quantize(self.shift_input(x), backend))
+        return super().quantize(x, backend)
+
+    def backend_for(self, x: torch.Tensor, backend: Backend | None = None) -> kernels.Path:
+        return super().backend_for(x, backend) if not self.shift else self.unshifted().backend_for(x, backend)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shift:
+            return self._unshift(self.unshifted().reference(self.shift_input(x)))
         n = x.shape[-1]
         exact = torch.float64 if (x.dtype == torch.float32 or self.scale_dtype == "fp32") else torch.float32
         if self.per_tensor:
@@ -322,7 +379,7 @@ class IntFormat(Format):
         # division by a reciprocal to move it; detect it exactly (the product is exact) and round it.
         half = torch.round(y * 2) * 0.5
         y = torch.where((half * safe == xe) & (half != torch.round(half)), half, y)
-        q = round_int(y, self.rounding).clamp(-self.qmax, self.qmax)
+        q = round_int(y, self.rounding).clamp(self.qmin, self.qmax)
         out = (q * scale).to(x.dtype)
         if self.per_tensor:
             return out.reshape(x.shape)
@@ -332,6 +389,19 @@ class IntFormat(Format):
     def compiles_exactly(self) -> bool:
         return True  # divisions are exact or tie-corrected (see reference)
 
+    def kernel_spec(self, dtype: torch.dtype) -> KernelSpec | None:
+        # float32 inputs need a float64 quotient (see reference); the kernel covers 16-bit inputs.
+        if dtype == torch.float32 or self.scale_dtype == "fp32" or self.per_tensor or self.shift:
+            return None
+        if not kernels.fits_block(self.group):
+            return None
+        sdt = _DTYPES[self.scale_dtype]
+        meta = {
+            "KIND": 1, "AWAY": self.rounding == "away", "QMIN": self.qmin, "QMAX": self.qmax,
+            "SCALE_BF16": self.scale_dtype == "bf16", "SCALE_MAX": float(torch.finfo(sdt).max),
+        }  # fmt: skip
+        return KernelSpec(int(self.group), tuple(meta.items()))  # type: ignore[arg-type]
+
     def n_scales(self, shape: Sequence[int]) -> int:
         if self.per_tensor:
             return 1
@@ -339,6 +409,7 @@ class IntFormat(Format):
         return _rows(shape) * groups
 
     def bits(self, shape: Sequence[int]) -> int:
+        """Codes and scales; the shift is a constant of the activation function, not stored per tensor."""
         scale_bits = torch.finfo(_DTYPES[self.scale_dtype]).bits
         return self.bits_ * _numel(shape) + scale_bits * self.n_scales(shape)
 
@@ -430,6 +501,18 @@ class MXFormat(Format):
         # exponents, which the compiled path checks once before it is used
         return functools.partial(self.reference, exp2=lambda e: torch.exp2(e.float()))
 
+    def kernel_spec(self, dtype: torch.dtype) -> KernelSpec | None:
+        if not kernels.fits_block(self.block):
+            return None
+        el = None if self.is_int else ELEMENTS[self.element]
+        meta = {
+            "KIND": 0, "AWAY": self.rounding == "away", "IS_INT": self.is_int, "EMIN": el.emin if el else 0,
+            "MBITS": el.mbits if el else 0, "MAXV": self.max_elem, "EMAX": self.emax_elem,
+            "INT_STEP": 2.0 ** (self.element_bits - 2) if self.is_int else 1.0,
+            "RULE": ("floor", "ceil", "rceil").index(self.scale_rule),
+        }  # fmt: skip
+        return KernelSpec(self.block, tuple(meta.items()))
+
     def bits(self, shape: Sequence[int]) -> int:
         return self.element_bits * _numel(shape) + 8 * _rows(shape) * math.ceil(int(shape[-1]) / self.block)
 
@@ -477,80 +560,20 @@ class NVFP4Format(Format):
         out = q * (g * s_b) if self.two_level else q * s_b
         return from_blocks(out, x.shape[-1]).to(x.dtype)
 
+    def kernel_spec(self, dtype: torch.dtype) -> KernelSpec | None:
+        if not kernels.fits_block(self.block):
+            return None
+        meta = {"KIND": 2, "AWAY": self.rounding == "away", "TWO_LEVEL": self.two_level}
+        return KernelSpec(self.block, tuple(meta.items()), 448.0 * 6.0 if self.two_level else None)
+
     def bits(self, shape: Sequence[int]) -> int:
         n_scales = _rows(shape) * math.ceil(int(shape[-1]) / self.block)
         return 4 * _numel(shape) + 8 * n_scales + (32 if self.two_level else 0)
 
 
-COMPILE_MIN_NUMEL = 1 << 16  # below this, compiled and eager cost about the same
-_COMPILED: dict[Format, TensorFn | None] = {}
-_CHECKED: dict[tuple[Format, torch.dtype, int], bool] = {}
-
-
-def _compiled_reference(fmt: Format, x: torch.Tensor) -> TensorFn | None:
-    """The ``torch.compile`` of ``fmt`` (dynamic shapes) for inputs like ``x``, or None when
-    disabled (``PTQBENCH_COMPILE=0``), when compiling failed, or when it differed from the
-    reference on a probe of every binade in ``x``'s dtype and row width (checked once each)."""
-    if os.environ.get("PTQBENCH_COMPILE", "1") == "0":
-        return None
-    if fmt not in _COMPILED:
-        _COMPILED[fmt] = _flat_compiled(fmt)
-    compiled = _COMPILED[fmt]
-    key = (fmt, x.dtype, int(x.shape[-1]))
-    if compiled is not None and key not in _CHECKED:
-        _CHECKED[key] = _probe_agrees(fmt, compiled, x.dtype, int(x.shape[-1]))
-        if not _CHECKED[key]:
-            _COMPILED[fmt] = compiled = None
-    return compiled
-
-
-def _flat_compiled(fmt: Format) -> TensorFn:
-    """The compiled target on 2-D views (one graph per dtype and raggedness, not per rank).
-
-    Every format of a class shares one code object and so one dynamo cache, whose default limit
-    (8 graphs) a suite with a dozen formats exceeds; the limit is raised for these calls only.
-    """
-    compiled = torch.compile(fmt.compile_target(), dynamic=True)
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        with torch._dynamo.config.patch(recompile_limit=512, accumulated_recompile_limit=4096):
-            return compiled(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-
-    return call
-
-
-def _probe(width: int) -> torch.Tensor:
-    """Rows of ``width``: values of every float32 binade (2 x 277 exponents x 64 mantissa draws)
-    of both signs, heavy-tailed random rows with an outlier channel, groups of exact rounding
-    ties, an all-zero row and a NaN. (A CPU whose compiled integer path differed only on
-    heavy-tailed data was seen: the probe must hold what real tensors hold.)"""
-    g = torch.Generator().manual_seed(0)
-    exps = torch.arange(-149, 128, dtype=torch.float64).repeat(2 * 64)
-    mant = 1 + torch.randint(0, 16, (exps.numel(),), generator=g) / 16
-    sign = torch.where(torch.rand(exps.numel(), generator=g) < 0.5, -1.0, 1.0)
-    binades = (mant * 2.0**exps * sign).float()
-    heavy = torch.randn(64, width, generator=g) / torch.rand(64, width, generator=g).clamp_min(1e-3) ** 0.5
-    heavy[:, width // 3] *= 300.0
-    ties = torch.tensor([3.5] + [(0.25 + 0.5 * (i % 6)) * (-1) ** i for i in range(63)]).repeat(-(-width // 64))
-    x = torch.cat([binades, binades.new_zeros(-binades.numel() % width + width), heavy.flatten()])
-    x = torch.cat([x, ties[:width].expand(8, width).flatten(), torch.zeros(width)]).reshape(-1, width)
-    x[1, min(7, width - 1)] = float("nan")
-    return x
-
-
-def _probe_agrees(fmt: Format, compiled: TensorFn, dtype: torch.dtype, width: int) -> bool:
-    """Whether ``compiled`` equals ``fmt.reference`` on :func:`_probe`; any compiler failure (no
-    C++ compiler, say) warns and counts as a disagreement, so the eager path is used."""
-    try:
-        probe = _probe(width).to(dtype)
-        got, want = compiled(probe), fmt.reference(probe)
-    except Exception as exc:
-        warnings.warn(f"torch.compile of {fmt} failed ({type(exc).__name__}); using eager torch", stacklevel=5)
-        return False
-    if bool(((got == want) | (torch.isnan(got) & torch.isnan(want))).all()):
-        return True
-    warnings.warn(f"compiled {fmt} differs from its reference here; using eager torch", stacklevel=5)
-    return False
+@functools.cache
+def _kernel_spec(fmt: Format, dtype: torch.dtype) -> KernelSpec | None:
+    return fmt.kernel_spec(dtype)
 
 
 def _check_choice(field: str, value: Any, valid: Any) -> None:
@@ -571,6 +594,8 @@ for _fmt in (
     IntFormat(4, None),
     IntFormat(8, None),
     IntFormat(8, None, per_tensor=True),
+    IntFormat(4, 64, unsigned=True),
+    IntFormat(8, None, unsigned=True),
     MXFormat("e2m1"),
     MXFormat("e2m3"),
     MXFormat("e3m2"),
@@ -584,9 +609,9 @@ for _fmt in (
     FORMATS.register(_fmt.name, _fmt)
 
 _PATTERNS: list[tuple[str, Any]] = [
-    (r"int(\d+)_g(\d+)", lambda m: IntFormat(int(m[1]), int(m[2]))),
-    (r"int(\d+)_pc", lambda m: IntFormat(int(m[1]), None)),
-    (r"int(\d+)_pt", lambda m: IntFormat(int(m[1]), None, per_tensor=True)),
+    (r"(u?)int(\d+)_g(\d+)", lambda m: IntFormat(int(m[2]), int(m[3]), unsigned=bool(m[1]))),
+    (r"(u?)int(\d+)_pc", lambda m: IntFormat(int(m[2]), None, unsigned=bool(m[1]))),
+    (r"(u?)int(\d+)_pt", lambda m: IntFormat(int(m[2]), None, per_tensor=True, unsigned=bool(m[1]))),
     (r"mxint([2-8])(?:_b(\d+))?", lambda m: MXFormat(f"int{m[1]}", int(m[2] or 32))),
     (
         r"(mxfp4|mxfp6_e2m3|mxfp6_e3m2|mxfp8_e4m3|mxfp8_e5m2)_b(\d+)",
@@ -594,8 +619,7 @@ _PATTERNS: list[tuple[str, Any]] = [
     ),
     (r"(nvfp4|nvfp4_1l)_b(\d+)", lambda m: dataclasses.replace(FORMATS.get(m[1]), block=int(m[2]))),
 ]
-PATTERN_HELP = "int{b}_g{g}, int{b}_pc, int{b}_pt, mxint{b}, <mx or nvfp4 name>_b{block}"
-_TYPES = {cls.__name__: cls for cls in (CastFormat, IntFormat, MXFormat, NVFP4Format)}
+PATTERN_HELP = "[u]int{b}_g{g}, [u]int{b}_pc, [u]int{b}_pt, mxint{b}, <mx or nvfp4 name>_b{block}"
 _FIELD_ALIASES = {"bits": "bits_"}
 
 
@@ -615,7 +639,12 @@ def _coerce(value: str) -> Any:
         return None
     if low in ("true", "false"):
         return low == "true"
-    return int(value) if re.fullmatch(r"-?\d+", value) else value
+    if re.fullmatch(r"-?\d+", value):
+        return int(value)
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def get_format(spec: str | Format | dict[str, Any], **overrides: Any) -> Format:
@@ -668,5 +697,6 @@ def list_formats() -> list[tuple[str, str]]:
     for name, fmt in FORMATS.items():
         rows.append((name, f"{type(fmt).__name__} {fmt.bits_per_element(4096):.4g} bits/element at n=4096"))
     rows.append(("int{b}_g{g}", "any integer width 2..16 with groups of g (e.g. int6_g32)"))
+    rows.append(("uint{b}_g{g}", "unsigned integers [0, 2^b - 1], same names (add :shift=c to shift)"))
     rows.append(("mxint{b}", "MX integer elements of b bits, 2..8"))
     return rows

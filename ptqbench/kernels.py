@@ -1,25 +1,35 @@
-"""Fused Triton kernels for activation fake-quantization on CUDA.
+"""Where fake quantization runs, and the rule that chooses: fused Triton kernels on CUDA,
+``torch.compile`` of the torch reference, or the eager reference.
 
-One pass over the activation: each program loads a tile of ``BLOCK_M`` rows x one block (or
-group) along the last dim, computes the block's scale and writes the fake-quantized values.
-The arithmetic mirrors the torch reference in :mod:`ptqbench.formats` operation by operation
-(IEEE-rounded divisions, exact powers of two, round-half-even via ``rint``), and the tests check
-bit equality against it on the GPU. Formats or dtypes a kernel does not cover fall back to the
-torch reference. ``PTQBENCH_KERNELS=0`` disables the kernels.
+The numerics live in :mod:`ptqbench.formats`; this module does not import it. A format
+describes its kernel as a :class:`KernelSpec` (block size and constants) and hands itself to the
+compiled path as a :class:`Quantizer`. The Triton arithmetic mirrors the torch reference
+operation by operation (IEEE-rounded divisions, exact powers of two, round-half-even via
+``rint``); the tests check bit equality against it on the GPU.
+
+The backend is chosen explicitly: per call (``fmt.quantize(x, backend="eager")``), per scope
+(:func:`use_backend`) or per process (:func:`set_backend`, for the runner). ``"auto"``, the
+default, uses Triton on CUDA where a kernel exists and ``torch.compile`` for large CPU tensors of
+formats that compile exactly; the environment narrows ``"auto"`` only (``PTQBENCH_KERNELS=0``: no
+Triton, ``PTQBENCH_COMPILE=0``: no ``torch.compile``). ``"triton"``: Triton where a kernel exists,
+else eager. ``"compiled"``: ``torch.compile`` on any device and size where it is exact, else eager.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from functools import cache
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 
-from ptqbench.formats import ELEMENTS, Format, IntFormat, MXFormat, NVFP4Format, true_div
+from ptqbench.errors import UserError
 
-try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs simply never use this module.
+try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs simply never launch a kernel.
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
@@ -28,10 +38,78 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs simply never
 except ImportError:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
 
+TensorFn = Callable[[torch.Tensor], torch.Tensor]
+Backend = Literal["auto", "triton", "compiled", "eager"]
+Path = Literal["triton", "compiled", "eager"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+COMPILE_MIN_NUMEL = 1 << 16  # below this, compiled and eager cost about the same on a CPU
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-_switch = {"on": os.environ.get("PTQBENCH_KERNELS", "1") != "0"}
+class Quantizer(Protocol):
+    """What the compiled path needs of a format (hashable, as frozen dataclasses are)."""
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def compile_target(self) -> TensorFn: ...
+
+    def __hash__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A fused kernel's launch description: the block (group) length along the last dim, the
+    kernel's constexpr arguments, and for two-level formats the divisor ``d`` of the per-tensor
+    scale ``g = max|x| / d`` (``None``: ``g = 1``)."""
+
+    block: int
+    meta: tuple[tuple[str, Any], ...]
+    tensor_scale_div: float | None = None
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+_chosen: list[Backend | None] = [None]  # set_backend's value; None: "auto"
+
+
+def check_backend(backend: str) -> Backend:
+    if backend not in BACKENDS:
+        raise UserError(f"kernel backend {backend!r} is not valid (valid: {', '.join(BACKENDS)})")
+    return backend  # type: ignore[return-value]
+
+
+def set_backend(backend: Backend | None) -> None:
+    """The process-wide backend (``None`` restores ``"auto"``)."""
+    _chosen[0] = None if backend is None else check_backend(backend)
+
+
+def current_backend() -> Backend:
+    return _chosen[0] or "auto"
+
+
+@contextmanager
+def use_backend(backend: Backend) -> Iterator[None]:
+    """Run a block with another backend (benchmarks compare the paths)."""
+    previous = _chosen[0]
+    set_backend(backend)
+    try:
+        yield
+    finally:
+        _chosen[0] = previous
+
+
+def use_kernels(on: bool) -> AbstractContextManager[None]:
+    """``use_backend("auto")`` or ``use_backend("eager")``."""
+    return use_backend("auto" if on else "eager")
+
+
+def fits_block(n: int | None) -> bool:
+    """Whether the kernel tiles blocks (groups) of ``n``: powers of two from 2 to 256."""
+    return n is not None and 2 <= n <= 256 and n & (n - 1) == 0
+
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "1") != "0"
 
 
 @cache
@@ -39,43 +117,99 @@ def _available() -> bool:
     return HAVE_TRITON and torch.cuda.is_available()
 
 
-def enabled() -> bool:
-    return _switch["on"] and _available()
+def _launchable(x: torch.Tensor) -> bool:
+    return _available() and x.is_cuda and x.dtype in _INPUT_DTYPES and x.numel() > 0 and x.dim() >= 1
 
 
-@contextmanager
-def use_kernels(on: bool) -> Iterator[None]:
-    """Temporarily turn the fused kernels on or off (benchmarks compare both paths)."""
-    previous, _switch["on"] = _switch["on"], on
+def choose(x: torch.Tensor, backend: Backend | None, spec: KernelSpec | None, compiles: bool) -> Path:
+    """The path that quantizes ``x`` under ``backend`` (``None``: the current backend), given the
+    format's kernel (``spec``, ``None`` if it has none) and whether it compiles exactly."""
+    chosen = current_backend() if backend is None else check_backend(backend)
+    if chosen == "eager":
+        return "eager"
+    triton_allowed = chosen == "triton" or (chosen == "auto" and _env_on("PTQBENCH_KERNELS"))
+    if triton_allowed and spec is not None and _launchable(x):
+        return "triton"
+    if not compiles or (x.requires_grad and torch.is_grad_enabled()):
+        return "eager"
+    if chosen == "compiled":
+        return "compiled"
+    if chosen == "auto" and not x.is_cuda and x.numel() >= COMPILE_MIN_NUMEL and _env_on("PTQBENCH_COMPILE"):
+        return "compiled"
+    return "eager"
+
+
+# ----------------------------------------------------------------------------- torch.compile path
+
+_COMPILED: dict[Quantizer, TensorFn | None] = {}
+_CHECKED: dict[tuple[Quantizer, torch.dtype, int, str], bool] = {}
+
+
+def compiled(fmt: Quantizer, x: torch.Tensor) -> TensorFn | None:
+    """The ``torch.compile`` of ``fmt`` (dynamic shapes) for inputs like ``x``, or None when
+    compiling failed or when it differed from the reference on a probe of every binade in ``x``'s
+    dtype, row width and device type (checked once each; a failure warns and disables it)."""
+    if fmt not in _COMPILED:
+        _COMPILED[fmt] = _flat_compiled(fmt)
+    fn = _COMPILED[fmt]
+    key = (fmt, x.dtype, int(x.shape[-1]), x.device.type)
+    if fn is not None and key not in _CHECKED:
+        _CHECKED[key] = _probe_agrees(fmt, fn, x)
+        if not _CHECKED[key]:
+            _COMPILED[fmt] = fn = None
+    return fn
+
+
+def _flat_compiled(fmt: Quantizer) -> TensorFn:
+    """The compiled target on 2-D views (one graph per dtype and raggedness, not per rank).
+
+    Every format of a class shares one code object and so one dynamo cache, whose default limit
+    (8 graphs) a suite with a dozen formats exceeds; the limit is raised for these calls only.
+    """
+    fn = torch.compile(fmt.compile_target(), dynamic=True)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with torch._dynamo.config.patch(recompile_limit=512, accumulated_recompile_limit=4096):
+            return fn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+    return call
+
+
+def _probe(width: int) -> torch.Tensor:
+    """Rows of ``width``: values of every float32 binade (2 x 277 exponents x 64 mantissa draws)
+    of both signs, heavy-tailed random rows with an outlier channel, groups of exact rounding
+    ties, an all-zero row and a NaN. (A CPU whose compiled integer path differed only on
+    heavy-tailed data was seen: the probe must hold what real tensors hold.)"""
+    g = torch.Generator().manual_seed(0)
+    exps = torch.arange(-149, 128, dtype=torch.float64).repeat(2 * 64)
+    mant = 1 + torch.randint(0, 16, (exps.numel(),), generator=g) / 16
+    sign = torch.where(torch.rand(exps.numel(), generator=g) < 0.5, -1.0, 1.0)
+    binades = (mant * 2.0**exps * sign).float()
+    heavy = torch.randn(64, width, generator=g) / torch.rand(64, width, generator=g).clamp_min(1e-3) ** 0.5
+    heavy[:, width // 3] *= 300.0
+    ties = torch.tensor([3.5] + [(0.25 + 0.5 * (i % 6)) * (-1) ** i for i in range(63)]).repeat(-(-width // 64))
+    x = torch.cat([binades, binades.new_zeros(-binades.numel() % width + width), heavy.flatten()])
+    x = torch.cat([x, ties[:width].expand(8, width).flatten(), torch.zeros(width)]).reshape(-1, width)
+    x[1, min(7, width - 1)] = float("nan")
+    return x
+
+
+def _probe_agrees(fmt: Quantizer, fn: TensorFn, like: torch.Tensor) -> bool:
+    """Whether ``fn`` equals ``fmt.reference`` on :func:`_probe`; any compiler failure (no C++
+    compiler, say) warns and counts as a disagreement, so the eager path is used."""
     try:
-        yield
-    finally:
-        _switch["on"] = previous
-
-
-def _pow2_block(n: int) -> bool:
-    return n >= 2 and n & (n - 1) == 0 and n <= 256
-
-
-def supports(fmt: Format, x: torch.Tensor) -> bool:
-    """Whether a fused kernel computes ``fmt.quantize(x)`` (bit-identically to the reference)."""
-    if not (enabled() and x.is_cuda and x.dtype in _INPUT_DTYPES and x.numel() > 0 and x.dim() >= 1):
+        probe = _probe(int(like.shape[-1])).to(device=like.device, dtype=like.dtype)
+        got, want = fn(probe), fmt.reference(probe)
+    except Exception as exc:
+        warnings.warn(f"torch.compile of {fmt} failed ({type(exc).__name__}); using eager torch", stacklevel=5)
         return False
-    if isinstance(fmt, MXFormat):
-        return _pow2_block(fmt.block)
-    if isinstance(fmt, NVFP4Format):
-        return _pow2_block(fmt.block)
-    if isinstance(fmt, IntFormat):
-        # float32 inputs need a float64 quotient (see IntFormat); the kernel covers 16-bit inputs.
-        return (
-            x.dtype != torch.float32
-            and fmt.scale_dtype != "fp32"
-            and not fmt.per_tensor
-            and fmt.group is not None
-            and _pow2_block(fmt.group)
-        )
+    if bool(((got == want) | (torch.isnan(got) & torch.isnan(want))).all()):
+        return True
+    warnings.warn(f"compiled {fmt} differs from its reference here; using eager torch", stacklevel=5)
     return False
 
+
+# ----------------------------------------------------------------------------- Triton kernels
 
 if HAVE_TRITON:
 
@@ -141,8 +275,8 @@ if HAVE_TRITON:
         return q * _pow2(e)
 
     @triton.jit
-    def _int_tile(x, amax, QMAX, SCALE_BF16, SCALE_MAX, AWAY):
-        """Integer-group fake-quant (fp16/bf16 scales) of a tile."""
+    def _int_tile(x, amax, QMIN, QMAX, SCALE_BF16, SCALE_MAX, AWAY):
+        """Integer-group fake-quant (fp16/bf16 scales, codes in [QMIN, QMAX]) of a tile."""
         quot = libdevice.div_rn(amax, QMAX * 1.0)
         if SCALE_BF16:
             s = quot.to(tl.bfloat16).to(tl.float32)
@@ -150,7 +284,7 @@ if HAVE_TRITON:
             s = quot.to(tl.float16).to(tl.float32)
         s = tl.minimum(s, SCALE_MAX)[:, :, None]
         safe = tl.where(s == 0.0, 1.0, s)
-        q = tl.minimum(tl.maximum(_round(libdevice.div_rn(x, safe), AWAY), -QMAX * 1.0), QMAX * 1.0)
+        q = tl.minimum(tl.maximum(_round(libdevice.div_rn(x, safe), AWAY), QMIN * 1.0), QMAX * 1.0)
         return tl.where(x != x, x, q) * s
 
     @triton.jit
@@ -170,8 +304,8 @@ if HAVE_TRITON:
         KIND: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, BLOCK_M: tl.constexpr, AWAY: tl.constexpr,
         IS_INT: tl.constexpr = False, EMIN: tl.constexpr = 0, MBITS: tl.constexpr = 0, MAXV: tl.constexpr = 1.0,
         EMAX: tl.constexpr = 0, INT_STEP: tl.constexpr = 1.0, RULE: tl.constexpr = 0,
-        QMAX: tl.constexpr = 7, SCALE_BF16: tl.constexpr = False, SCALE_MAX: tl.constexpr = 65504.0,
-        TWO_LEVEL: tl.constexpr = False,
+        QMIN: tl.constexpr = -7, QMAX: tl.constexpr = 7, SCALE_BF16: tl.constexpr = False,
+        SCALE_MAX: tl.constexpr = 65504.0, TWO_LEVEL: tl.constexpr = False,
     ):  # fmt: skip
         """Fake-quantize a [BLOCK_M rows, NB blocks of BLOCK columns] tile (KIND 0: MX, 1: INT, 2: NVFP4)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -184,7 +318,7 @@ if HAVE_TRITON:
         if KIND == 0:
             q = _mx_tile(x, amax, IS_INT, EMIN, MBITS, MAXV, EMAX, INT_STEP, RULE, AWAY)
         elif KIND == 1:
-            q = _int_tile(x, amax, QMAX, SCALE_BF16, SCALE_MAX, AWAY)
+            q = _int_tile(x, amax, QMIN, QMAX, SCALE_BF16, SCALE_MAX, AWAY)
         else:
             q = _nvfp4_tile(x, amax, tl.load(g_ptr), tl.load(g_ptr + 1), TWO_LEVEL, AWAY)
         tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
@@ -210,44 +344,22 @@ def tensor_absmax(x: torch.Tensor) -> torch.Tensor:
 COLS_PER_STEP = 256  # columns of a tile (NB blocks of BLOCK); rows fill it to 4096 elements
 
 
-def _format_args(fmt: Format) -> tuple[int, dict[str, object]]:
-    """Block size and the kernel's constexpr arguments for ``fmt``."""
-    away = fmt.rounding == "away"
-    if isinstance(fmt, MXFormat):
-        el = None if fmt.is_int else ELEMENTS[fmt.element]
-        return fmt.block, {
-            "KIND": 0, "AWAY": away, "IS_INT": fmt.is_int, "EMIN": el.emin if el else 0,
-            "MBITS": el.mbits if el else 0, "MAXV": fmt.max_elem, "EMAX": fmt.emax_elem,
-            "INT_STEP": 2.0 ** (fmt.element_bits - 2) if fmt.is_int else 1.0,
-            "RULE": ("floor", "ceil", "rceil").index(fmt.scale_rule),
-        }  # fmt: skip
-    if isinstance(fmt, IntFormat):
-        sdt = torch.bfloat16 if fmt.scale_dtype == "bf16" else torch.float16
-        return fmt.group, {
-            "KIND": 1, "AWAY": away, "QMAX": fmt.qmax, "SCALE_BF16": fmt.scale_dtype == "bf16",
-            "SCALE_MAX": float(torch.finfo(sdt).max),
-        }  # fmt: skip
-    if isinstance(fmt, NVFP4Format):
-        return fmt.block, {"KIND": 2, "AWAY": away, "TWO_LEVEL": fmt.two_level}
-    raise TypeError(f"no kernel for {fmt}")
-
-
-def fake_quant(fmt: Format, x: torch.Tensor) -> torch.Tensor:
-    """``fmt.quantize(x)`` with a fused kernel; call only when :func:`supports` is true."""
+def fake_quant(x: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
+    """Fake-quantize ``x`` along its last dim with the fused kernel ``spec`` describes; call it
+    only where :func:`choose` picked ``"triton"``."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     m, k = x2.shape
     out = torch.empty_like(x2)
-    block, meta = _format_args(fmt)
+    block, meta = spec.block, dict(spec.meta)
     nb = max(1, min(COLS_PER_STEP // block, triton.next_power_of_2(triton.cdiv(k, block))))
     block_m = max(1, min(64, 4096 // (nb * block)))
-    if isinstance(fmt, NVFP4Format) and fmt.two_level:
-        g = true_div(tensor_absmax(x2), 448.0 * 6.0)
+    if spec.tensor_scale_div is not None:
+        absmax = tensor_absmax(x2)
+        g = absmax / absmax.new_full((), spec.tensor_scale_div)  # IEEE division (a tensor divisor)
         g = torch.where(g == 0, torch.ones_like(g), g)
         gs = torch.stack([g, 1.0 / g])
-    elif isinstance(fmt, NVFP4Format):
-        gs = torch.ones(2, device=x.device, dtype=torch.float32)  # single level: g = 1
     else:
-        gs = out  # not read
+        gs = torch.ones(2, device=x.device, dtype=torch.float32)  # g = 1
     grid = (triton.cdiv(m, block_m), triton.cdiv(triton.cdiv(k, block), nb))
     _fq_kernel[grid](x2, out, gs, m, k, BLOCK=block, NB=nb, BLOCK_M=block_m, **meta)
     return out.reshape(x.shape)

@@ -133,6 +133,69 @@ def test_int_hand_values() -> None:
     assert away.tolist() == [[7.0, 4.0, -2.0, 0.0, 14.0, 2.0, 4.0, 0.0]]
 
 
+def test_unsigned_int_hand_values() -> None:
+    """uint4, groups of 4: s = fp16(max|x| / 15), codes clamp(round(x / s), 0, 15) (deepcompressor's uint4)."""
+    fmt = get_format("uint4_g4")
+    assert fmt == IntFormat(4, 4, unsigned=True) and (fmt.qmin, fmt.qmax) == (0, 15)
+    x = torch.tensor(
+        [
+            [15.0, 0.5, 1.5, 2.5],  # s = 1: ties to even 0, 2, 2
+            [7.5, 0.25, 0.75, 3.75],  # s = 0.5: y = 15, 0.5, 1.5, 7.5 -> 15, 0, 2, 8
+            [0.0, 0.0, 0.0, 0.0],  # all zero: zeros, no NaN
+            [-3.0, -1.0, 0.0, 0.0],  # only negatives: everything clamps to 0
+            [-10.0, 1.0, 2.0, 0.0],  # the outlier is negative: s = fp16(10 / 15) = 0.66650390625
+        ]
+    ).reshape(1, 20)
+    s = 0.66650390625
+    want = [15, 0, 2, 2, 7.5, 0, 1, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2 * s, 3 * s, 0]
+    assert fmt.quantize(x).tolist() == [want]
+    away = get_format("uint4_g4:rounding=away").quantize(x)
+    assert away[0, :8].tolist() == [15, 1, 2, 3, 7.5, 0.5, 1, 4]
+    assert fmt.bits((1, 20)) == 4 * 20 + 16 * 5
+    assert get_format("uint8_pc").bits((7, 9)) == 8 * 63 + 16 * 7
+
+
+def test_shifted_int_hand_values() -> None:
+    """Q_u(x + c) - c with c = 0.171875 (deepcompressor's GELU shift), float32 steps exact here."""
+    fmt = get_format("uint4_g4:shift=0.171875")
+    x = torch.tensor([[-0.171875, -0.1, 0.828125, 2.828125]])  # x + c = 0, 0.071875, 1, 3
+    s = 0.199951171875  # fp16(3 / 15)
+    want = [0.0 - 0.171875, 0.0 - 0.171875, 5 * s - 0.171875, 15 * s - 0.171875]
+    assert fmt.quantize(x).tolist() == [want]
+    assert fmt.unshifted() == get_format("uint4_g4") and fmt.shift == 0.171875
+    assert torch.equal(fmt.quantize(x), fmt.reference(x))
+
+
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float16), ids=str)
+@pytest.mark.parametrize("spec", ["uint4_g64:shift=0.171875", "int4_g64:shift=0.2734375", "uint8_pc:shift=0.3125"])
+def test_shifted_formats_are_the_shifted_grid(spec: str, dtype: torch.dtype) -> None:
+    """``Q(x + c) - c``, each step in x's dtype, against the float64 re-derivation of the grid."""
+    fmt = get_format(spec)
+    c = torch.tensor(fmt.shift, dtype=dtype)
+    for tname, x in sample_tensors().items():
+        x = torch.nn.functional.gelu(x.clamp(-6e4, 6e4)).to(dtype)  # post-GELU: x >= -0.17
+        want = ref_int(x + c, fmt.unshifted()) - c
+        mismatches = int((fmt.quantize(x) != want).sum())
+        assert mismatches == 0, f"{fmt} {dtype} {tname}: {mismatches} mismatches"
+        if fmt.unsigned:
+            assert bool((fmt.quantize(x) >= -c).all())
+
+
+def test_shift_names_and_errors() -> None:
+    a = get_format("uint4_g64:shift=0.171875")
+    assert a == get_format("int4_g64:unsigned=true,shift=0.171875") == get_format("int4_g64").with_shift(0.171875)
+    assert get_format("int4_g64").with_shift(0.5, unsigned=False) == IntFormat(4, 64, shift=0.5)
+    assert str(a) == "uint4_g64:shift=0.171875" and a.name == "uint4_g64"
+    assert a.bits((1152, 4608)) == get_format("int4_g64").bits((1152, 4608)) == 4 * 1152 * 4608 + 16 * 1152 * 72
+    with pytest.raises(UserError, match="only integer formats"):
+        get_format("mxfp4").with_shift(0.17)
+    with pytest.raises(UserError, match="shift must be"):
+        get_format("uint4_g64:shift=abc")
+    with pytest.raises(UserError, match="shift must be"):
+        get_format("uint4_g64", shift=float("nan"))
+    assert get_format("mxfp4").shift == 0.0 and get_format("mxfp4").unshifted() == get_format("mxfp4")
+
+
 # ------------------------------------------------------------------ torchao oracles
 
 
@@ -224,7 +287,8 @@ def ref_int(x: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
     """numpy float64 re-derivation of the integer format (documented scale rule)."""
     a = x.double().cpu().numpy()
     n = a.shape[-1]
-    qmax = 2 ** (fmt.bits_ - 1) - 1
+    qmax = 2**fmt.bits_ - 1 if fmt.unsigned else 2 ** (fmt.bits_ - 1) - 1
+    qmin = 0 if fmt.unsigned else -qmax
     if fmt.per_tensor:
         blocks = a.reshape(1, 1, -1)
     elif fmt.group is None:
@@ -243,7 +307,7 @@ def ref_int(x: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
     with np.errstate(invalid="ignore", divide="ignore"):
         y = np.where(s == 0, 0.0, blocks / np.where(s == 0, 1.0, s))
     q = np.round(y) if fmt.rounding == "even" else np.sign(y) * np.floor(np.abs(y) + 0.5)
-    out = np.clip(q, -qmax, qmax) * s
+    out = np.clip(q, qmin, qmax) * s
     if fmt.per_tensor:
         out = out.reshape(a.shape)
     elif fmt.group is None:
@@ -304,6 +368,10 @@ INT_FORMATS = [
     IntFormat(4, 64, scale_dtype="bf16"),
     IntFormat(4, 64, scale_dtype="fp32"),
     IntFormat(4, 48),  # ragged groups on 256 columns
+    IntFormat(4, 64, unsigned=True),
+    IntFormat(8, None, unsigned=True),
+    IntFormat(3, 48, unsigned=True, rounding="away"),
+    IntFormat(8, None, per_tensor=True, unsigned=True),
 ]
 MX_REF_FORMATS = [
     *(get_format(n, scale_rule=r) for n in MX_NAMES for r in ("floor", "ceil", "rceil")),
@@ -338,7 +406,8 @@ def test_quantize_is_idempotent_and_keeps_shape_dtype() -> None:
     for name in FORMATS.names():
         fmt = get_format(name)
         for dtype in DTYPES:
-            xd = x.to(dtype)
+            unsigned = isinstance(fmt, IntFormat) and fmt.unsigned  # the abs-max of a negative input sets s once
+            xd = (x.abs() if unsigned else x).to(dtype)
             y = fmt.quantize(xd)
             assert y.shape == xd.shape and y.dtype == dtype, name
             rounded_output = isinstance(fmt, IntFormat) and dtype == torch.bfloat16  # q * s rounded to bf16
@@ -372,6 +441,7 @@ def test_all_spec_names_resolve() -> None:
     names = [
         "int4_g64", "int8_pc", "mxint4", "mxint8", "mxfp4", "mxfp6_e2m3", "mxfp6_e3m2",
         "mxfp8_e4m3", "mxfp8_e5m2", "nvfp4", "fp16", "bf16", "int6_g32", "int3_g128", "int2_pc",
+        "uint4_g64", "uint8_pc", "uint8_pt", "uint6_g32",
     ]
     for name in names:
         assert get_format(name).name == name
@@ -383,6 +453,9 @@ def test_spec_strings_round_trip() -> None:
         get_format("mxfp4", scale_rule="rceil"),
         get_format("mxfp8_e4m3_b16"),
         get_format("nvfp4", two_level=False, block=32),
+        get_format("uint4_g64:shift=0.171875"),
+        get_format("int8_pc", shift=0.16997120747990363),
+        get_format("uint3_pt"),
     ]
     for fmt in variants:
         assert get_format(spec_string(fmt)) == fmt
@@ -414,11 +487,11 @@ def test_cast_formats() -> None:
 
 @pytest.mark.parametrize(
     "name", ["mxfp4", "mxfp6_e3m2", "mxfp8_e4m3", "mxint8", "mxint4:rounding=away", "int4_g64", "int8_pc",
-             "int6_g32:rounding=away", "int4_g64:scale_dtype=fp32"],
+             "int6_g32:rounding=away", "int4_g64:scale_dtype=fp32", "uint4_g64:shift=0.171875"],
 )
 def test_compiled_cpu_path_equals_reference(name: str) -> None:
     """Large CPU tensors of MX and INT formats go through torch.compile of the reference: same values."""
-    from ptqbench.formats import COMPILE_MIN_NUMEL
+    from ptqbench.kernels import COMPILE_MIN_NUMEL
 
     fmt = get_format(name)
     assert fmt.compiles_exactly and not get_format("nvfp4").compiles_exactly
@@ -431,5 +504,58 @@ def test_compiled_cpu_path_equals_reference(name: str) -> None:
     assert x.numel() >= COMPILE_MIN_NUMEL
     for dtype in DTYPES:
         xd = x.to(dtype)
+        assert fmt.backend_for(xd) == "compiled"
         got, want = fmt.quantize(xd), fmt.reference(xd)
         assert int((got != want).sum()) == 0, f"{name} {dtype}"
+
+
+# ------------------------------------------------------------------ backend choice
+
+
+def test_backend_is_chosen_explicitly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ptqbench import kernels
+
+    fmt, big, small = get_format("int4_g64"), torch.zeros(256, 1024), torch.zeros(2, 64)
+    assert fmt.backend_for(big) == "compiled" and fmt.backend_for(small) == "eager"
+    assert fmt.backend_for(big, "eager") == "eager" and fmt.backend_for(small, "compiled") == "compiled"
+    assert fmt.backend_for(big.requires_grad_()) == "eager"  # autograd keeps the eager reference
+    assert get_format("nvfp4").backend_for(big.detach(), "compiled") == "eager"  # not exact when compiled
+    with kernels.use_backend("eager"):
+        assert kernels.current_backend() == "eager" and fmt.backend_for(big.detach()) == "eager"
+        assert fmt.backend_for(big.detach(), "auto") == "compiled"  # the argument wins
+    assert kernels.current_backend() == "auto"
+    monkeypatch.setenv("PTQBENCH_COMPILE", "0")  # the environment narrows "auto" only
+    assert fmt.backend_for(big.detach()) == "eager" and fmt.backend_for(big.detach(), "compiled") == "compiled"
+    with pytest.raises(UserError, match="kernel backend"):
+        fmt.quantize(small, backend="cuda")  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="kernel backend"):
+        kernels.set_backend("fast")  # type: ignore[arg-type]
+
+
+def test_no_import_cycles() -> None:
+    """No ptqbench module imports one that imports it back (imports inside functions included)."""
+    import ast
+    import pathlib
+
+    import ptqbench
+
+    root = pathlib.Path(ptqbench.__file__).parent
+    mods = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in root.rglob("*.py")}  # fmt: skip
+    graph: dict[str, set[str]] = {}
+    for mod, path in mods.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*parent, base] if base else parent)
+                found |= {base} | {f"{base}.{a.name}" for a in node.names}
+        graph[mod] = {m for m in found if m in mods and m != mod}
+    mine = {"ptqbench.formats", "ptqbench.kernels", "ptqbench.layers", "ptqbench.shifting"}
+    pairs = sorted((a, b) for a in graph for b in graph[a] if a in graph[b] and a < b and {a, b} & mine)
+    assert pairs == [], f"import cycles: {pairs}"

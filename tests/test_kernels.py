@@ -6,19 +6,20 @@ import pytest
 import torch
 from test_formats import sample_tensors
 
-from ptqbench import kernels
 from ptqbench.formats import get_format
 
 KERNEL_FORMATS = [
     "mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2", "mxint8", "mxint4",
     "mxfp4:scale_rule=ceil", "mxfp4:scale_rule=rceil", "mxfp8_e4m3:scale_rule=rceil", "mxfp4:rounding=away",
     "mxint4:rounding=away", "mxfp4_b16", "nvfp4", "nvfp4_1l", "int4_g64", "int8_g64", "int4_g128",
-    "int4_g64:scale_dtype=bf16", "int6_g32:rounding=away",
+    "int4_g64:scale_dtype=bf16", "int6_g32:rounding=away", "uint4_g64", "uint8_g32:rounding=away",
+    "uint4_g64:shift=0.171875", "int4_g64:shift=0.2734375",
 ]  # fmt: skip
 
 
 def test_kernels_are_not_used_on_cpu() -> None:
-    assert not kernels.supports(get_format("mxfp4"), torch.zeros(2, 32))
+    fmt, x = get_format("mxfp4"), torch.zeros(2, 32)
+    assert fmt.backend_for(x) == "eager" and fmt.backend_for(x, "triton") == "eager"
 
 
 @pytest.mark.parametrize("name", KERNEL_FORMATS)
@@ -35,10 +36,10 @@ def test_kernel_equals_reference(cuda: torch.device, name: str, dtype: torch.dty
         x = x.to(dtype)
         if dtype == torch.float16:
             x = x.clamp(-6e4, 6e4)
-        if not kernels.supports(fmt, x):
-            assert dtype == torch.float32 and name.startswith("int"), f"{name} {dtype} should have a kernel"
+        if fmt.backend_for(x) != "triton":
+            assert dtype == torch.float32 and name.lstrip("u").startswith("int"), f"{name} {dtype}: no kernel"
             continue
-        got = kernels.fake_quant(fmt, x)
+        got = fmt.quantize(x)
         want = fmt.reference(x)
         same = (got == want) | (torch.isnan(got) & torch.isnan(want))
         assert bool(same.all()), f"{name} {dtype} {case}: {int((~same).sum())} mismatches"
