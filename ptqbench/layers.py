@@ -4,6 +4,11 @@
 vector and ``branch`` an optional low-rank branch ``Qa2(x) Q2(R)^T Q2(L)^T`` whose factors and
 input have their own formats (any of which may be 16-bit). The main weight is quantized once at
 construction; activations are fake-quantized per forward, per token along the reduction dim.
+
+A shifted activation format (``Qa.shift = c``) runs as deepcompressor's ``ShiftedLinear``: the
+input is shifted first, ``u = x + c``, then smoothed and quantized without the shift,
+``y = Qa'(u / s) Q1(W_main)^T + branch(u / s) + (b - c W 1)``, the compensation computed in
+float64 from the original weight ``W`` and folded into the bias (which the layer then always has).
 """
 
 from __future__ import annotations
@@ -106,7 +111,9 @@ class QuantLinear(nn.Module):
     ``weight`` is the main-branch weight ``[out, in]`` *before* quantization, already smoothed
     (multiplied by ``smooth``) and with the branch subtracted, as the method computed it.
     ``info`` holds what the method decided for this layer (chosen smoothing, objective, ...),
-    written to the per-layer error CSV.
+    written to the per-layer error CSV. ``original_weight`` (the layer's ``[out, in]`` weight
+    before any method touched it) is read only for a shifted ``act_format``'s bias compensation;
+    without it the compensation uses ``(weight + branch) / smooth``.
     """
 
     info: dict[str, Any]
@@ -120,17 +127,27 @@ class QuantLinear(nn.Module):
         smooth: torch.Tensor | None = None,
         branch: LowRankBranch | None = None,
         conv: bool = False,
+        original_weight: torch.Tensor | None = None,
     ):
         super().__init__()
         self.weight_format = get_format(weight_format)
         self.act_format = get_format(act_format)
         self.out_features, self.in_features = weight.shape
         self.conv = conv
+        self.branch = branch
+        self.register_buffer("smooth", None if smooth is None else smooth.to(weight.dtype))
+        if self.act_format.shift:
+            if original_weight is None:
+                original_weight = self._unquantized_weight(weight)
+            bias = shift_compensated_bias(original_weight, bias, self.act_format.shift, weight.dtype)
         self.register_buffer("weight", self.weight_format.quantize(weight))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("smooth", None if smooth is None else smooth.to(weight.dtype))
-        self.branch = branch
         self.info = {}
+
+    def _unquantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``(weight + branch) / smooth`` in float64, the layer's weight before quantization."""
+        w = weight.double() + (0.0 if self.branch is None else self.branch.effective().double())
+        return w if self.smooth is None else w / self.smooth.double()
 
     @classmethod
     def from_layer(
@@ -144,8 +161,10 @@ class QuantLinear(nn.Module):
         branch: LowRankBranch | None = None,
     ) -> QuantLinear:
         """Build from a Linear / 1x1 Conv2d; ``weight`` replaces its (smoothed, residual) weight."""
-        w = dense_weight(layer).detach() if weight is None else weight.to(layer.weight.dtype)
-        return cls(w, layer.bias, weight_format, act_format, smooth, branch, conv=isinstance(layer, nn.Conv2d))
+        original = dense_weight(layer).detach()
+        w = original if weight is None else weight.to(layer.weight.dtype)
+        conv = isinstance(layer, nn.Conv2d)
+        return cls(w, layer.bias, weight_format, act_format, smooth, branch, conv=conv, original_weight=original)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv:
@@ -153,17 +172,21 @@ class QuantLinear(nn.Module):
         return self._linear(x)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.act_format
+        if act.shift:  # shift before smoothing; the -c is in the bias
+            x, act = act.shift_input(x), act.unshifted()
         if self.smooth is not None:
             x = x / self.smooth
         if self.branch is None:
-            return F.linear(self.act_format.quantize(x), self.weight, self.bias)
+            return F.linear(act.quantize(x), self.weight, self.bias)
         # The branch reads x first, while x is likely still in the GPU's L2 cache.
         h = self.branch.down_project(x)
-        return self.branch.up_project_into(F.linear(self.act_format.quantize(x), self.weight, self.bias), h)
+        return self.branch.up_project_into(F.linear(act.quantize(x), self.weight, self.bias), h)
 
     def effective_weight(self) -> torch.Tensor:
         """The dense ``[out, in]`` matrix the layer applies to unquantized activations:
-        ``(Q1(W_main) + L_q R_q) diag(s)^-1``, in float32."""
+        ``(Q1(W_main) + L_q R_q) diag(s)^-1``, in float32 (a shifted layer adds the constant
+        ``c (W_eff - W) 1`` to its output besides)."""
         w = self.weight.float()
         if self.branch is not None:
             w = w + self.branch.effective()
@@ -172,7 +195,8 @@ class QuantLinear(nn.Module):
         return w
 
     def bits(self) -> int:
-        """Exact storage bits: main weight, branch factors, smoothing vector, bias."""
+        """Exact storage bits: main weight, branch factors, smoothing vector, bias (a shifted layer
+        always has one; the shift itself is a constant of the activation function, not stored)."""
         total = self.weight_format.bits((self.out_features, self.in_features))
         if self.branch is not None:
             total += self.branch.bits()
@@ -191,7 +215,13 @@ class QuantLinear(nn.Module):
         )
 
 
-def layer_bits_16bit(layer: nn.Module) -> int:
-    """Bits of a layer left in 16-bit (weights and bias at 16 bits)."""
-    w = dense_weight(layer)
-    return 16 * w.numel() + (BIAS_BITS * w.shape[0] if layer.bias is not None else 0)
+def shift_compensated_bias(
+    weight: torch.Tensor, bias: torch.Tensor | None, shift: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """``b - c W 1`` computed in float64 and returned in ``dtype`` (the layer's), as deepcompressor's
+    ``ShiftedLinear.from_linear`` folds it (``c`` rounded to ``dtype`` first, as its buffer is)."""
+    c = torch.tensor(shift, dtype=dtype).double()
+    folded = -(weight.double().sum(dim=1) * c)
+    if bias is not None:
+        folded = bias.double() + folded
+    return folded.to(dtype)

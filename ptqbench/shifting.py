@@ -1,0 +1,149 @@
+"""Per-layer activation formats for shifted activations (deepcompressor's ``shift_activations``).
+
+deepcompressor (``app/diffusion/nn/patch.py::shift_input_activations``) shifts the input of every
+layer that reads an activation function's output with a negative lower bound ``m`` (the FFN
+down-projection after a GELU, and ResNet convolutions): ``u = x + c`` with ``c = -m``, the ``-c``
+folded into the bias, and with ``allow_unsigned`` the layer's input quantizer becomes unsigned
+(``sint4`` -> ``uint4``). Layers whose bound is ``>= 0`` (ReLU), ``None`` (GLU variants) or that do
+not follow an activation are left as they are. The decision is structural (which module precedes
+the layer), made once per layer before calibration, never from the calibration data's sign.
+
+This module makes that decision for ptqbench from a model adapter's rule ``floors``
+(``{glob on the module name: lower bound}``) and computes lower bounds exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from fnmatch import fnmatchcase
+
+import torch
+import torch.nn.functional as F
+
+from ptqbench.errors import UserError
+from ptqbench.formats import CastFormat, Format, IntFormat
+
+ActivationFn = Callable[[torch.Tensor], torch.Tensor]
+
+ACTIVATIONS: dict[str, ActivationFn] = {
+    "gelu": lambda x: F.gelu(x, approximate="none"),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "mish": F.mish,
+}
+
+# deepcompressor's bounds (nn/struct/attn.py, FeedForwardConfigStruct.infer_lowerbound): multiples
+# of 2**-7 (2**-8 for mish) below the true minimum for GELU and Mish; for SiLU the value is
+# *above* the true minimum (-0.27846), so inputs in (-0.27846, -0.27344) still clamp at 0.
+# The native SVDQuant shift for GELU (exact or tanh) inputs is 0.171875.
+DEEPCOMPRESSOR_LOWER_BOUNDS: dict[str, float] = {
+    "gelu": -0.171875,
+    "gelu_tanh": -0.171875,
+    "silu": -0.2734375,
+    "mish": -0.31640625,
+}
+
+
+def _resolve(activation: str | ActivationFn) -> ActivationFn:
+    if callable(activation):
+        return activation
+    if activation not in ACTIVATIONS:
+        raise UserError(f"activation {activation!r} is unknown (known: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[activation]
+
+
+def activation_minimum(activation: str | ActivationFn, lo: float = -20.0, hi: float = 0.0) -> tuple[float, float]:
+    """``(x*, f(x*))``, the global minimum of ``f`` on ``[lo, hi]`` in float64: a grid of 20,001
+    points brackets it, golden-section search narrows the bracket to float64 resolution. ``f(x*)``
+    is exact to float64 rounding (the error in ``x*`` enters ``f`` only quadratically)."""
+    f = _resolve(activation)
+
+    def value(x: float) -> float:
+        return float(f(torch.tensor(x, dtype=torch.float64)))
+
+    grid = torch.linspace(lo, hi, 20001, dtype=torch.float64)
+    i = int(torch.argmin(f(grid)))
+    a, b = float(grid[max(i - 1, 0)]), float(grid[min(i + 1, grid.numel() - 1)])
+    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
+    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
+    fc, fd = value(c), value(d)
+    for _ in range(200):
+        if b - a <= 4 * math.ulp(max(abs(a), abs(b))):
+            break
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - inv_phi * (b - a)
+            fc = value(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + inv_phi * (b - a)
+            fd = value(d)
+    x = (a + b) / 2.0
+    return x, value(x)
+
+
+def lower_bound(activation: str | ActivationFn) -> float:
+    """The exact (float64) minimum of an activation: GELU -0.1699712..., SiLU -0.2784645...
+    (``-W(1/e)``), its tanh-approximate GELU and Mish likewise."""
+    return activation_minimum(activation)[1]
+
+
+def shift_for(bound: float, dtype: torch.dtype | None = None) -> float:
+    """The shift ``c = -bound`` for a negative ``bound`` (0 otherwise); with ``dtype``, rounded up
+    to the next value of that dtype so that ``x + c >= 0`` holds after rounding for every ``x >= bound``."""
+    if bound >= 0:
+        return 0.0
+    if dtype is None:
+        return -bound
+    c = -bound
+    rounded = float(torch.tensor(c, dtype=torch.float64).to(dtype))
+    if rounded < c:  # one step up: the spacing of dtype's normals in rounded's binade
+        rounded += math.ldexp(torch.finfo(dtype).eps, math.frexp(rounded)[1] - 1)
+    return rounded
+
+
+def can_shift(fmt: Format) -> bool:
+    """Whether shifting changes ``fmt``'s quantization: integer formats (16-bit casts quantize nothing)."""
+    return isinstance(fmt, IntFormat)
+
+
+def layer_floor(name: str, floors: Mapping[str, float]) -> float | None:
+    """The lower bound of ``name``'s input by the first-matching globs of ``floors`` (None: no match);
+    two matching globs with different bounds are an error."""
+    found = {bound for glob, bound in floors.items() if fnmatchcase(name, glob)}
+    if len(found) > 1:
+        raise UserError(f"layer {name}: activation floors disagree ({sorted(found)}); make the globs exclusive")
+    return found.pop() if found else None
+
+
+def layer_act_formats(
+    act_format: Format,
+    layer_names: Iterable[str],
+    floors: Mapping[str, float],
+    *,
+    unsigned: bool = True,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Format]:
+    """The activation format of each layer under ``shift_activations``.
+
+    A layer whose input follows an activation with a negative lower bound ``m`` (``floors``)
+    gets ``act_format.with_shift(shift_for(m, dtype), unsigned)`` (unsigned: deepcompressor's
+    ``allow_unsigned``); every other layer keeps ``act_format``. A cast format (bf16, fp16, fp32:
+    nothing is quantized) stays as it is. Any other non-integer format with a shifted layer raises :class:`UserError`
+    (deepcompressor ships shifting only with INT4; ptqbench has no unsigned minifloats): call
+    :func:`can_shift` first when shifting is a default rather than a request.
+    """
+    out: dict[str, Format] = {}
+    for name in layer_names:
+        bound = layer_floor(name, floors)
+        if bound is None or bound >= 0 or isinstance(act_format, CastFormat):
+            out[name] = act_format
+            continue
+        if not can_shift(act_format):
+            raise UserError(
+                f"shift_activations needs an integer activation format, got {act_format} for layer {name} "
+                "(deepcompressor shifts only with its INT4 config; ptqbench has no unsigned float formats)"
+            )
+        out[name] = act_format.with_shift(shift_for(bound, dtype), unsigned=unsigned)
+    return out
