@@ -564,7 +564,9 @@ class NVFP4Format(Format):
         if not kernels.fits_block(self.block):
             return None
         meta = {"KIND": 2, "AWAY": self.rounding == "away", "TWO_LEVEL": self.two_level}
-        return KernelSpec(self.block, tuple(meta.items()), 448.0 * 6.0 if self.two_level else None)
+        if self.two_level:
+            return KernelSpec(self.block, tuple(meta.items()), "absmax", 448.0 * 6.0)
+        return KernelSpec(self.block, tuple(meta.items()), "unit")
 
     def bits(self, shape: Sequence[int]) -> int:
         n_scales = _rows(shape) * math.ceil(int(shape[-1]) / self.block)

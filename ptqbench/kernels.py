@@ -59,12 +59,13 @@ class Quantizer(Protocol):
 @dataclass(frozen=True)
 class KernelSpec:
     """A fused kernel's launch description: the block (group) length along the last dim, the
-    kernel's constexpr arguments, and for two-level formats the divisor ``d`` of the per-tensor
-    scale ``g = max|x| / d`` (``None``: ``g = 1``)."""
+    kernel's constexpr arguments, and the per-tensor scale the kernel reads: none, ``g = 1``
+    (``"unit"``), or ``g = max|x| / tensor_scale_div`` (``"absmax"``, 1 for a zero tensor)."""
 
     block: int
     meta: tuple[tuple[str, Any], ...]
-    tensor_scale_div: float | None = None
+    tensor_scale: Literal["none", "unit", "absmax"] = "none"
+    tensor_scale_div: float = 1.0
 
 
 # ----------------------------------------------------------------------------- backend choice
@@ -353,13 +354,15 @@ def fake_quant(x: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
     block, meta = spec.block, dict(spec.meta)
     nb = max(1, min(COLS_PER_STEP // block, triton.next_power_of_2(triton.cdiv(k, block))))
     block_m = max(1, min(64, 4096 // (nb * block)))
-    if spec.tensor_scale_div is not None:
+    if spec.tensor_scale == "absmax":
         absmax = tensor_absmax(x2)
         g = absmax / absmax.new_full((), spec.tensor_scale_div)  # IEEE division (a tensor divisor)
         g = torch.where(g == 0, torch.ones_like(g), g)
         gs = torch.stack([g, 1.0 / g])
+    elif spec.tensor_scale == "unit":
+        gs = torch.ones(2, device=x.device, dtype=torch.float32)
     else:
-        gs = torch.ones(2, device=x.device, dtype=torch.float32)  # g = 1
+        gs = out  # not read
     grid = (triton.cdiv(m, block_m), triton.cdiv(triton.cdiv(k, block), nb))
     _fq_kernel[grid](x2, out, gs, m, k, BLOCK=block, NB=nb, BLOCK_M=block_m, **meta)
     return out.reshape(x.shape)
