@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptqbench.errors import UserError
 from ptqbench.formats import Format, get_format
 
 BIAS_BITS = 16
@@ -165,6 +166,18 @@ class QuantLinear(nn.Module):
         w = original if weight is None else weight.to(layer.weight.dtype)
         conv = isinstance(layer, nn.Conv2d)
         return cls(w, layer.bias, weight_format, act_format, smooth, branch, conv=conv, original_weight=original)
+
+    def shift_inputs(self, act_format: Format | str, original_weight: torch.Tensor) -> QuantLinear:
+        """Turn a layer built (and calibrated) on shifted inputs ``x + c`` with the unshifted format
+        into the layer that reads ``x``: ``act_format`` (whose ``unshifted()`` must be this layer's
+        format) adds ``c`` to the input, and ``b - c W 1`` (``W = original_weight``) becomes the
+        bias. Returns the layer, changed in place; the result equals building it with ``act_format``."""
+        fmt = get_format(act_format)
+        if not fmt.shift or fmt.unshifted() != self.act_format:
+            raise UserError(f"shift_inputs: {fmt} is not a shifted variant of this layer's {self.act_format}")
+        self.act_format = fmt
+        self.bias = shift_compensated_bias(original_weight, self.bias, fmt.shift, self.weight.dtype)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv:

@@ -170,7 +170,7 @@ def test_quant_linear_runs_deepcompressors_shifted_linear(dtype: torch.dtype, qu
     # float rounding of the two orders, plus c (W - Q(W)) 1 (deepcompressor compensates with W).
     a, w, b = act.quantize(x).double(), q.weight.double(), layer.bias.double()
     emulated = F.linear(a, w, b)
-    drift = GELU_SHIFT * (layer.weight.double() - w).sum(dim=1)
+    drift = GELU_SHIFT * (layer.weight.detach().double() - w).sum(dim=1)
     # rounding of the products, sums and stored values: a few ulps of dtype on the magnitudes involved
     ulps = 8 * torch.finfo(dtype).eps * (a.abs() @ w.abs().T + b.abs() + GELU_SHIFT * w.abs().sum(1))
     assert bool(((q(x).double() - (emulated - drift)).abs() <= ulps).all())
@@ -196,3 +196,20 @@ def test_shift_comes_before_smoothing_and_adds_a_bias() -> None:
     unshifted = QuantLinear.from_layer(layer, "int4_g64", "uint4_g64", weight=w * s, smooth=s)
     assert q.bits() == unshifted.bits() + 16 * 16  # the folded compensation is a stored bias
     assert "acts=uint4_g64:shift=0.171875" in repr(q)
+
+
+def test_shift_inputs_turns_a_layer_calibrated_on_shifted_inputs_into_the_native_one() -> None:
+    """A method run on ``x + c`` with the unsigned format, then ``shift_inputs``: the same layer as
+    building it with the shifted format (methods need not know about the shift)."""
+    g = torch.Generator().manual_seed(2)
+    layer = nn.Linear(128, 16)
+    s = torch.rand(128, generator=g) + 0.5
+    w = layer.weight.detach()
+    act = get_format(f"uint4_g64:shift={GELU_SHIFT}")
+    direct = QuantLinear.from_layer(layer, "int4_g64", act, weight=w * s, smooth=s)
+    calibrated = QuantLinear.from_layer(layer, "int4_g64", act.unshifted(), weight=w * s, smooth=s)
+    assert calibrated.shift_inputs(act, w) is calibrated
+    x = F.gelu(torch.randn(8, 128, generator=g))
+    assert torch.equal(calibrated(x), direct(x)) and torch.equal(calibrated.bias, direct.bias)
+    with pytest.raises(UserError, match="not a shifted variant"):
+        calibrated.shift_inputs(get_format("int4_g64:shift=0.5"), w)
