@@ -168,7 +168,7 @@ def test_quant_linear_runs_deepcompressors_shifted_linear(dtype: torch.dtype, qu
     assert torch.equal(q(x), ref(x))  # bit-identical: the same operations
     # The format's own value, Q_u(x + c) - c, through the same (quantized) weight: equal up to the
     # float rounding of the two orders, plus c (W - Q(W)) 1 (deepcompressor compensates with W).
-    a, w, b = act.quantize(x).double(), q.weight.double(), layer.bias.double()
+    a, w, b = act.quantize(x).double(), q.weight.double(), layer.bias.detach().double()
     emulated = F.linear(a, w, b)
     drift = GELU_SHIFT * (layer.weight.detach().double() - w).sum(dim=1)
     # rounding of the products, sums and stored values: a few ulps of dtype on the magnitudes involved
