@@ -179,7 +179,11 @@ def test_calibration_only_in_the_hash_of_methods_that_use_it(tmp_path: Path) -> 
     two = expand(load_suite(write(tmp_path, text + "calibration: {n: 3}\n", "b.yaml")))
     assert one[1].hash == two[1].hash  # rtn: no statistics
     assert one[2].hash != two[2].hash  # smoothquant: calibration changes it
-    assert one[2].config["calibration"]["n"] == 2
+    assert one[2].config["calibration"] == {  # the suite's key names, pinned with the hash
+        "set": "builtin-calib", "n": 2, "steps": None, "guidance": None, "resolution": None, "seed": 0, "rows": 256,
+    }
+    assert one[2].config["layers"] == {"include": ["*"], "exclude": []} and one[2].hash == "17e15c6684b39071"
+    assert one[2].calibration.n_prompts == 2 and one[2].calibration.prompt_set == "builtin-calib"
 
 
 def test_budget_model_wide_per_layer_and_multiple(tmp_path: Path) -> None:

@@ -19,9 +19,9 @@ import pandas as pd
 
 from ptqbench.labels import REFERENCE as REFERENCE_LABEL
 from ptqbench.labels import config_text
+from ptqbench.schema import GEN, SETTING_PARAMS, SETTINGS
 from ptqbench.schema import METRIC_DIRECTION as DIRECTION_PREFIX
 from ptqbench.schema import METRIC_STATUS as STATUS_PREFIX
-from ptqbench.schema import SETTING_PARAMS, SETTINGS
 
 METHOD_ORDER = {"none": 0, "rtn": 1, "smoothquant": 2, "svdquant": 3, "loraq": 4}
 DASH = "—"
@@ -34,7 +34,7 @@ _IDENTITY = {
     "cell_hash", "git_commit", "device", "bits_per_weight", "model_bytes", "model", "prompt_set", "method",
     "weight_format", "act_format", "branch_format", "branch_act_format", "rank",
 }
-_IDENTITY_PREFIXES = ("versions.", "weight_format.", "act_format.", "branch_format.", "branch_act_format.", "gen.")
+_IDENTITY_PREFIXES = ("versions.", "weight_format.", "act_format.", "branch_format.", "branch_act_format.", GEN)
 _SETTING_PARAMS = set(SETTING_PARAMS.values())
 
 
