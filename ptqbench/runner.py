@@ -4,7 +4,8 @@ Each cell is found again by its ``cell_hash`` tag: a finished cell is skipped, a
 one runs again (its stale run deleted), so a suite can be interrupted and resumed at any point
 and never holds two runs of one cell. Each model is loaded once and serves all its cells
 (``evaluate`` restores the transformer). A crash inside a cell is recorded (FAILED, error tag,
-``traceback.txt``) and the suite goes on; the exit code is 1 if any cell failed.
+``traceback.txt``) and the suite goes on; the exit code is 1 if any cell failed. What a run
+carries is :mod:`ptqbench.schema`; the files it leaves are written by :mod:`ptqbench.artifacts`.
 """
 
 from __future__ import annotations
