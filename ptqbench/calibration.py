@@ -20,7 +20,7 @@ from torch import nn
 
 from ptqbench.cache import Cache, cache_key
 from ptqbench.errors import UserError
-from ptqbench.generation import NullProgress, Progress, model_identity
+from ptqbench.generation import NullProgress, StageProgress, model_identity
 from ptqbench.layers import QuantLinear
 from ptqbench.models.base import GenSettings, Pipeline
 from ptqbench.prompts import SEED_RULE, PromptSet, get_prompt_set, seed_for
@@ -32,7 +32,8 @@ _SEP = "::"
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Calibration prompts and sampling; ``None`` settings mean the evaluation's own.
+    """Calibration prompts and sampling; ``None`` settings mean the evaluation's own. A suite's
+    ``calibration:`` section is one (``set`` and ``n`` name ``prompt_set`` and ``n_prompts``).
 
     ``seed`` seeds the row reservoir and, when not 0, is mixed into each prompt's noise seed.
     ``rows`` is the reservoir size per layer (merged with what the method needs).
@@ -40,7 +41,7 @@ class CalibConfig:
     """
 
     prompt_set: str = "builtin-calib"
-    n_prompts: int = 16
+    n_prompts: int = 64
     steps: int | None = None
     guidance: float | None = None
     resolution: int | None = None
@@ -130,7 +131,7 @@ def calibrate(
     calib: CalibConfig,
     settings: GenSettings,
     cache: Cache,
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
 ) -> dict[str, LayerStats]:
     """Statistics of ``layers``' inputs over the calibration prompts, every step (cached on disk).
 

@@ -8,7 +8,6 @@ transformer, so one loaded pipeline serves many cells. ``method=None`` is the 16
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,16 +20,17 @@ from torch import nn
 from ptqbench.analysis import layer_errors
 from ptqbench.cache import Cache
 from ptqbench.calibration import CalibConfig, calibrate
-from ptqbench.generation import NullProgress, Progress, generate_images, reference_images
+from ptqbench.generation import NullProgress, StageProgress, generate_images, reference_images
 from ptqbench.memory import model_bits
 from ptqbench.method import Method
 from ptqbench.metrics.base import MetricInputs, MetricResult, get_metric
 from ptqbench.models.base import GenSettings, Pipeline
 from ptqbench.patching import LayerPlan, PatchReport, quantize_model, restore_model, select_layers
 from ptqbench.prompts import PromptSet
+from ptqbench.shapes import model_bytes, other_elements
 from ptqbench.stats import LayerStats
 
-__all__ = ["EvalResult", "NullProgress", "Progress", "evaluate", "model_bytes", "other_elements"]
+__all__ = ["EvalResult", "evaluate"]
 
 LAYER_ERROR_COLUMNS = (
     "layer", "out_features", "in_features", "rank", "bits", "bits_per_weight",
@@ -57,27 +57,6 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def other_elements(model: nn.Module, layers: Mapping[str, nn.Module]) -> int:
-    """Elements of every parameter and buffer of ``model`` except the weights and biases of ``layers``."""
-    skip = {id(t) for layer in layers.values() for t in (layer.weight, layer.bias) if t is not None}
-    seen: set[int] = set()
-    total = 0
-    for t in (*model.parameters(), *model.buffers()):
-        if id(t) not in skip and id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel()
-    return total
-
-
-def model_bytes(model: nn.Module, layers: Mapping[str, nn.Module], layer_bits: int) -> int:
-    """Bytes of the whole transformer: ``layers`` at ``layer_bits`` in total, everything else at 16 bits.
-
-    Works on a meta-device model (``build_transformer(name)``) for dry runs, with ``layer_bits``
-    from :func:`ptqbench.memory.model_bits`.
-    """
-    return math.ceil((16 * other_elements(model, layers) + layer_bits) / 8)
-
-
 def _sample_inputs(stats: Mapping[str, LayerStats] | None) -> dict[str, torch.Tensor] | None:
     if not stats:
         return None
@@ -102,7 +81,7 @@ def _quantize(
     stats: Mapping[str, LayerStats] | None,
     plan: LayerPlan,
     ranks: Mapping[str, int] | None,
-    progress: Progress,
+    progress: StageProgress,
 ) -> tuple[PatchReport, dict[str, float]]:
     """quantize_model with per-layer seconds (time between progress callbacks)."""
     seconds: dict[str, float] = {}
@@ -131,7 +110,7 @@ def evaluate(
     out_dir: Path,
     plan: LayerPlan | None = None,
     ranks: dict[str, int] | None = None,
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
     real_dir: Path | None = None,
 ) -> EvalResult:
     """Run one cell; ``method=None`` is the 16-bit reference (its images are the cached reference).
@@ -156,7 +135,7 @@ def evaluate(
     if method is None:
         shapes = selection.shapes()
         bits, weights = model_bits(None, shapes), sum(s.weights for s in shapes)
-        total_bytes = model_bytes(transformer, selection.layers, bits)
+        total_bytes = model_bytes(bits, other_elements(transformer, selection.layers))
         errors = pd.DataFrame(columns=list(LAYER_ERROR_COLUMNS))
         images, images_dir, quantized, skipped = reference, ref_dir, [], dict(selection.skipped)
     else:
@@ -180,7 +159,7 @@ def evaluate(
             if report is not None:
                 restore_model(transformer, report)
         bits, weights = report.bits(), report.weights()
-        total_bytes = model_bytes(transformer, report.originals, bits)
+        total_bytes = model_bytes(bits, other_elements(transformer, report.originals))
         quantized, skipped = list(report.quantized), dict(report.skipped)
 
     progress.stage("metrics", len(scorers))

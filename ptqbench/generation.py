@@ -28,8 +28,9 @@ from ptqbench.prompts import SEED_RULE, PromptSet, seed_for
 INDEX = "index.json"
 
 
-class Progress(Protocol):
-    """What long stages report to: ``stage(name, total)`` starts a stage, ``advance(n)`` moves it."""
+class StageProgress(Protocol):
+    """What long stages report to: ``stage(name, total)`` starts a stage, ``advance(n)`` moves it
+    (not :data:`ptqbench.method.Progress`, the per-layer callback of ``quantize_layers``)."""
 
     def stage(self, name: str, total: int | None = None) -> None: ...
 
@@ -37,7 +38,7 @@ class Progress(Protocol):
 
 
 class NullProgress:
-    """A :class:`Progress` that reports nothing."""
+    """A :class:`StageProgress` that reports nothing."""
 
     def stage(self, name: str, total: int | None = None) -> None:
         return None
@@ -95,7 +96,7 @@ def generate_images(
     prompts: PromptSet,
     settings: GenSettings,
     out_dir: str | Path,
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
     *,
     uint8: bool = False,
 ) -> torch.Tensor:
@@ -145,7 +146,7 @@ def reference_images(
     prompts: PromptSet,
     settings: GenSettings,
     cache: Cache,
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
     *,
     uint8: bool = False,
 ) -> tuple[Path, torch.Tensor]:

@@ -31,6 +31,7 @@ from torch import nn
 
 from ptqbench.analysis import layer_errors
 from ptqbench.errors import UserError
+from ptqbench.labels import describe
 from ptqbench.layers import QuantLinear, dense_weight
 from ptqbench.memory import solve_rank
 from ptqbench.method import METHODS, LowRankMethod, Method, get_method
@@ -395,34 +396,10 @@ def collect_methods(args: argparse.Namespace) -> tuple[list[tuple[str | None, Me
     if args.equal_memory:
         reference = parse_method_spec(args.equal_memory, "--equal-memory")
     if reference is not None and all(m != reference for _, m in entries):
-        entries.insert(0, (f"reference: {method_label(None, reference, None)}", reference))
+        entries.insert(0, (f"reference: {describe(reference)}", reference))
     if not entries:
         raise UserError("no methods: give --method SPEC (repeatable) or --methods-file YAML")
     return entries, reference
-
-
-LABELLED = ("weight_format", "act_format", "rank", "branch_format", "branch_act_format")
-
-
-def method_label(label: str | None, method: Method, ranks: Mapping[str, int] | None) -> str:
-    """The user's label, else the method's label at its solved rank plus its non-default fields."""
-    if label is not None:
-        return label
-    text = method.label()
-    if ranks is not None:
-        solved = sorted(set(ranks.values()))
-        if len(solved) == 1:
-            text = dataclasses.replace(method, rank=solved[0]).label()
-        else:
-            text = f"{text} (equal-memory ranks {solved[0]}-{solved[-1]})"
-    default = type(method)()
-    extras = [
-        f"{f.name}={getattr(method, f.name)}"
-        for f in dataclasses.fields(method)
-        if f.name not in LABELLED and getattr(method, f.name) != getattr(default, f.name)
-    ]
-    extras = [e for e in extras if e not in text]
-    return f"{text} [{', '.join(extras)}]" if extras else text
 
 
 def main(args: argparse.Namespace) -> int:
@@ -441,7 +418,7 @@ def main(args: argparse.Namespace) -> int:
         (label, m, resolve_ranks(m, reference, study.layers, args.per_layer_rank, args.rank_multiple))
         for label, m in entries
     ]
-    labels = _unique([method_label(label, m, ranks) for label, m, ranks in plans])
+    labels = _unique([describe(m, ranks) if label is None else label for label, m, ranks in plans])
     frames = []
     for label, (_, method, ranks) in zip(labels, plans, strict=True):
         quantized, seconds = run_method(method, study.layers, stats, ranks)

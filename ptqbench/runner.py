@@ -4,15 +4,15 @@ Each cell is found again by its ``cell_hash`` tag: a finished cell is skipped, a
 one runs again (its stale run deleted), so a suite can be interrupted and resumed at any point
 and never holds two runs of one cell. Each model is loaded once and serves all its cells
 (``evaluate`` restores the transformer). A crash inside a cell is recorded (FAILED, error tag,
-``traceback.txt``) and the suite goes on; the exit code is 1 if any cell failed.
+``traceback.txt``) and the suite goes on; the exit code is 1 if any cell failed. What a run
+carries is :mod:`ptqbench.schema`; the files it leaves are written by :mod:`ptqbench.artifacts`.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import gc
-import json
-import math
 import platform
 import re
 import shutil
@@ -20,27 +20,20 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ptqbench import schema
+from ptqbench.artifacts import write_artifacts
+from ptqbench.display import dry_run_lines
 from ptqbench.errors import UserError
-from ptqbench.suite import (
-    Cell,
-    ShapeCache,
-    Suite,
-    dry_run_lines,
-    expand,
-    formats_text,
-    load_suite,
-    rank_text,
-    select,
-)
+from ptqbench.labels import formats_text, rank_text
+from ptqbench.shapes import ShapeCache
+from ptqbench.suite import Cell, Suite, expand, load_suite
 
-SAMPLES = 8  # images logged per cell (the same prompts and seeds in every cell of a model)
-GRID_COLUMNS = 4
 VERSIONED = ("ptqbench", "torch", "diffusers", "transformers", "mlflow", "numpy", "safetensors")
 
 
@@ -120,6 +113,22 @@ def set_threads(n: int | None) -> None:
     torch.set_num_threads(n)
 
 
+def select(cells: Sequence[Cell], only: str | None = None, shard: tuple[int, int] | None = None) -> list[Cell]:
+    """Cells matching ``only`` (a glob on label, model, method or hash), then shard ``i`` of ``n``
+    (cells sorted by hash, every n-th from i); the suite's order is kept."""
+    chosen = list(cells)
+    if only:
+        chosen = [
+            c for c in chosen
+            if any(fnmatch.fnmatchcase(s, only) for s in (c.label, c.model.name, c.method_name, c.hash))
+        ]
+    if shard:
+        i, n = shard
+        keep = {c.hash for c in sorted(chosen, key=lambda c: c.hash)[i::n]}
+        chosen = [c for c in chosen if c.hash in keep]
+    return chosen
+
+
 def _select(suite: Suite, cells: list[Cell], only: str | None, shard: tuple[int, int] | None) -> list[Cell]:
     chosen = select(cells, only, shard)
     if only and not chosen:
@@ -136,7 +145,7 @@ def _safe(name: str) -> str:
 
 
 class TqdmProgress:
-    """The evaluate() progress protocol on a second tqdm bar: ``stage(name, total)``, ``advance(n)``."""
+    """A :class:`~ptqbench.generation.StageProgress` on a second tqdm bar: ``stage(name, total)``, ``advance(n)``."""
 
     def __init__(self, position: int = 1):
         self.position = position
@@ -177,9 +186,8 @@ class Runner:
         self.cache = cache
         self.out = Path(out)
         self.device = device
-        self.experiment = tracker.experiment(
-            suite.name, {"suite_file": suite.file, "mlflow.note.content": suite.description or suite.name}
-        )
+        tags = schema.experiment_tags(suite.file, suite.description or suite.name)
+        self.experiment = tracker.experiment(suite.name, tags)
         self.outcome = Outcome()
         self._prompts: dict[Any, Any] = {}
         self._pipelines: dict[tuple[Any, ...], Any] = {}
@@ -189,14 +197,14 @@ class Runner:
     def run(self, cells: Sequence[Cell]) -> int:
         from tqdm.auto import tqdm
 
-        done = {r.tags.get("cell_hash") for r in self.tracker.runs(self.experiment) if r.status == "FINISHED"}
+        done = {r.tags.get(schema.HASH) for r in self.tracker.runs(self.experiment) if r.status == "FINISHED"}
         pending = [c for c in cells if c.hash not in done]
         self.outcome.skipped = [c.hash for c in cells if c.hash in done]
         for cell in pending:  # missing prompt data fails here, before any cell runs
             self.prompt_set(cell)
             if "calibration" in cell.config:
                 c = cell.calibration
-                self._load_prompts((c.set, c.n, c.path), "calibration")
+                self._load_prompts((c.prompt_set, c.n_prompts, c.path), "calibration")
         print(
             f"{self.suite.name}: {len(cells)} cells, {len(self.outcome.skipped)} already finished, "
             f"{len(pending)} to run on {self.device} (tracking: {self.tracker.uri})",
@@ -300,25 +308,18 @@ class Runner:
         print(f"cell failed: {cell.label}: {stage}: {_error_text(exc)}", file=sys.stderr)
 
     def evaluate(self, cell: Cell, pipeline: Any, out_dir: Path, progress: TqdmProgress) -> Any:
-        from ptqbench.calibration import CalibConfig
         from ptqbench.evaluate import evaluate
-        from ptqbench.patching import LayerPlan
 
-        calib = cell.calibration
-        plan = LayerPlan.for_model(pipeline.transformer, cell.layers.include, cell.layers.exclude)
         return evaluate(
             pipeline,
             cell.method,
             self.prompt_set(cell),
             metrics=cell.metrics,
             settings=cell.model.settings,
-            calibration=CalibConfig(
-                prompt_set=calib.set, n_prompts=calib.n, steps=calib.steps, guidance=calib.guidance,
-                resolution=calib.resolution, seed=calib.seed, rows=calib.rows, path=calib.path,
-            ),
+            calibration=cell.calibration,
             cache=self.cache,
             out_dir=out_dir,
-            plan=plan,
+            plan=cell.plan,
             ranks=dict(cell.ranks) if cell.ranks else None,
             progress=progress,
             real_dir=Path(cell.prompts.real) if cell.prompts.real else None,
@@ -329,41 +330,29 @@ class Runner:
         from ptqbench.metrics.base import get_metric
 
         tags = {
-            "cell_hash": cell.hash,
-            "suite": self.suite.name,
-            "suite_file": self.suite.file,
-            "model": cell.model.name,
-            "method": cell.method_name,
-            "prompt_set": cell.prompts.set,
-            "is_reference": str(cell.is_reference).lower(),
-            "label": cell.label,
-            "formats": formats_text(cell.method),
-            "rank": rank_text(cell),
+            schema.HASH: cell.hash,
+            schema.SUITE: cell.suite,
+            schema.SUITE_FILE: self.suite.file,
+            schema.MODEL: cell.model.name,
+            schema.METHOD: cell.method_name,
+            schema.PROMPT_SET: cell.prompts.set,
+            schema.IS_REFERENCE: str(cell.is_reference).lower(),
+            schema.LABEL: cell.label,
+            schema.FORMATS: formats_text(cell.method),
+            schema.RANK: rank_text(cell.rank, cell.ranks),
         }
         for name in cell.metrics:
-            tags[f"metric_direction.{name}"] = "higher" if get_metric(name).higher_is_better else "lower"
+            tags[schema.METRIC_DIRECTION + name] = schema.direction(get_metric(name).higher_is_better)
         return tags
 
     def params(self, cell: Cell) -> dict[str, Any]:
         import torch
 
-        runtime = {"device": self.device, "threads": torch.get_num_threads(), "cell_hash": cell.hash}
+        runtime = {schema.DEVICE: self.device, schema.THREADS: torch.get_num_threads(), schema.HASH: cell.hash}
         return {**cell.params(), **self._runtime, **runtime}
 
     def log_result(self, run_id: str, cell: Cell, result: Any, out_dir: Path, seconds: float) -> None:
-        metrics: dict[str, float | None] = {}
-        tags: dict[str, str] = {}
-        for name, m in result.metrics.items():
-            if m.status == "ok" and m.value is not None:
-                metrics[name] = m.value
-                metrics[f"{name}_n"] = m.n
-            else:
-                tags[f"metric_status.{name}"] = f"not_computed: {m.reason}"
-        metrics.update(bits_per_weight=result.bits_per_weight, model_bytes=result.model_bytes)
-        metrics.update(layer_error_summary(result.layer_errors))
-        for stage, value in result.timings.items():
-            metrics[f"seconds_{stage}"] = value
-        metrics.setdefault("seconds_total", seconds)
+        metrics, tags = schema.result_metrics(result, seconds)
         self.tracker.log_metrics(run_id, metrics)
         if tags:
             self.tracker.set_tags(run_id, tags)
@@ -421,96 +410,4 @@ def runtime_params() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = "not installed"
-    return {"versions": versions, "git_commit": git_commit()}
-
-
-def layer_error_summary(frame: Any) -> dict[str, float]:
-    """Mean and max of the per-layer relative errors (NaN-free; absent when nothing was measured)."""
-    out: dict[str, float] = {}
-    if frame is None or len(frame) == 0:
-        return out
-    for column, short in (("rel_weight_error", "weight"), ("rel_output_error", "output")):
-        if column not in frame:
-            continue
-        values = [float(v) for v in frame[column] if v is not None and not math.isnan(float(v))]
-        if values:
-            out[f"layer_rel_{short}_error_mean"] = sum(values) / len(values)
-            out[f"layer_rel_{short}_error_max"] = max(values)
-    return out
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
-def write_artifacts(cell: Cell, result: Any, folder: Path, params: Mapping[str, Any]) -> Path:
-    """config.yaml, layer_errors.csv, patch_report.json, grid.png and samples/ in ``folder``."""
-    import yaml
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {
-        "cell_hash": cell.hash, "label": cell.label, "suite": cell.suite, "origin": cell.origin,
-        "config": _jsonable(cell.config),
-        "runtime": _jsonable({k: params[k] for k in ("versions", "git_commit", "device", "threads") if k in params}),
-    }
-    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    if result.layer_errors is not None:
-        result.layer_errors.to_csv(folder / "layer_errors.csv", index=False)
-    report = {"quantized": list(result.quantized), "skipped": dict(result.skipped)}
-    (folder / "patch_report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-    entries = _samples(Path(result.images_dir), folder / "samples")
-    if entries:
-        sample_grid([folder / "samples" / e["file"] for e in entries], [e["prompt"] for e in entries]).save(
-            folder / "grid.png"
-        )
-    return folder
-
-
-def _samples(images_dir: Path, target: Path) -> list[dict[str, Any]]:
-    """The first SAMPLES images as samples/NNN.png with samples/index.json."""
-    index_file = images_dir / "index.json"
-    if not index_file.is_file():
-        return []
-    entries = sorted(json.loads(index_file.read_text(encoding="utf-8")), key=lambda e: e["index"])[:SAMPLES]
-    target.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i, e in enumerate(entries):
-        name = f"{i:03d}.png"
-        shutil.copyfile(images_dir / e["file"], target / name)
-        out.append({"index": e["index"], "prompt": e["prompt"], "seed": e["seed"], "file": name})
-    (target / "index.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
-    return out
-
-
-def sample_grid(files: Sequence[Path], captions: Sequence[str], columns: int = GRID_COLUMNS, tile: int = 256) -> Any:
-    """A grid of images, each scaled to ``tile`` pixels wide with its prompt underneath."""
-    import textwrap
-
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    lines_per_caption, line_h = 3, 12
-    cap_h = lines_per_caption * line_h + 6
-    images = [Image.open(f).convert("RGB") for f in files]
-    tiles = []
-    for img in images:
-        h = max(1, round(img.height * tile / img.width))
-        tiles.append(img.resize((tile, h), Image.NEAREST if img.width < tile else Image.BICUBIC))
-    rows = math.ceil(len(tiles) / columns)
-    cell_h = max(t.height for t in tiles) + cap_h
-    grid = Image.new("RGB", (columns * tile, rows * cell_h), "white")
-    draw = ImageDraw.Draw(grid)
-    chars = max(8, tile // 6)
-    for i, (t, caption) in enumerate(zip(tiles, captions, strict=True)):
-        x, y = (i % columns) * tile, (i // columns) * cell_h
-        grid.paste(t, (x, y))
-        wrapped = textwrap.wrap(caption, chars)[:lines_per_caption]
-        for j, line in enumerate(wrapped):
-            draw.text((x + 3, y + t.height + 3 + j * line_h), line, fill="black", font=font)
-    return grid
+    return {schema.VERSIONS: versions, schema.GIT_COMMIT: git_commit()}

@@ -43,18 +43,23 @@ import itertools
 import os
 import re
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ptqbench import schema
 from ptqbench.cache import cache_key
+from ptqbench.calibration import CalibConfig
 from ptqbench.errors import UserError
-from ptqbench.memory import LayerShape, bits_per_weight, model_bits, solve_rank
+from ptqbench.labels import describe
+from ptqbench.memory import model_bits, solve_rank
 from ptqbench.method import METHODS, LowRankMethod, Method
 from ptqbench.models.base import GenSettings, ModelSpec
+from ptqbench.patching import LayerPlan
+from ptqbench.shapes import ModelShapes, ShapeCache, ShapesFn
 
 YamlPath = tuple[str | int, ...]
 BUDGET = "budget"
@@ -62,7 +67,12 @@ SETTINGS = ("steps", "guidance", "resolution", "batch_size")
 DTYPES = ("fp16", "bf16", "fp32")
 SHORTHANDS = {"format": ("weight_format", "act_format"), "branch": ("branch_format", "branch_act_format")}
 ENTRY_KEYS = ("method", "variants", "layers")
-OTHER_BITS = 16  # parameters and buffers outside the quantized layers stay 16-bit
+# the suite's calibration keys -> CalibConfig's fields (the keys are also what the cell hash holds)
+CALIBRATION_KEYS = {
+    "set": "prompt_set", "n": "n_prompts", "path": "path", "steps": "steps", "guidance": "guidance",
+    "resolution": "resolution", "seed": "seed", "rows": "rows",
+}
+EXCLUDED = "excluded by pattern"
 
 
 # ============================================================================ YAML with lines
@@ -274,32 +284,19 @@ class PromptsEntry:
     note: str = ""
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """Calibration prompts and sampling (None = the evaluation settings) and the row reservoir."""
-
-    set: str = "builtin-calib"
-    n: int = 64
-    path: str | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    resolution: int | None = None
-    seed: int = 0
-    rows: int = 256
-
-    def key(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
+def calibration_key(calib: CalibConfig) -> dict[str, Any]:
+    """What of the calibration identifies a cell (under the suite's key names; not ``path``)."""
+    return {key: getattr(calib, name) for key, name in CALIBRATION_KEYS.items() if key != "path"}
 
 
-@dataclass(frozen=True)
-class Layers:
-    """Module-name globs to quantize and to leave in 16-bit (on top of the model's default skips)."""
+def user_plan(include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> LayerPlan:
+    """The user's layer selection, before a model adds its default skips (``ModelShapes.plan``)."""
+    return LayerPlan(tuple(include), dict.fromkeys(exclude, EXCLUDED))
 
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
 
-    def key(self) -> dict[str, list[str]]:
-        return {"include": list(self.include), "exclude": list(self.exclude)}
+def layers_key(plan: LayerPlan) -> dict[str, list[str]]:
+    """What of the user's layer selection identifies a cell."""
+    return {"include": list(plan.include), "exclude": list(plan.exclude)}
 
 
 @dataclass(frozen=True)
@@ -308,7 +305,7 @@ class GridPoint:
 
     method: str
     fields: tuple[tuple[str, Any], ...]
-    layers: Layers
+    layers: LayerPlan  # the user's globs (no model's default skips yet)
     origin: YamlPath  # the method entry, for error lines
     field_paths: tuple[tuple[str, YamlPath], ...] = ()
 
@@ -357,9 +354,9 @@ class Suite:
     source: Source
     models: tuple[ModelEntry, ...]
     prompts: tuple[PromptsEntry, ...]
-    calibration: Calibration
+    calibration: CalibConfig
     metrics: tuple[str, ...]
-    layers: Layers
+    layers: LayerPlan
     grid: tuple[GridPoint, ...]
     budget: Budget | None = None
 
@@ -471,10 +468,9 @@ def _prompts(src: Source, value: Any) -> tuple[PromptsEntry, ...]:
     return tuple(out)
 
 
-def _calibration(src: Source, value: Any) -> Calibration:
+def _calibration(src: Source, value: Any) -> CalibConfig:
     path: YamlPath = ("calibration",)
-    keys = [f.name for f in dataclasses.fields(Calibration)]
-    value = _mapping(src, path, value or {}, keys)
+    value = _mapping(src, path, value or {}, list(CALIBRATION_KEYS))
     out: dict[str, Any] = {}
     for key, v in value.items():
         p = (*path, key)
@@ -488,7 +484,7 @@ def _calibration(src: Source, value: Any) -> Calibration:
             out[key] = _float(src, p, v)
         else:
             out[key] = _int(src, p, v, low=0 if key in ("seed", "rows") else 1)
-    return Calibration(**out)
+    return CalibConfig(**{CALIBRATION_KEYS[k]: v for k, v in out.items()})
 
 
 def _metrics(src: Source, value: Any) -> tuple[str, ...]:
@@ -503,11 +499,11 @@ def _metrics(src: Source, value: Any) -> tuple[str, ...]:
     return names
 
 
-def _layers(src: Source, path: YamlPath, value: Any) -> Layers:
+def _layers(src: Source, path: YamlPath, value: Any) -> LayerPlan:
     value = _mapping(src, path, value or {}, ("include", "exclude"))
     include = _str_list(src, (*path, "include"), value["include"], allow_empty=False) if "include" in value else ("*",)
     exclude = _str_list(src, (*path, "exclude"), value["exclude"]) if "exclude" in value else ()
-    return Layers(include, exclude)
+    return user_plan(include, exclude)
 
 
 # ---------------------------------------------------------------------------- methods
@@ -570,7 +566,7 @@ def _expand_fields(src: Source, path: YamlPath, raw: Mapping[str, Any], cls: typ
     return out
 
 
-def _grid(src: Source, value: Any, layers: Layers, budget: Budget | None) -> tuple[GridPoint, ...]:
+def _grid(src: Source, value: Any, layers: LayerPlan, budget: Budget | None) -> tuple[GridPoint, ...]:
     if not isinstance(value, list) or not value:
         raise src.error(
             ("methods",), "the method grid is empty (valid: a list of entries like {method: rtn, format: mxfp4})"
@@ -581,7 +577,7 @@ def _grid(src: Source, value: Any, layers: Layers, budget: Budget | None) -> tup
     return tuple(points)
 
 
-def _entry_points(src: Source, path: YamlPath, entry: Any, layers: Layers, budget: Budget | None) -> list[GridPoint]:
+def _entry_points(src: Source, path: YamlPath, entry: Any, layers: LayerPlan, budget: Budget | None) -> list[GridPoint]:
     if not isinstance(entry, dict) or "method" not in entry:
         raise src.error(path, f"expected a mapping with a 'method' key (registered: {', '.join(METHODS.names())})")
     cls = _method_class(src, (*path, "method"), entry["method"])
@@ -607,7 +603,7 @@ def _entry_points(src: Source, path: YamlPath, entry: Any, layers: Layers, budge
 
 
 def _grid_point(
-    src: Source, path: YamlPath, cls: type[Method], fields: Mapping[str, tuple[Any, YamlPath]], layers: Layers,
+    src: Source, path: YamlPath, cls: type[Method], fields: Mapping[str, tuple[Any, YamlPath]], layers: LayerPlan,
     budget: Budget | None,
 ) -> GridPoint:
     values = {k: v for k, (v, _) in fields.items()}
@@ -679,103 +675,20 @@ def _budget(src: Source, value: Any) -> Budget:
     return budget
 
 
-# ============================================================================ model shapes
-
-
-@dataclass(frozen=True)
-class ModelShapes:
-    """The selected layers' shapes and the element count of everything else (kept 16-bit)."""
-
-    layers: tuple[LayerShape, ...]
-    other_elements: int
-    skipped: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_module(cls, transformer: Any, layers: Layers) -> ModelShapes:
-        """Shapes of a built transformer (real weights or the meta device) under a layer selection."""
-        from ptqbench.evaluate import other_elements
-        from ptqbench.patching import LayerPlan, select_layers
-
-        plan = LayerPlan.for_model(transformer, layers.include, layers.exclude)
-        selection = select_layers(transformer, plan)
-        return cls(tuple(selection.shapes()), other_elements(transformer, selection.layers), dict(selection.skipped))
-
-    def model_bits(self, method: Method | None, ranks: Sequence[int] | None = None) -> int:
-        return model_bits(method, self.layers, ranks) + OTHER_BITS * self.other_elements
-
-    def model_bytes(self, method: Method | None, ranks: Sequence[int] | None = None) -> int:
-        return -(-self.model_bits(method, ranks) // 8)
-
-    def bits_per_weight(self, method: Method | None, ranks: Sequence[int] | None = None) -> float:
-        return bits_per_weight(method, self.layers, ranks)
-
-
-ShapesFn = Callable[[ModelEntry, Layers], ModelShapes]
-
-
-def meta_transformer(entry: ModelEntry) -> Any | None:
-    """The model's transformer built on the meta device (instant, no memory, no download), or None.
-
-    Built from ``path``'s ``transformer/config.json`` when the entry points at a local diffusers
-    folder, else from the released config that ships with ptqbench; None for models with neither
-    (the tiny in-process ones, plugins), whose pipeline must be loaded.
-    """
-    import torch
-
-    from ptqbench.models import diffusers_models as dm
-
-    if entry.name not in dm.TRANSFORMER_CONFIGS:
-        return None
-    config_file = Path(entry.path) / "transformer" / "config.json" if entry.path else None
-    if config_file is not None and config_file.is_file():
-        import diffusers
-
-        cls = getattr(diffusers, dm.TRANSFORMER_CONFIGS[entry.name][0])
-        with torch.device("meta"):
-            return cls.from_config(cls.load_config(str(config_file.parent)))
-    return dm.build_transformer(entry.name, device="meta")
-
-
-def load_transformer(entry: ModelEntry) -> Any:
-    """The transformer of a loaded pipeline (on the CPU), for models that cannot be built on meta."""
-    from ptqbench.models.base import get_model
-
-    return get_model(entry.name).load("cpu", entry.path, entry.dtype).transformer
-
-
-class ShapeCache:
-    """Model shapes per (model, layer selection); each transformer is built on the meta device when
-    possible, else taken from ``load(entry)`` (default: the pipeline loaded on the CPU)."""
-
-    def __init__(self, load: Callable[[ModelEntry], Any] | None = None):
-        self._load = load or load_transformer
-        self._modules: dict[tuple[str, str | None], Any] = {}
-        self._shapes: dict[tuple[str, str | None, Layers], ModelShapes] = {}
-
-    def __call__(self, entry: ModelEntry, layers: Layers) -> ModelShapes:
-        key = (entry.name, entry.path, layers)
-        if key not in self._shapes:
-            mkey = (entry.name, entry.path)
-            if mkey not in self._modules:
-                module = meta_transformer(entry)
-                self._modules[mkey] = module if module is not None else self._load(entry)
-            self._shapes[key] = ModelShapes.from_module(self._modules[mkey], layers)
-        return self._shapes[key]
-
-
 # ============================================================================ cells
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One run: a model, a prompt set and a method (None: the 16-bit reference), fully resolved."""
+    """One run: a model, a prompt set and a method (None: the 16-bit reference), fully resolved,
+    with the runtime types :func:`ptqbench.evaluate.evaluate` takes (calibration, layer plan)."""
 
     suite: str
     model: ModelEntry
     prompts: PromptsEntry
     method: Method | None
-    calibration: Calibration
-    layers: Layers
+    calibration: CalibConfig
+    plan: LayerPlan  # the model's default skips plus the user's globs
     metrics: tuple[str, ...]
     config: Mapping[str, Any]  # the resolved configuration (hashed, logged, written as config.yaml)
     hash: str
@@ -792,7 +705,7 @@ class Cell:
 
     @property
     def method_name(self) -> str:
-        return "none" if self.method is None else self.method.name
+        return schema.REFERENCE_METHOD if self.method is None else self.method.name
 
     @property
     def rank(self) -> int | None:
@@ -800,20 +713,20 @@ class Cell:
 
     def params(self) -> dict[str, Any]:
         """The configuration for MLflow params: per-layer ranks summarized (the full map is in config.yaml)."""
-        out = {k: v for k, v in self.config.items() if k != "rank_per_layer"}
+        out = {k: v for k, v in self.config.items() if k != schema.RANK_PER_LAYER}
         if self.ranks:
             values = list(self.ranks.values())
-            out["rank_per_layer"] = {"min": min(values), "max": max(values), "mean": sum(values) / len(values)}
-        out["bits_per_weight"] = self.bits_per_weight
-        out["model_bytes"] = self.model_bytes
+            out[schema.RANK_PER_LAYER] = {"min": min(values), "max": max(values), "mean": sum(values) / len(values)}
+        out[schema.BITS_PER_WEIGHT] = self.bits_per_weight
+        out[schema.MODEL_BYTES] = self.model_bytes
         return out
 
 
 def expand(suite: Suite, shapes: ShapesFn | None = None) -> list[Cell]:
     """Every cell of the suite: per model and prompt set, the 16-bit reference then the grid.
 
-    ``shapes`` gives each model's layer shapes (default: built on the meta device); they solve
-    ``rank: budget`` and give every cell its exact bits.
+    ``shapes`` gives each model's layer plan and shapes (default: built on the meta device); they
+    solve ``rank: budget`` and give every cell its exact bits.
     """
     shapes = shapes or ShapeCache()
     cells: list[Cell] = []
@@ -842,49 +755,34 @@ def _base_config(suite: Suite, entry: ModelEntry, prompts: PromptsEntry) -> dict
     config = entry.key()
     config.update(prompt_set=prompts.set, n_prompts=prompts.n)
     # generation settings are namespaced: a method may have fields of the same name (loraq's steps)
-    config.update({f"gen.{k}": v for k, v in dataclasses.asdict(entry.settings).items()})
+    config.update({schema.gen_param(k): v for k, v in dataclasses.asdict(entry.settings).items()})
     config["metrics"] = list(suite.metrics)
     return config
 
 
-def _reference_cell(suite: Suite, entry: ModelEntry, prompts: PromptsEntry, shapes: ShapesFn) -> Cell:
-    config = {**_base_config(suite, entry, prompts), "method": "none"}
-    digest = cache_key(config)
-    model_shapes = shapes(entry, suite.layers)
-    label = _label(suite, entry, prompts, "16-bit reference")
+def _cell(
+    suite: Suite, entry: ModelEntry, prompts: PromptsEntry, method: Method | None, shapes: ModelShapes,
+    config: dict[str, Any], ranks: Mapping[str, int] | None, origin: str,
+) -> Cell:
+    """The cell of ``method`` on a model's shapes: hashed (the budget left out) and sized exactly."""
+    rank_list = [ranks[s.name] for s in shapes.layers] if ranks else None
+    where = f" @{prompts.set}" if len(suite.prompts) > 1 else ""
     return Cell(
-        suite.name, entry, prompts, None, suite.calibration, suite.layers, suite.metrics, config, digest, label,
-        bits=model_bits(None, model_shapes.layers),
-        bits_per_weight=model_shapes.bits_per_weight(None), model_bytes=model_shapes.model_bytes(None),
-        origin=f"{suite.file}:{entry.line}" if entry.line else suite.file,
+        suite.name, entry, prompts, method, suite.calibration, shapes.plan, suite.metrics, config,
+        hash=cache_key({k: v for k, v in config.items() if k != "budget"}),
+        label=f"{_model_label(suite, entry)}{where} {describe(method, ranks)}",
+        ranks=ranks,
+        bits=model_bits(method, shapes.layers, rank_list),
+        bits_per_weight=shapes.bits_per_weight(method, rank_list),
+        model_bytes=shapes.model_bytes(method, rank_list),
+        origin=origin,
     )
 
 
-def _label(suite: Suite, entry: ModelEntry, prompts: PromptsEntry, what: str) -> str:
-    where = f" @{prompts.set}" if len(suite.prompts) > 1 else ""
-    return f"{_model_label(suite, entry)}{where} {what}"
-
-
-LABEL_FIELDS = ("weight_format", "act_format", "rank", "branch_format", "branch_act_format")
-
-
-def extra_fields(method: Method, besides_label: bool = False) -> list[str]:
-    """``field=value`` for every non-default field other than formats and rank (``besides_label``:
-    only those whose value :meth:`Method.label` does not already show)."""
-    try:  # defaults that derive from the formats (e.g. loraq's mid_format) count as defaults
-        default = type(method)(**{k: getattr(method, k) for k in LABEL_FIELDS if hasattr(method, k)})
-    except (TypeError, UserError):
-        return []
-    shown = method.label() if besides_label else ""
-    return [
-        f"{f.name}={getattr(method, f.name)}" for f in dataclasses.fields(method)
-        if f.name not in LABEL_FIELDS and getattr(method, f.name) != getattr(default, f.name)
-        and not (shown and str(getattr(method, f.name)) in shown)
-    ]
-
-
-def _method_label(method: Method) -> str:
-    return " ".join([method.label(), *extra_fields(method, besides_label=True)])
+def _reference_cell(suite: Suite, entry: ModelEntry, prompts: PromptsEntry, shapes: ShapesFn) -> Cell:
+    config = {**_base_config(suite, entry, prompts), "method": schema.REFERENCE_METHOD}
+    origin = f"{suite.file}:{entry.line}" if entry.line else suite.file
+    return _cell(suite, entry, prompts, None, shapes(entry, suite.layers), config, None, origin)
 
 
 def _method_cell(suite: Suite, entry: ModelEntry, prompts: PromptsEntry, point: GridPoint, shapes: ShapesFn) -> Cell:
@@ -893,25 +791,16 @@ def _method_cell(suite: Suite, entry: ModelEntry, prompts: PromptsEntry, point: 
     if not model_shapes.layers:
         raise src.error(("layers",), f"selects no quantizable layer of {entry.name} (check include/exclude globs)")
     method, ranks, budget_key = _resolve_rank(suite, entry, point, model_shapes)
-    rank_list = [ranks[s.name] for s in model_shapes.layers] if ranks else None
     config = _base_config(suite, entry, prompts)
     if not method.stats_spec().empty:
-        config["calibration"] = suite.calibration.key()
-    config["layers"] = point.layers.key()
+        config["calibration"] = calibration_key(suite.calibration)
+    config["layers"] = layers_key(point.layers)
     config.update(method.params())
     if ranks:
-        config["rank_per_layer"] = dict(ranks)
+        config[schema.RANK_PER_LAYER] = dict(ranks)
     if budget_key:
         config["budget"] = budget_key
-    digest = cache_key({k: v for k, v in config.items() if k != "budget"})
-    return Cell(
-        suite.name, entry, prompts, method, suite.calibration, point.layers, suite.metrics, config, digest,
-        _label(suite, entry, prompts, _method_label(method)), ranks,
-        bits=model_bits(method, model_shapes.layers, rank_list),
-        bits_per_weight=model_shapes.bits_per_weight(method, rank_list),
-        model_bytes=model_shapes.model_bytes(method, rank_list),
-        origin=src.where(point.origin),
-    )
+    return _cell(suite, entry, prompts, method, model_shapes, config, ranks, src.where(point.origin))
 
 
 def _resolve_rank(
@@ -956,57 +845,3 @@ def _check_unique(suite: Suite, cells: Sequence[Cell]) -> None:
                 f"{first.origin} (each configuration may appear once; remove one or change a field)"
             )
         seen[cell.hash] = cell
-
-
-# ============================================================================ selection and display
-
-
-def select(cells: Sequence[Cell], only: str | None = None, shard: tuple[int, int] | None = None) -> list[Cell]:
-    """Cells matching ``only`` (a glob on label, model, method or hash), then shard ``i`` of ``n``
-    (cells sorted by hash, every n-th from i); the suite's order is kept."""
-    import fnmatch
-
-    chosen = list(cells)
-    if only:
-        chosen = [
-            c for c in chosen
-            if any(fnmatch.fnmatchcase(s, only) for s in (c.label, c.model.name, c.method_name, c.hash))
-        ]
-    if shard:
-        i, n = shard
-        keep = {c.hash for c in sorted(chosen, key=lambda c: c.hash)[i::n]}
-        chosen = [c for c in chosen if c.hash in keep]
-    return chosen
-
-
-def formats_text(method: Method | None) -> str:
-    if method is None:
-        return "16-bit"
-    text = f"W:{method.weight_format} A:{method.act_format}"
-    if isinstance(method, LowRankMethod):
-        text += f" B:{method.branch_format}/{method.branch_act_format}"
-    return text
-
-
-def rank_text(cell: Cell) -> str:
-    if cell.ranks:
-        values = list(cell.ranks.values())
-        return f"per-layer {min(values)}..{max(values)}"
-    return "-" if cell.rank is None else str(cell.rank)
-
-
-def dry_run_lines(cells: Sequence[Cell]) -> list[str]:
-    """One aligned line per cell: hash, model, method, formats, rank, exact bits per weight, model bytes."""
-    rows = [("cell_hash", "model", "method", "formats", "rank", "bits/weight", "model bytes", "note")]
-    for c in cells:
-        note = ""
-        if "budget" in c.config:
-            ref = c.config["budget"]["reference"]
-            note = f"rank solved: equal memory to {ref['method']} r{ref.get('rank')} B:{ref.get('branch_format')}"
-        method = " ".join([c.method_name, *(extra_fields(c.method) if c.method else [])])
-        rows.append(
-            (c.hash, c.model.name, method, formats_text(c.method), rank_text(c), f"{c.bits_per_weight:.6f}",
-             f"{c.model_bytes:,}", note)
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]

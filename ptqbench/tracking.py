@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ptqbench import schema
 from ptqbench.errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -31,10 +32,6 @@ MAX_TAG_VALUE = 8000
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
 _INVALID_KEY_CHARS = re.compile(r"[^\w.\- :/]")
-
-STATUS_TAG = "ptqbench.status"
-ERROR_TAG = "ptqbench.error"
-HASH_TAG = "cell_hash"
 
 
 def resolve_uri(flag: str | None = None) -> str:
@@ -168,7 +165,7 @@ class Tracker:
         """Active runs tagged with ``cell_hash``."""
         if not re.fullmatch(r"[0-9a-f]+", cell_hash):
             raise ValueError(f"cell hash must be hex, got {cell_hash!r}")
-        return self.runs(experiment_id, f"tags.{HASH_TAG} = '{cell_hash}'")
+        return self.runs(experiment_id, f"tags.{schema.HASH} = '{cell_hash}'")
 
     def claim(self, experiment_id: str, cell_hash: str) -> CellRun | None:
         """The finished run of a cell, if any; every other run of the cell (failed, killed) is deleted.
@@ -186,22 +183,22 @@ class Tracker:
 
     # ------------------------------------------------------------------ run lifecycle
     def start(self, experiment_id: str, run_name: str, tags: Mapping[str, Any]) -> str:
-        """Create a RUNNING run with the given tags (``ptqbench.status`` = running)."""
+        """Create a RUNNING run with the given tags (``ptqbench.status`` = running; see :mod:`ptqbench.schema`)."""
         all_tags = {safe_key(k): truncate(str(v), MAX_TAG_VALUE) for k, v in tags.items()}
-        all_tags[STATUS_TAG] = "running"
+        all_tags[schema.STATUS] = schema.RUNNING
         run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         return run.info.run_id
 
     def finish(self, run_id: str) -> None:
-        self.client.set_tag(run_id, STATUS_TAG, "finished")
+        self.client.set_tag(run_id, schema.STATUS, schema.FINISHED)
         self.client.set_terminated(run_id, "FINISHED")
 
     def fail(self, run_id: str, error: str, traceback_text: str = "") -> None:
         """Mark a run FAILED with its error (tag) and traceback (artifact ``traceback.txt``)."""
-        self.client.set_tag(run_id, ERROR_TAG, truncate(error, MAX_TAG_VALUE))
-        self.client.set_tag(run_id, STATUS_TAG, "failed")
+        self.client.set_tag(run_id, schema.ERROR, truncate(error, MAX_TAG_VALUE))
+        self.client.set_tag(run_id, schema.STATUS, schema.FAILED)
         if traceback_text:
-            self.client.log_text(run_id, traceback_text, "traceback.txt")
+            self.client.log_text(run_id, traceback_text, schema.TRACEBACK_FILE)
         self.client.set_terminated(run_id, "FAILED")
 
     def delete(self, run_id: str) -> None:
@@ -237,14 +234,8 @@ class Tracker:
             self.client.log_batch(run_id, metrics=batch)
         return flat
 
-    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
-
     def log_artifacts(self, run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(folder), artifact_path)
-
-    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
 
     def artifacts(self, run_id: str, path: str | None = None) -> list[str]:
         """Artifact paths of a run (recursively), for checks and reports."""

@@ -16,7 +16,7 @@ import torch
 from ptqbench.cache import Cache
 from ptqbench.calibration import CalibConfig
 from ptqbench.errors import UserError
-from ptqbench.evaluate import EvalResult, evaluate, model_bytes
+from ptqbench.evaluate import EvalResult, evaluate
 from ptqbench.generation import generate_images, load_images, read_index, reference_key
 from ptqbench.layers import QuantLinear
 from ptqbench.method import get_method
@@ -26,6 +26,7 @@ from ptqbench.models import GenSettings, get_model
 from ptqbench.models.diffusers_models import build_transformer
 from ptqbench.patching import select_layers
 from ptqbench.prompts import get_prompt_set, seed_for
+from ptqbench.shapes import model_bytes, other_elements
 from ptqbench.stats import LayerStats, StatsSpec
 
 SETTINGS = GenSettings(steps=4, guidance=4.5, resolution=32, batch_size=4)
@@ -111,7 +112,7 @@ def test_w4a4_is_worse_than_w8a8(pixart, cache, tmp_path):
     assert w4.bits == exact
     assert w4.model_bytes == math.ceil((16 * (param_elements(pixart.transformer) - sum(
         layer.weight.numel() + layer.bias.numel() for layer in layers.values())) + exact) / 8)
-    assert w4.model_bytes == model_bytes(pixart.transformer, layers, exact)
+    assert w4.model_bytes == model_bytes(exact, other_elements(pixart.transformer, layers))
 
 
 def test_reference_images_are_generated_once(pixart, cache, tmp_path, monkeypatch):
@@ -242,8 +243,8 @@ def test_model_bytes_on_meta_full_config():
     sel = select_layers(model)
     total = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
     layer_elems = sum(layer.weight.numel() + layer.bias.numel() for layer in sel.layers.values())
-    assert model_bytes(model, sel.layers, 16 * layer_elems) == 2 * total
-    assert model_bytes(model, sel.layers, 0) == 2 * (total - layer_elems)
+    assert model_bytes(16 * layer_elems, other_elements(model, sel.layers)) == 2 * total
+    assert model_bytes(0, other_elements(model, sel.layers)) == 2 * (total - layer_elems)
 
 
 def test_generation_benchmark_small(tmp_path):

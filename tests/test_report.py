@@ -1,4 +1,4 @@
-"""``ptqbench report`` on a real temporary MLflow store logged exactly per the CONTRACTS.md schema."""
+"""``ptqbench report`` on a real temporary MLflow store logged exactly per the run schema (ptqbench.schema)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ from PIL import Image
 from ptqbench.cli import main as cli_main
 from ptqbench.method import METHODS, Method
 from ptqbench.metrics.base import METRICS, Metric
-from ptqbench.report.load import Artifacts, dedupe, record
+from ptqbench.report.load import Artifacts, dedupe
 from ptqbench.report.plots import pareto_front
 from ptqbench.report.tables import build_table, latex_escape, make_groups, to_markdown
+from ptqbench.schema import RunRecord
 
 PROMPTS = ["a red fox in snow", "a bowl of ramen, studio light", "city skyline at dusk", "an old map of the sea"]
 SEEDS = [11, 22, 33, 44]
@@ -84,7 +85,7 @@ def log_cell(
     metrics: dict[str, float | None], reasons: dict[str, str] | None = None, status: str = "finished",
     error: str = "", noise: float = 0.0, layer_scale: float = 0.0, n: int = 4,
 ) -> str:
-    """Log one cell the way the runner does (CONTRACTS.md, MLflow schema)."""
+    """Log one cell the way the runner does (the MLflow run schema, ptqbench.schema)."""
     from mlflow.entities import Metric as M
     from mlflow.entities import Param, RunTag
 
@@ -404,12 +405,12 @@ def test_groups_split_by_settings_variants_and_duplicates() -> None:
         fake_run("f1", "rtn", "2", status="FAILED", start=5, cell_hash="h"), fake_run("f2", "rtn", "2", cell_hash="h"),
         fake_run("g", "stepper_test", "4", resolution="64", steps="100"), fake_run("r64", "none", "4", resolution="64"),
     ]
-    records, notes = dedupe([record(r, "e") for r in runs])
-    assert sorted(r["run_id"] for r in records) == ["a", "b", "c", "d", "e", "f2", "g", "r64"]
+    records, notes = dedupe([RunRecord.from_run(r, "e") for r in runs])
+    assert sorted(r.run_id for r in records) == ["a", "b", "c", "d", "e", "f2", "g", "r64"]
     assert notes == ["experiment e: cell h has several runs; showing f2 (finished), not f1 (failed)"]
     METHODS.register("stepper_test", Stepper)
     try:
-        groups = make_groups(pd.DataFrame(records))
+        groups = make_groups(pd.DataFrame([r.row() for r in records]))
     finally:
         METHODS.unregister("stepper_test")
     assert [g.slug for g in groups] == ["e--m--p--steps2_resolution32", "e--m--p--steps4_resolution32",

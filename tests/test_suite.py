@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from ptqbench import cli, suite
+from ptqbench import cli, shapes
 from ptqbench.cache import cache_key
 from ptqbench.errors import UserError
 from ptqbench.memory import model_bits
-from ptqbench.suite import Layers, ModelShapes, ShapeCache, expand, load_suite, select
+from ptqbench.runner import select
+from ptqbench.shapes import ModelShapes, ShapeCache
+from ptqbench.suite import expand, load_suite, user_plan
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = sorted((REPO / "suites").glob("*.yaml"))
@@ -32,7 +34,7 @@ def _tiny_transformer(name: str):
 @pytest.fixture(autouse=True)
 def _shared_tiny_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """Load each tiny pipeline once for the whole module (shapes only; nothing mutates them)."""
-    monkeypatch.setattr(suite, "load_transformer", lambda entry: _tiny_transformer(entry.name))
+    monkeypatch.setattr(shapes, "load_transformer", lambda entry: _tiny_transformer(entry.name))
 
 
 BASE = """name: t
@@ -177,7 +179,11 @@ def test_calibration_only_in_the_hash_of_methods_that_use_it(tmp_path: Path) -> 
     two = expand(load_suite(write(tmp_path, text + "calibration: {n: 3}\n", "b.yaml")))
     assert one[1].hash == two[1].hash  # rtn: no statistics
     assert one[2].hash != two[2].hash  # smoothquant: calibration changes it
-    assert one[2].config["calibration"]["n"] == 2
+    assert one[2].config["calibration"] == {  # the suite's key names, pinned with the hash
+        "set": "builtin-calib", "n": 2, "steps": None, "guidance": None, "resolution": None, "seed": 0, "rows": 256,
+    }
+    assert one[2].config["layers"] == {"include": ["*"], "exclude": []} and one[2].hash == "17e15c6684b39071"
+    assert one[2].calibration.n_prompts == 2 and one[2].calibration.prompt_set == "builtin-calib"
 
 
 def test_budget_model_wide_per_layer_and_multiple(tmp_path: Path) -> None:
@@ -194,13 +200,15 @@ def test_budget_model_wide_per_layer_and_multiple(tmp_path: Path) -> None:
     ref, loraq = wide[1], wide[2]
     assert loraq.rank == 15 and loraq.ranks is None
     assert loraq.bits <= ref.bits
-    shapes = ShapeCache()(loraq.model, Layers())
-    assert model_bits(dataclasses.replace(loraq.method, rank=16), shapes.layers) > ref.bits  # 15 is the largest
+    model = ShapeCache()(loraq.model, user_plan())
+    assert model_bits(dataclasses.replace(loraq.method, rank=16), model.layers) > ref.bits  # 15 is the largest
     four = expand(load_suite(write(tmp_path, text.replace("{per_layer}", "false").replace("{multiple}", "4"))))
     assert four[2].rank == 12
     per = expand(load_suite(write(tmp_path, text.replace("{per_layer}", "true").replace("{multiple}", "1"))))[2]
-    assert set(per.ranks) == {s.name for s in shapes.layers}
-    for s in shapes.layers:
+    assert set(per.ranks) == {s.name for s in model.layers}
+    low, high = min(per.ranks.values()), max(per.ranks.values())
+    assert per.rank == high and (low == high or per.label.endswith(f"(equal-memory ranks {low}-{high})"))
+    for s in model.layers:
         fits = dataclasses.replace(per.method, rank=per.ranks[s.name]).layer_bits(s.out_features, s.in_features, s.bias)
         assert fits <= ref.method.layer_bits(s.out_features, s.in_features, s.bias)
     assert per.bits <= ref.bits and per.config["rank_per_layer"] == per.ranks
@@ -219,15 +227,19 @@ def test_select_only_and_shards(tmp_path: Path) -> None:
 
 
 def test_model_shapes_match_a_loaded_model() -> None:
-    from ptqbench.evaluate import model_bytes
     from ptqbench.patching import LayerPlan, select_layers
 
     t = _tiny_transformer("tiny-sana")
-    shapes = ModelShapes.from_module(t, Layers())
-    sel = select_layers(t, LayerPlan.for_model(t))
-    assert [s.name for s in shapes.layers] == list(sel.layers)
-    assert shapes.model_bytes(None) == model_bytes(t, sel.layers, model_bits(None, shapes.layers))
-    assert "transformer_blocks.0.ff.conv_depth" in shapes.skipped
+    found = ModelShapes.from_module(t, user_plan(exclude=["*.attn2.to_k"]))
+    plan = LayerPlan.for_model(t, exclude=["*.attn2.to_k"])
+    assert found.plan == plan  # the plan the model's cells run with: default skips plus the user's
+    sel = select_layers(t, plan)
+    assert [s.name for s in found.layers] == list(sel.layers)
+    params = sum(p.numel() for p in t.parameters()) + sum(b.numel() for b in t.buffers())
+    inside = sum(p.numel() for layer in sel.layers.values() for p in layer.parameters())
+    assert found.other_elements == params - inside
+    assert found.model_bytes(None) == (16 * params + 7) // 8  # all 16-bit: two bytes per element
+    assert "transformer_blocks.0.ff.conv_depth" in found.skipped
 
 
 # ----------------------------------------------------------------------------- bad input: exit 2, one line

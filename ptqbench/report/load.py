@@ -1,14 +1,13 @@
 """Read ptqbench runs from MLflow into a DataFrame (one row per cell) and fetch their artifacts.
 
-Only the tracked runs are read: the schema is the one in CONTRACTS.md (tags ``model``,
-``method``, ``prompt_set``, ``is_reference``, ``cell_hash``, ``ptqbench.status``/``ptqbench.error``,
-``metric_status.<m>``/``metric_direction.<m>``; params = the resolved cell config; metrics).
+Only the tracked runs are read, each as a :class:`ptqbench.schema.RunRecord` (the schema the
+runner logs: tags, params = the resolved cell config, metrics); the DataFrame has one column
+per field of the record.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,20 +19,11 @@ from urllib.request import url2pathname
 
 import pandas as pd
 
+from ptqbench import schema
 from ptqbench.errors import UserError
+from ptqbench.schema import RunRecord
 
-# Params that identify the group a table compares within (same reference images, same n).
-SETTINGS = ("n_prompts", "steps", "guidance", "resolution", "dtype")
-# the param each setting is logged as (generation settings are namespaced, methods have a "steps")
-SETTING_PARAMS = {"n_prompts": "n_prompts", "steps": "gen.steps", "guidance": "gen.guidance",
-                  "resolution": "gen.resolution", "dtype": "dtype"}
-# Non-metric numbers logged as metrics.
-BOOKKEEPING_METRICS = ("bits_per_weight", "model_bytes")
-BOOKKEEPING_PREFIXES = ("layer_", "seconds_")
-STATUS_PREFIX = "metric_status."
-DIRECTION_PREFIX = "metric_direction."
-_MLFLOW_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "failed", "RUNNING": "running"}
-_STATUS_RANK = {"finished": 0, "failed": 1, "running": 2}
+_STATUS_RANK = {schema.FINISHED: 0, schema.FAILED: 1, schema.RUNNING: 2}
 
 
 def redact(uri: str) -> str:
@@ -88,90 +78,25 @@ def select_experiments(client: Any, names: Sequence[str] | None) -> list[tuple[s
     return sorted({(by_name[n], n) for n in names}, key=lambda t: t[1])
 
 
-def _number(text: str | None) -> float:
-    try:
-        return float(text) if text not in (None, "", "None") else math.nan
-    except ValueError:
-        return math.nan
+def _preference(r: RunRecord) -> tuple[int, int, str]:
+    return (_STATUS_RANK.get(r.status, 3), -r.start_time, r.run_id)
 
 
-def metric_names(metrics: dict[str, float], tags: dict[str, str]) -> set[str]:
-    """The quality metrics a run reports (computed or not) per the schema."""
-    names = {k[len(STATUS_PREFIX):] for k in tags if k.startswith(STATUS_PREFIX)}
-    names |= {k[len(DIRECTION_PREFIX):] for k in tags if k.startswith(DIRECTION_PREFIX)}
-    names |= {k[:-2] for k in metrics if k.endswith("_n")}
-    return {n for n in names if n and n not in BOOKKEEPING_METRICS and not n.startswith(BOOKKEEPING_PREFIXES)}
-
-
-def run_status(mlflow_status: str, tags: dict[str, str]) -> str:
-    """finished / failed / running: the ptqbench tag, overruled by an MLflow FAILED/KILLED state."""
-    mapped = _MLFLOW_STATUS.get(mlflow_status, "running")
-    if mapped == "failed":
-        return "failed"
-    return tags.get("ptqbench.status", mapped)
-
-
-def record(run: Any, experiment: str) -> dict[str, Any]:
-    """One run as a flat record (identity columns) plus its raw params, metrics and tags."""
-    tags, params, metrics = dict(run.data.tags), dict(run.data.params), dict(run.data.metrics)
-    method = tags.get("method") or params.get("method") or ""
-    is_ref = tags.get("is_reference", "").lower() == "true" or method == "none"
-    status = run_status(run.info.status, tags)
-    rank = _number(params.get("rank"))
-    low, high = _number(params.get("rank_per_layer.min")), _number(params.get("rank_per_layer.max"))
-    if math.isfinite(low) and math.isfinite(high) and low != high:
-        rank_text = f"{int(low)}–{int(high)}"  # per-layer ranks (the method's rank is their maximum)
-    else:
-        rank_text = str(int(rank)) if math.isfinite(rank) and rank > 0 else ""
-    bpw = metrics.get("bits_per_weight", _number(params.get("bits_per_weight")))
-    size = metrics.get("model_bytes", _number(params.get("model_bytes")))
-    return {
-        "experiment": experiment,
-        "run_id": run.info.run_id,
-        "run_name": run.info.run_name or "",
-        "start_time": int(run.info.start_time or 0),
-        "artifact_uri": run.info.artifact_uri or "",
-        "status": status,
-        "error": tags.get("ptqbench.error", "" if status != "failed" else "failed without a ptqbench.error tag"),
-        "model": tags.get("model") or params.get("model") or "",
-        "prompt_set": tags.get("prompt_set") or params.get("prompt_set") or "",
-        **{k: params.get(SETTING_PARAMS[k], "") for k in SETTINGS},
-        "method": "none" if is_ref else method,
-        "is_reference": is_ref,
-        "label": tags.get("label", run.info.run_name or ""),
-        "cell_hash": tags.get("cell_hash") or params.get("cell_hash") or "",
-        "weight_format": "" if is_ref else params.get("weight_format", ""),
-        "act_format": "" if is_ref else params.get("act_format", ""),
-        "branch_format": params.get("branch_format", "") if rank > 0 else "",
-        "branch_act_format": params.get("branch_act_format", "") if rank > 0 else "",
-        "rank": int(rank) if math.isfinite(rank) else 0,
-        "rank_text": rank_text,
-        "bits_per_weight": float(bpw),
-        "model_bytes": float(size),
-        "metric_names": tuple(sorted(metric_names(metrics, tags))),
-        "params": params,
-        "metrics": metrics,
-        "tags": tags,
-    }
-
-
-def dedupe(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+def dedupe(records: list[RunRecord]) -> tuple[list[RunRecord], list[str]]:
     """One run per (experiment, cell_hash): finished over failed over running, then the latest."""
-    best: dict[tuple[str, str], dict[str, Any]] = {}
+    best: dict[tuple[str, str], RunRecord] = {}
     notes = []
     for r in records:
-        key = (r["experiment"], r["cell_hash"] or r["run_id"])
-        order = (_STATUS_RANK.get(r["status"], 3), -r["start_time"], r["run_id"])
+        key = (r.experiment, r.cell_hash or r.run_id)
         old = best.get(key)
         if old is None:
             best[key] = r
             continue
-        old_order = (_STATUS_RANK.get(old["status"], 3), -old["start_time"], old["run_id"])
-        keep, drop = (r, old) if order < old_order else (old, r)
+        keep, drop = (r, old) if _preference(r) < _preference(old) else (old, r)
         best[key] = keep
         notes.append(
-            f"experiment {r['experiment']}: cell {key[1]} has several runs; showing {keep['run_id']} "
-            f"({keep['status']}), not {drop['run_id']} ({drop['status']})"
+            f"experiment {r.experiment}: cell {key[1]} has several runs; showing {keep.run_id} "
+            f"({keep.status}), not {drop.run_id} ({drop.status})"
         )
     return list(best.values()), sorted(notes)
 
@@ -190,17 +115,18 @@ def load_runs(client: Any, experiments: Sequence[str] | None = None) -> Runs:
     from mlflow.entities import ViewType
 
     chosen = select_experiments(client, experiments)
-    records, notes = [], []
+    records: list[RunRecord] = []
+    notes: list[str] = []
     for exp_id, name in chosen:
         token = None
         while True:
             page = client.search_runs([exp_id], "", ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
             for run in page:
-                if "model" not in run.data.tags or "method" not in run.data.tags:
+                if schema.MODEL not in run.data.tags or schema.METHOD not in run.data.tags:
                     rid = run.info.run_id
                     notes.append(f"experiment {name}: run {rid} has no ptqbench tags (model, method); left out")
                     continue
-                records.append(record(run, name))
+                records.append(RunRecord.from_run(run, name))
             token = page.token
             if not token:
                 break
@@ -210,7 +136,7 @@ def load_runs(client: Any, experiments: Sequence[str] | None = None) -> Runs:
             f"no ptqbench runs in {redact(client.tracking_uri)} "
             f"(experiments: {', '.join(n for _, n in chosen) or 'none'}); run `ptqbench run SUITE.yaml` first"
         )
-    frame = pd.DataFrame(records)
+    frame = pd.DataFrame([r.row() for r in records])
     used = sorted(set(frame["experiment"]))
     return Runs(frame, used, sorted(notes) + dup_notes)
 

@@ -17,10 +17,13 @@ from typing import Any
 
 import pandas as pd
 
-from ptqbench.report.load import DIRECTION_PREFIX, SETTING_PARAMS, SETTINGS, STATUS_PREFIX
+from ptqbench.labels import REFERENCE as REFERENCE_LABEL
+from ptqbench.labels import config_text
+from ptqbench.schema import GEN, SETTING_PARAMS, SETTINGS
+from ptqbench.schema import METRIC_DIRECTION as DIRECTION_PREFIX
+from ptqbench.schema import METRIC_STATUS as STATUS_PREFIX
 
 METHOD_ORDER = {"none": 0, "rtn": 1, "smoothquant": 2, "svdquant": 3, "loraq": 4}
-REFERENCE_LABEL = "16-bit reference"
 DASH = "—"
 NOT_COMPUTED = "n/c"
 MAX_NOTE = 2000
@@ -31,7 +34,7 @@ _IDENTITY = {
     "cell_hash", "git_commit", "device", "bits_per_weight", "model_bytes", "model", "prompt_set", "method",
     "weight_format", "act_format", "branch_format", "branch_act_format", "rank",
 }
-_IDENTITY_PREFIXES = ("versions.", "weight_format.", "act_format.", "branch_format.", "branch_act_format.", "gen.")
+_IDENTITY_PREFIXES = ("versions.", "weight_format.", "act_format.", "branch_format.", "branch_act_format.", GEN)
 _SETTING_PARAMS = set(SETTING_PARAMS.values())
 
 
@@ -143,10 +146,8 @@ def _variant_params(row: dict[str, Any]) -> dict[str, str]:
 def _base_label(row: dict[str, Any]) -> str:
     if row["is_reference"]:
         return REFERENCE_LABEL
-    text = f"{row['method']} W:{row['weight_format'] or '?'} A:{row['act_format'] or '?'}"
-    if row["rank"] > 0:
-        text += f" r{row['rank_text']} B:{branch_text(row)}"
-    return text
+    rank = row["rank_text"] if row["rank"] > 0 else None
+    return config_text(row["method"], row["weight_format"] or "?", row["act_format"] or "?", rank, branch_text(row))
 
 
 def _label_variants(rows: list[dict[str, Any]]) -> None:

@@ -1,0 +1,100 @@
+"""What a finished cell leaves as MLflow artifacts: its resolved configuration, per-layer errors,
+what was patched, a few sample images and a captioned grid of them (names in :mod:`ptqbench.schema`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ptqbench import schema
+from ptqbench.generation import INDEX
+
+if TYPE_CHECKING:
+    from ptqbench.evaluate import EvalResult
+    from ptqbench.suite import Cell
+
+SAMPLES = 8  # images logged per cell (the same prompts and seeds in every cell of a model)
+GRID_COLUMNS = 4
+RUNTIME_PARAMS = (schema.VERSIONS, schema.GIT_COMMIT, schema.DEVICE, schema.THREADS)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def write_artifacts(cell: Cell, result: EvalResult, folder: Path, params: Mapping[str, Any]) -> Path:
+    """config.yaml, layer_errors.csv, patch_report.json, grid.png and samples/ in ``folder``."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "cell_hash": cell.hash, "label": cell.label, "suite": cell.suite, "origin": cell.origin,
+        "config": _jsonable(cell.config),
+        "runtime": _jsonable({k: params[k] for k in RUNTIME_PARAMS if k in params}),
+    }
+    (folder / schema.CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    if result.layer_errors is not None:
+        result.layer_errors.to_csv(folder / schema.LAYER_ERRORS_FILE, index=False)
+    report = {"quantized": list(result.quantized), "skipped": dict(result.skipped)}
+    (folder / schema.PATCH_REPORT_FILE).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    samples = folder / schema.SAMPLES_DIR
+    entries = _samples(Path(result.images_dir), samples)
+    if entries:
+        sample_grid([samples / e["file"] for e in entries], [e["prompt"] for e in entries]).save(
+            folder / schema.GRID_FILE
+        )
+    return folder
+
+
+def _samples(images_dir: Path, target: Path) -> list[dict[str, Any]]:
+    """The first SAMPLES images as samples/NNN.png with samples/index.json."""
+    index_file = images_dir / INDEX
+    if not index_file.is_file():
+        return []
+    entries = sorted(json.loads(index_file.read_text(encoding="utf-8")), key=lambda e: e["index"])[:SAMPLES]
+    target.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, e in enumerate(entries):
+        name = f"{i:03d}.png"
+        shutil.copyfile(images_dir / e["file"], target / name)
+        out.append({"index": e["index"], "prompt": e["prompt"], "seed": e["seed"], "file": name})
+    (target / INDEX).write_text(json.dumps(out, indent=1), encoding="utf-8")
+    return out
+
+
+def sample_grid(files: Sequence[Path], captions: Sequence[str], columns: int = GRID_COLUMNS, tile: int = 256) -> Any:
+    """A grid of images, each scaled to ``tile`` pixels wide with its prompt underneath."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    lines_per_caption, line_h = 3, 12
+    cap_h = lines_per_caption * line_h + 6
+    images = [Image.open(f).convert("RGB") for f in files]
+    tiles = []
+    for img in images:
+        h = max(1, round(img.height * tile / img.width))
+        tiles.append(img.resize((tile, h), Image.NEAREST if img.width < tile else Image.BICUBIC))
+    rows = math.ceil(len(tiles) / columns)
+    cell_h = max(t.height for t in tiles) + cap_h
+    grid = Image.new("RGB", (columns * tile, rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    chars = max(8, tile // 6)
+    for i, (t, caption) in enumerate(zip(tiles, captions, strict=True)):
+        x, y = (i % columns) * tile, (i // columns) * cell_h
+        grid.paste(t, (x, y))
+        wrapped = textwrap.wrap(caption, chars)[:lines_per_caption]
+        for j, line in enumerate(wrapped):
+            draw.text((x + 3, y + t.height + 3 + j * line_h), line, fill="black", font=font)
+    return grid
