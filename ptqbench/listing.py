@@ -119,12 +119,12 @@ def layer_rows(model: nn.Module, include: tuple[str, ...] = ("*",), exclude: tup
 
 def summary(model: nn.Module, table: list[LayerRow]) -> list[str]:
     """Counts per role (block kind), then totals: layers per kind, quantized weights, q/k/v groups."""
-    roles = Counter((r.quantized, r.role, r.kind, r.shape, r.reason, r.group is not None) for r in table)
+    roles = Counter((r.quantized, r.role, r.kind, r.shape, r.reason, r.group is not None, r.floor) for r in table)
     lines = []
-    for (quantized, role, kind, shape, reason, grouped), n in sorted(roles.items(), key=lambda kv: not kv[0][0]):
-        note = "shares its input with q/k/v" if grouped else ""
+    for (quantized, role, kind, shape, reason, grouped, floor), n in sorted(roles.items(), key=lambda kv: not kv[0][0]):
+        notes = ["shares its input with q/k/v" if grouped else "", f"input >= {floor:.6f}" if floor is not None else ""]
         status = "quantized" if quantized else "skipped"
-        lines.append(_columns((status, str(n), role, f"{kind} {shape}", note or reason)))
+        lines.append(_columns((status, str(n), role, f"{kind} {shape}", "; ".join(filter(None, notes)) or reason)))
     kept = [r for r in table if r.quantized]
     per_kind = ", ".join(f"{k} {n}" for k, n in sorted(Counter(r.kind for r in kept).items()))
     weights = sum(r.weights for r in kept)

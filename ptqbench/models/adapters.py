@@ -62,9 +62,8 @@ class ModelAdapter:
         if self.latent_packing < 1:
             raise UserError(f"adapter {self.name}: latent_packing must be >= 1, got {self.latent_packing}")
 
-    def skip_reason(self, name: str) -> str | None:
-        """Why module ``name`` stays 16-bit by default, or None if it is quantized."""
-        return next((r for p, r in self.skips.items() if fnmatch.fnmatchcase(name, p)), None)
+    def __hash__(self) -> int:  # the mappings are not hashable; a spec (and so its adapter) may be a key
+        return hash((self.name, self.transformer_class, self.pipeline_class))
 
     def activation_floor(self, name: str) -> float | None:
         """Lower bound of the activation that feeds layer ``name`` (None: unbounded or unknown)."""
@@ -100,7 +99,7 @@ class ModelAdapter:
 
 GENERIC = ModelAdapter("generic", transformer_class="")
 
-_DIT_EMBEDS = {  # PixArt-Sigma and SANA: DiTStruct's input_embed / time_embed / text_embed / output_embed
+_DIT_EMBEDS = {  # PixArt-Sigma and SANA alike: DiTStruct's text_embed and output_embed
     "caption_projection.*": _why("caption projection", "embed"),
     "proj_out": _why("output projection", "embed"),
 }
@@ -143,7 +142,7 @@ SANA = ModelAdapter(
     latent_dtype="fp32",  # SanaPipeline keeps its latents in float32 whatever the model's dtype
 )
 
-_FLUX_NORM = "adaLN modulation, kept 16-bit: deepcompressor quantizes only its weights"
+_WEIGHT_ONLY = "{}, quantized weight-only there"  # flux.1-dev.yaml skips these keys for inputs only
 FLUX = ModelAdapter(
     "flux",
     transformer_class="FluxTransformer2DModel",
@@ -154,9 +153,11 @@ FLUX = ModelAdapter(
         "context_embedder": _why("text embedding", "embed"),
         "norm_out.linear": _why("output adaLN modulation", "embed"),
         "proj_out": _why("output projection", "embed"),
-        "transformer_blocks.*.norm1.linear": _why(_FLUX_NORM, "transformer_norm"),
-        "transformer_blocks.*.norm1_context.linear": _why(_FLUX_NORM, "transformer_add_norm"),
-        "single_transformer_blocks.*.norm.linear": _why(_FLUX_NORM, "transformer_norm"),
+        "transformer_blocks.*.norm1.linear": _why("adaLN modulation", _WEIGHT_ONLY.format("transformer_norm")),
+        "transformer_blocks.*.norm1_context.linear": _why(
+            "adaLN modulation", _WEIGHT_ONLY.format("transformer_add_norm")
+        ),
+        "single_transformer_blocks.*.norm.linear": _why("adaLN modulation", _WEIGHT_ONLY.format("transformer_norm")),
     },
     # ff / ff_context: FeedForward(activation_fn="gelu-approximate"). A single block's proj_out reads
     # [attention output, GELU(proj_mlp)] (deepcompressor splits it in two; one Linear here): no floor.
