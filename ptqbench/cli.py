@@ -18,7 +18,7 @@ from ptqbench.errors import UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("ptqbench.runner", "run a suite of cells (or --dry-run to print the grid)"),
     "report": ("ptqbench.report", "tables, plots and an HTML page from the tracked runs"),
-    "list": ("ptqbench.listing", "list methods, formats, models or metrics"),
+    "list": ("ptqbench.listing", "list methods, formats, models or metrics, or the layers of a model"),
     "layers": ("ptqbench.layerstudy", "per-layer error study of methods at equal memory"),
     "bench": ("ptqbench.bench", "forward-time benchmark of quantized transformers (GPU)"),
     "train-default": ("ptqbench.models.fmnist_train", "train the embedded Fashion-MNIST DiT and classifier"),

@@ -15,15 +15,18 @@ from dataclasses import dataclass
 from ptqbench.errors import UserError
 from ptqbench.method import LowRankMethod, Method
 
-
 QKV = ("to_q", "to_k", "to_v")
+ADD_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")  # a joint attention's text-stream projections (FLUX, SD3)
 
 
 def qkv_group(name: str) -> str | None:
     """The share group of an attention projection that may share its input with its siblings
-    (``<parent>.qkv`` for ``<parent>.to_q/to_k/to_v``), else ``None``."""
+    (``<parent>.qkv`` for ``<parent>.to_q/to_k/to_v``, ``<parent>.add_qkv`` for
+    ``<parent>.add_q_proj/add_k_proj/add_v_proj``), else ``None``."""
     parent, _, leaf = name.rpartition(".")
-    return f"{parent}.qkv" if leaf in QKV else None
+    if leaf in QKV:
+        return f"{parent}.qkv"
+    return f"{parent}.add_qkv" if leaf in ADD_QKV else None
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ class Block(nn.Module):
 class ToyPixArt(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.adaln_single = nn.Linear(8, 32)
+        self.adaln_single = nn.ModuleDict({"linear": nn.Linear(8, 32)})
         self.transformer_blocks = nn.ModuleList([Block(), Block()])
         self.proj_out = nn.Linear(32, 4)
 
@@ -136,7 +136,7 @@ class ToyPixArt(nn.Module):
         return self.proj_out(x)
 
 
-ToyPixArt.__name__ = "PixArtToy"  # picks the PixArt default skip list
+ToyPixArt.__name__ = "PixArtTransformer2DModel"  # picks the PixArt adapter's skip list
 
 
 def test_select_quantize_and_restore() -> None:
@@ -145,8 +145,8 @@ def test_select_quantize_and_restore() -> None:
     assert sorted(sel.layers) == sorted(
         f"transformer_blocks.{i}.{n}" for i in range(2) for n in ("attn1.to_q", "attn1.to_k", "ff.0", "ff.2")
     )
-    assert sel.skipped["adaln_single"] == "timestep modulation (adaLN)"
-    assert sel.skipped["proj_out"] == "output projection"
+    assert sel.skipped["adaln_single.linear"] == "adaLN modulation shared by all blocks (deepcompressor: embed)"
+    assert sel.skipped["proj_out"] == "output projection (deepcompressor: embed)"
     assert "conv is not a linear map" in sel.skipped["transformer_blocks.0.ff.1"]
     x = torch.randn(3, 4, 32)
     ref = model(x)

@@ -387,7 +387,7 @@ def test_dry_run_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     lines = out.strip().splitlines()
     header = ["cell_hash", "model", "method", "formats", "rank", "bits/weight", "model", "bytes", "note"]
     assert lines[0].split() == header
-    assert re.search(r"tiny-pixart\s+none\s+16-bit\s+-\s+16\.203125\s+385,472$", lines[1]), lines[1]
-    assert re.search(r"tiny-pixart\s+rtn\s+W:int4_g64 A:int4_g64\s+-\s+4\.453125\s+192,960$", lines[2]), lines[2]
+    assert re.search(r"tiny-pixart\s+none\s+16-bit\s+-\s+16\.196429\s+385,472$", lines[1]), lines[1]
+    assert re.search(r"tiny-pixart\s+rtn\s+W:int4_g64 A:int4_g64\s+-\s+4\.446429\s+217,024$", lines[2]), lines[2]
     assert re.search(r"loraq steps=5\s+W:mxfp4 A:mxfp4 B:mxfp8_e4m3/mxfp8_e4m3\s+per-layer \d+\.\.\d+\s+", lines[3])
     assert lines[-1].startswith("# 3 cells (1 16-bit references)")
