@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
@@ -121,6 +121,3 @@ def describe(obj: Any) -> str:
     """First line of an entry's docstring, for ``ptqbench list``."""
     doc = getattr(obj, "__doc__", None) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
-
-
-Factory = Callable[..., Any]
