@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -43,6 +44,8 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # MLflow's usage telemetry writes an id into ~/.config and calls home; off unless the user chose.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:

@@ -16,6 +16,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ptqbench.cache import Cache
 from ptqbench.registry import Registry
 
 METRICS: Registry[type[Metric]] = Registry(
@@ -26,7 +27,9 @@ Need = Literal["reference", "prompts", "real"]
 
 class MetricInputs:
     """Everything a metric may use: images ``[N, 3, H, W]`` on the CPU, optionally the 16-bit
-    reference images (same prompts and seeds), the prompts, a folder of real images, a device.
+    reference images (same prompts and seeds), the prompts, a folder of real images, a device,
+    and the run's :class:`~ptqbench.cache.Cache` (``--cache-dir``; by default the default root),
+    where metrics keep what they compute once (e.g. real-image statistics).
 
     Images may be given as uint8, as their PNGs hold them (the runner does: a quarter of
     float32's memory at N = 5000, 1024 px), or as floats in [0, 1]. ``images`` and ``reference``
@@ -34,7 +37,7 @@ class MetricInputs:
     :meth:`stored` slices through :func:`image_floats` instead.
     """
 
-    __slots__ = ("_images", "_reference", "device", "prompts", "real_dir")
+    __slots__ = ("_images", "_reference", "cache", "device", "prompts", "real_dir")
 
     def __init__(
         self,
@@ -43,9 +46,11 @@ class MetricInputs:
         prompts: Sequence[str] | None = None,
         real_dir: Path | None = None,
         device: str = "cpu",
+        cache: Cache | None = None,
     ):
         self._images, self._reference = images, reference
         self.prompts, self.real_dir, self.device = prompts, real_dir, device
+        self.cache = cache if cache is not None else Cache()
 
     @property
     def images(self) -> torch.Tensor:

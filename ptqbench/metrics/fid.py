@@ -6,7 +6,7 @@ what its PNG holds), resized per channel with PIL bicubic in float32 to the netw
 ``cleanfid.fid.get_files_features`` itself, with the file list clean-fid's folder mode would use
 (or the images of a ``.zip``). The distance is :func:`ptqbench.metrics.frechet.frechet_distance_from_stats`
 (float64, the same value as clean-fid's ``compute_fid`` up to rounding). Statistics of a real
-folder are cached on disk (``$PTQBENCH_CACHE/real_feature_stats``), keyed by the network and
+folder are cached in the run's cache (``--cache-dir``: ``real_feature_stats/``), keyed by the network and
 every file's name, size and mtime. ``n`` is the number of generated images: FID is only
 comparable at equal n.
 
@@ -111,11 +111,10 @@ def _fingerprint(path: Path, files: list[str]) -> list:
     return out
 
 
-def real_stats(path: Path, files: list[str], net: FeatureNet) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of ``net`` features of real images, through clean-fid, cached on disk."""
+def real_stats(path: Path, files: list[str], net: FeatureNet, cache: Cache) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of ``net`` features of real images, through clean-fid, kept in ``cache``."""
     from cleanfid.fid import get_files_features
 
-    cache = Cache()
     key = cache_key("real_feature_stats", net.name, net.size, str(path.resolve()), _fingerprint(path, files))
     target = cache.path("real_feature_stats", key) / "stats.npz"
     if cache.done("real_feature_stats", key):
@@ -218,7 +217,7 @@ class FrechetMetric(Metric):
             other = feature_stats(tensor_features(reference, net))
         else:
             assert inputs.real_dir is not None
-            other = real_stats(Path(inputs.real_dir), files, net)
+            other = real_stats(Path(inputs.real_dir), files, net, inputs.cache)
         value = frechet_distance_from_stats(*feature_stats(tensor_features(inputs.stored(), net)), *other)
         return MetricResult(self.name, value, n, higher_is_better=False)
 

@@ -53,19 +53,18 @@ def get_classifier(path: str | Path | None = None) -> tuple[fmnist.FMNISTClassif
     return _classifier(None if chosen is None else str(chosen), mtime)
 
 
-def real_feature_stats(model: fmnist.FMNISTClassifier, digest: str, data: str | Path | None = None,
+def real_feature_stats(model: fmnist.FMNISTClassifier, digest: str, cache: Cache, data: str | Path | None = None,
                        device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the classifier's features on the 10k test images.
 
     The shipped ``STATS_FILE`` when it was made with this classifier, else computed from the
-    test set (UserError when it is absent) and cached under the classifier's digest.
+    test set (UserError when it is absent) and kept in ``cache`` under the classifier's digest.
     """
     shipped = fmnist.ASSETS / STATS_FILE
     if shipped.is_file():
         z = np.load(shipped)
         if str(z["classifier_sha256"]) == digest:
             return z["mu"], z["sigma"]
-    cache = Cache()
     key = cache_key("fmnist-test-feature-stats", digest)
     file = cache.path("fmnist_stats", key) / STATS_FILE
     if cache.done("fmnist_stats", key):
@@ -150,7 +149,7 @@ class FDFMNIST(_FMNISTMetric):
             return MetricResult.missing(self, f"fd_fmnist needs at least 2 images, got {n}")
         try:
             model, digest = self._load()
-            mu_r, sigma_r = real_feature_stats(model, digest, self.data, inputs.device)
+            mu_r, sigma_r = real_feature_stats(model, digest, inputs.cache, self.data, inputs.device)
         except UserError as exc:
             return MetricResult.missing(self, str(exc))
         value = frechet_distance_from_stats(*_feature_stats(model, inputs.stored(), inputs.device), mu_r, sigma_r)

@@ -190,9 +190,11 @@ TRANSFORMER_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def build_transformer(
-    name: str, device: str | torch.device = "meta", dtype: torch.dtype | None = None, seed: int = 0
+    name: str, device: str | torch.device = "meta", dtype: torch.dtype | None = None, seed: int = 0,
+    **overrides: Any,
 ) -> nn.Module:
-    """The transformer of model ``name`` from its config with random weights (no download).
+    """The transformer of model ``name`` from its config (keys in ``overrides`` replaced) with random
+    weights (no download).
 
     On ``"meta"`` it is instant and holds no memory (for layer selection and accounting).
     """
@@ -204,7 +206,7 @@ def build_transformer(
     cls = getattr(diffusers, cls_name)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = cls.from_config(config)
+        model = cls.from_config({**config, **overrides})
     return model.to(dtype) if dtype is not None else model
 
 
