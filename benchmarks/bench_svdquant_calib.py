@@ -15,7 +15,10 @@ computes it), and the script prints:
   ``--tflops`` (default: H200 dense bf16, 989 TFLOP/s);
 - the measured time and the ratio to the floor;
 - per subsample size, the fraction of layers whose chosen (alpha, beta) pair, refinement
-  iterate, and both, equal the all-rows choice.
+  iterate, and both, equal the all-rows choice;
+- the seconds of one SVD per unit shape (SVDs are outside the floor; the search does one per
+  candidate and per evaluated iterate). The report is printed (and ``--out`` written) after
+  every block, so a run cut short still leaves its numbers.
 
   GPU (the native size: 128 calibration samples x 4096 tokens = 524288 rows):
       python benchmarks/bench_svdquant_calib.py --device cuda --out svdq_calib.json
@@ -129,8 +132,7 @@ def calibrate(method, layers, rows: dict[str, torch.Tensor], absmax: dict[str, t
 
 
 def sync(layers: dict[str, nn.Module]) -> None:
-    if next(iter(layers.values())).weight.is_cuda:
-        torch.cuda.synchronize()
+    sync_device(next(iter(layers.values())).weight)
 
 
 def floor_flops(shapes: dict[str, tuple[int, int]], names: list[str], info: dict, args, n_rows: int) -> float:
@@ -161,10 +163,15 @@ def run(args: argparse.Namespace) -> dict:
     sizes = [k for k in args.subsample if k < args.rows]
     results = {"all": {"seconds": 0.0, "flops": 0.0}} | {k: {"seconds": 0.0, "flops": 0.0} for k in sizes}
     choices: dict[object, dict[str, tuple]] = {key: {} for key in results}
+    svd_seconds = svd_probe(shapes, list(shapes), args)
+    out: dict = {}
     for index, names in enumerate(blocks(list(shapes)).values()):
         layers, rows = synthetic_block(shapes, names, args, dtype, index)
         absmax = {name: x.abs().amax(0) for name, x in rows.items()}
         perm = torch.randperm(args.rows, generator=torch.Generator().manual_seed(args.seed + index))
+        if index == 0:  # warm-up (kernel compilation, allocator), not timed
+            few = {id(x): x[: min(64, args.rows)] for x in rows.values()}
+            calibrate(method, layers, {name: few[id(x)] for name, x in rows.items()}, absmax)
         for key in results:
             if key == "all":
                 picked, n_rows = rows, args.rows
@@ -176,8 +183,41 @@ def run(args: argparse.Namespace) -> dict:
             results[key]["seconds"] += seconds
             results[key]["flops"] += floor_flops(shapes, names, info, args, n_rows)
             choices[key].update({name: (i["smooth_pair"], i["best_iteration"]) for name, i in info.items()})
-        print(f"block {index}: {len(names)} layers, all rows {results['all']['seconds']:.1f} s so far", flush=True)
-    return summarize(results, choices, args, len(shapes))
+        out = summarize(results, choices, args, len(choices["all"]))
+        out["svd_seconds_per_call"] = svd_seconds
+        print(f"after block {index} ({len(names)} layers):\n{report(out)}", flush=True)
+        if args.out:  # after every block, so that a run cut short still leaves its numbers
+            args.out.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def svd_probe(shapes: dict[str, tuple[int, int]], names: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Seconds of one SVD (the method's kind and precision) per unit shape: SVDs are not in the floor."""
+    from ptqbench.lowrank import resolve_svd, truncated_svd
+
+    units: dict[str, list[str]] = {}
+    for name in names:
+        units.setdefault(qkv_group(name) or name, []).append(name)
+    out = {}
+    for members in units.values():
+        m, n = sum(shapes[k][0] for k in members), shapes[members[0]][1]
+        if f"{m}x{n}" in out:
+            continue
+        w = torch.randn(1, m, n, device=args.device)
+        kind = resolve_svd(args.svd, args.rank, (1, m, n), w.device)
+        precision = torch.float64 if args.svd == "exact" else torch.float32
+        truncated_svd(w, args.rank, kind, dtype=precision)  # warm-up
+        sync_device(w)
+        start = time.perf_counter()
+        truncated_svd(w, args.rank, kind, dtype=precision)
+        sync_device(w)
+        out[f"{m}x{n}"] = time.perf_counter() - start
+    return out
+
+
+def sync_device(t: torch.Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.synchronize()
 
 
 def summarize(results: dict, choices: dict, args: argparse.Namespace, n_layers: int) -> dict:
@@ -212,10 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if args.device == "cpu":
         torch.set_num_threads(1)
-    out = run(args)
-    print(report(out))
-    if args.out:
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+    run(args)
     return 0
 
 

@@ -21,11 +21,17 @@ from ptqbench.method import LowRankMethod, Method
 QKV = ("to_q", "to_k", "to_v")
 
 
-def qkv_group(name: str) -> str | None:
+def qkv_group(name: str, cross_attention: bool = False) -> str | None:
     """The share group of an attention projection that may share its input with its siblings
-    (``<parent>.qkv`` for ``<parent>.to_q/to_k/to_v``), else ``None``."""
+    (``<parent>.qkv`` for ``<parent>.to_q/to_k/to_v``), else ``None``. In a cross-attention
+    (``cross_attention=True``) ``to_q`` reads the image and ``to_k``/``to_v`` the text: ``to_q`` is
+    alone and ``to_k``/``to_v`` form ``<parent>.kv`` (deepcompressor's ``add_k_proj``/``add_v_proj``)."""
     parent, _, leaf = name.rpartition(".")
-    return f"{parent}.qkv" if leaf in QKV else None
+    if leaf not in QKV:
+        return None
+    if cross_attention:
+        return None if leaf == "to_q" else f"{parent}.kv"
+    return f"{parent}.qkv"
 
 
 @dataclass(frozen=True)

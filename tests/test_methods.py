@@ -429,7 +429,8 @@ def test_refinement_scores_the_output_error_without_smoothing(layers, calib):
     layer, stats = layers[DOWN], calib[DOWN]
     method = get_method("svdquant", **MX, smoothing=False, num_iters=4, early_stop=False)
     q = method.quantize_layer(layer, stats)
-    assert q.smooth is None and q.info["objective"] == f"output MSE on {len(stats.rows)} rows" and q.info["smoothing"] == "off"
+    assert q.smooth is None and q.info["smoothing"] == "off"
+    assert q.info["objective"] == f"output MSE on {len(stats.rows)} rows"
     assert method.quantize_layer(layer).info["objective"] == "weight error (no rows)"
     x = stats.rows
     for k in range(1, 5):  # the kept iterate has the lowest output error of the first four
@@ -543,3 +544,19 @@ def test_gpu_benchmark_script_runs_small_on_cpu(tmp_path):
     assert report["layers"] == 20 and set(runs) == {"loraq", "loraq_init", "svdquant_search", "svdquant_datafree"}
     assert runs["loraq"]["rel_weight_error_mean"] < runs["loraq_init"]["rel_weight_error_mean"]
     assert all(r["seconds"] > 0 for r in runs.values())
+
+
+def test_svdquant_calibration_benchmark_runs_small_on_cpu(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_svdquant_calib.py"
+    spec = importlib.util.spec_from_file_location("bench_svdquant_calib", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "calib.json"
+    args = ["--small", "--device", "cpu", "--rows", "96", "--subsample", "32", "--layers", "8",
+            "--num-grids", "2", "--num-iters", "3", "--rank", "4", "--out", str(out)]
+    assert bench.main(args) == 0
+    report = json.loads(out.read_text())
+    native, sub = report["runs"]
+    assert report["layers"] == 8 and native["rows"] == 96 and sub["rows"] == 32
+    assert native["floor_flops"] > sub["floor_flops"] > 0 and native["seconds"] > 0
+    assert 0.0 <= sub["same_both"] <= min(sub["same_pair"], sub["same_iterate"]) <= 1.0
