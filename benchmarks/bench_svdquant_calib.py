@@ -18,7 +18,7 @@ computes it), and the script prints:
   iterate, and both, equal the all-rows choice;
 - the seconds of one SVD per unit shape (SVDs are outside the floor; the search does one per
   candidate and per evaluated iterate). The report is printed (and ``--out`` written) after
-  every block, so a run cut short still leaves its numbers.
+  every run (one block at one size), so a run cut short still leaves its numbers.
 
   GPU (the native size: 128 calibration samples x 4096 tokens = 524288 rows):
       python benchmarks/bench_svdquant_calib.py --device cuda --out svdq_calib.json
@@ -183,11 +183,11 @@ def run(args: argparse.Namespace) -> dict:
             results[key]["seconds"] += seconds
             results[key]["flops"] += floor_flops(shapes, names, info, args, n_rows)
             choices[key].update({name: (i["smooth_pair"], i["best_iteration"]) for name, i in info.items()})
-        out = summarize(results, choices, args, len(choices["all"]))
-        out["svd_seconds_per_call"] = svd_seconds
-        print(f"after block {index} ({len(names)} layers):\n{report(out)}", flush=True)
-        if args.out:  # after every block, so that a run cut short still leaves its numbers
-            args.out.write_text(json.dumps(out, indent=1) + "\n")
+            out = summarize(results, choices, args, len(choices["all"]))
+            out["svd_seconds_per_call"] = svd_seconds
+            print(f"block {index}, rows {n_rows}: {seconds:.2f} s\n{report(out)}", flush=True)
+            if args.out:  # after every run, so that a run cut short still leaves its numbers
+                args.out.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
@@ -228,7 +228,7 @@ def summarize(results: dict, choices: dict, args: argparse.Namespace, n_layers: 
         floor = res["flops"] / (args.tflops * 1e12)
         row = {"rows": args.rows if key == "all" else key, "seconds": res["seconds"], "floor_flops": res["flops"],
                "floor_seconds": floor, "ratio": res["seconds"] / floor if floor else float("nan")}
-        if key != "all":
+        if key != "all" and choices[key]:
             same = [(native[n][0] == c[0], native[n][1] == c[1]) for n, c in choices[key].items()]
             row["same_pair"] = sum(p for p, _ in same) / len(same)
             row["same_iterate"] = sum(i for _, i in same) / len(same)
