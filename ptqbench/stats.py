@@ -93,6 +93,7 @@ class StatsCollector:
         self.stats = {name: LayerStats() for name in self.layers}
         self._gens: dict[str, torch.Generator] = {}
         self._parts: dict[str, list[torch.Tensor]] = {}  # all rows, concatenated by result()
+        self._last: torch.Tensor | None = None
         self.seed = seed
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -132,7 +133,7 @@ class StatsCollector:
             part = (xf * xf).sum(0) if spec.xtx == "diag" else xf.T @ xf
             st.xtx = part if st.xtx is None else st.xtx + part.to(st.xtx.device)
         if spec.rows == ALL_ROWS:
-            self._parts.setdefault(name, []).append(x.to("cpu", torch.float32, copy=True))
+            self._parts.setdefault(name, []).append(self._keep(x))
         elif spec.rows:
             keys = torch.rand(x.shape[0], generator=self._generator(name, x.device), device=x.device)
             rows = x.to(torch.float32, copy=True)  # never a view of the layer input
@@ -144,12 +145,24 @@ class StatsCollector:
                 keys, rows = keys[keep], rows[keep]
             st._keys, st.rows = keys, rows
 
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        """A float32 CPU copy of ``x``; layers fed the same rows in a row (fused q/k/v) share one."""
+        rows = x.to("cpu", torch.float32, copy=True)
+        last = self._last
+        if last is not None and last.shape == rows.shape and torch.equal(last, rows):
+            return last
+        self._last = rows
+        return rows
+
     def result(self) -> dict[str, LayerStats]:
         """The statistics, moved to ``device`` (float32)."""
+        joined: dict[tuple[int, ...], torch.Tensor] = {}  # layers that shared every part share the result
         for name, parts in self._parts.items():
-            if len(parts) > 1:
-                parts[:] = [torch.cat(parts)]
-            self.stats[name].rows = parts[0]
+            key = tuple(id(p) for p in parts)
+            if key not in joined:
+                joined[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
+            self.stats[name].rows = joined[key]
+        self._parts.clear()
         return {name: st.to(self.device) for name, st in self.stats.items()}
 
 

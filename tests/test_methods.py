@@ -457,9 +457,11 @@ def test_all_rows_scoring_in_chunks_equals_one_chunk_and_a_float64_reference():
         yq = fmt.quantize(xh.float()).double() @ main_q[i].double().T + (xh @ down[i].double().T) @ up[i].double().T
         ref.append((x[u].double() @ w[u].double().T - yq).pow(2).sum())
     assert torch.allclose(whole, torch.stack(ref), rtol=1e-5) and torch.allclose(pieces, whole, rtol=1e-6)
-    lin = nn.Linear(n, m)
-    kept = collect_stats({"l": lin}, StatsSpec(rows=ALL_ROWS), lambda: [lin(t) for t in x])["l"]
-    assert torch.equal(kept.rows, torch.cat(x)) and kept.count == b * rows
+    q, k, o = nn.Linear(n, m), nn.Linear(n, m), nn.Linear(n, m)
+    kept = collect_stats({"q": q, "k": k, "o": o}, StatsSpec(rows=ALL_ROWS), lambda: [(q(t), k(t), o(-t)) for t in x])
+    assert torch.equal(kept["q"].rows, torch.cat(x)) and kept["q"].count == b * rows
+    assert torch.equal(kept["o"].rows, -torch.cat(x))
+    assert kept["k"].rows is kept["q"].rows  # layers fed the same rows (fused q/k/v) hold one copy
 
 
 def test_svd_choice_is_logged(layers):
