@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 from scipy.special import ndtr, ndtri
 from scipy.stats import t as student_t
 
@@ -260,6 +261,30 @@ def overlaps_best(intervals: Mapping[str, Interval], higher_is_better: bool) -> 
     best = (max if higher_is_better else min)(sorted(intervals), key=lambda k: intervals[k].value)
     b = intervals[best]
     return {k for k, iv in intervals.items() if iv.hi >= b.lo and iv.lo <= b.hi}
+
+
+def compare(
+    a: pd.DataFrame, b: pd.DataFrame, directions: Mapping[str, bool | None] | None = None,
+    config: Bootstrap = DEFAULT,
+) -> list[Comparison]:
+    """``A - B`` on every per-image metric both tables hold (``read_per_image`` tables of two runs):
+    images matched by prompt key, which must carry the same seed on both sides; ``directions``
+    maps a metric to ``higher_is_better`` (for the verdict)."""
+    directions = directions or {}
+    both = a.merge(b, on="key", suffixes=(".a", ".b"))
+    if both.empty:
+        raise UserError("--compare: the two runs share no prompt key (different prompt sets?)")
+    clash = both.loc[both["seed.a"] != both["seed.b"], "key"].tolist()
+    if clash:
+        raise UserError(f"--compare: keys {clash[:3]} have different seeds in the two runs; not paired")
+    names = sorted((set(a.columns) & set(b.columns)) - {"key", "seed"})
+    out = []
+    for name in names:
+        pair = both[[f"{name}.a", f"{name}.b"]].dropna()
+        if len(pair):
+            out.append(paired_difference(pair.iloc[:, 0].to_numpy(), pair.iloc[:, 1].to_numpy(), config,
+                                         name, directions.get(name)))
+    return out
 
 
 def format_comparisons(comparisons: Sequence[Comparison], label_a: str, label_b: str) -> str:
