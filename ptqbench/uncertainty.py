@@ -102,8 +102,12 @@ def _values(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return x
 
 
-def _mean_replicates(x: np.ndarray, config: Bootstrap) -> np.ndarray:
-    return resample_counts(x.size, config.resamples, config.seed) @ x / x.size
+def _mean_replicates(x: np.ndarray, config: Bootstrap, chunk: int = 256) -> np.ndarray:
+    """Means of ``config.resamples`` resamples of x (drawn in chunks: memory ``chunk * n``)."""
+    rng = np.random.default_rng(config.seed)
+    out = [x[rng.integers(0, x.size, size=(min(chunk, config.resamples - i), x.size))].mean(axis=1)
+           for i in range(0, config.resamples, chunk)]
+    return np.concatenate(out)
 
 
 def _acceleration(x: np.ndarray) -> float:
