@@ -144,13 +144,19 @@ def test_frechet_basic_interval_covers_the_large_n_distance() -> None:
     assert covered / 60 >= 0.85 and above / 60 > 0.6, (covered, above)
 
 
-def _kid_loops(x: np.ndarray, y: np.ndarray) -> float:
-    """clean-fid's estimate in plain float64 loops (the independent reference)."""
+def _kid_loops(x: np.ndarray, y: np.ndarray, paired: bool = False, origin: np.ndarray | None = None) -> float:
+    """The KID estimate in plain float64 loops (the independent reference): clean-fid's, or with
+    ``paired`` the cross term over i != j; ``origin`` (the original image of each row of a resample)
+    keeps only pairs of distinct originals."""
     m, d = len(x), x.shape[1]
-    within = sum(((x[i] @ x[j]) / d + 1) ** 3 + ((y[i] @ y[j]) / d + 1) ** 3
-                 for i in range(m) for j in range(m) if i != j)
-    cross = sum(((x[i] @ y[j]) / d + 1) ** 3 for i in range(m) for j in range(m))
-    return within / (m * (m - 1)) - 2 * cross / m**2
+    origin = np.arange(m) if origin is None else origin
+    pairs = [(i, j) for i in range(m) for j in range(m) if origin[i] != origin[j]]
+    within = sum(((x[i] @ x[j]) / d + 1) ** 3 + ((y[i] @ y[j]) / d + 1) ** 3 for i, j in pairs) / len(pairs)
+    if paired:
+        cross = sum(((x[i] @ y[j]) / d + 1) ** 3 for i, j in pairs) / len(pairs)
+    else:
+        cross = sum(((x[i] @ y[j]) / d + 1) ** 3 for i in range(m) for j in range(m)) / m**2
+    return within - 2 * cross
 
 
 def test_kid_equals_float64_loops_and_clean_fid() -> None:
@@ -159,12 +165,19 @@ def test_kid_equals_float64_loops_and_clean_fid() -> None:
     g = np.random.default_rng(0)
     x = g.standard_normal((30, 9)) * 3  # outlier-heavy rows too
     x[0] *= 40
-    y = g.standard_normal((30, 9)) + 0.3
+    y = x + g.standard_normal((30, 9))  # y_i depends on x_i: paired
     ours = kernel_distance(x, y)
     assert ours == pytest.approx(_kid_loops(x, y), rel=1e-10)
     assert ours == pytest.approx(clean_fid_kid(x, y), rel=1e-10)  # equal sizes: every subset is the whole set
     assert mmd2_unbiased(x, y) == ours
-    assert kid_counts_statistic(x, y, True)(np.ones(30, dtype=np.int64)) == pytest.approx(ours, rel=1e-10)
+    paired = kernel_distance(x, y, paired=True)
+    # the outlier row's kernel values are ~1e9: differences of such sums carry ~1e-10 relative rounding
+    assert paired == pytest.approx(_kid_loops(x, y, paired=True), rel=1e-8) and paired != pytest.approx(ours)
+    statistic = kid_counts_statistic(x, y, True)
+    assert statistic(np.ones(30, dtype=np.int64)) == pytest.approx(paired, rel=1e-8)
+    counts = resample_counts(30, 1, 5)[0]
+    origin = np.repeat(np.arange(30), counts)
+    assert statistic(counts) == pytest.approx(_kid_loops(x[origin], y[origin], True, origin), rel=1e-8)
     big = g.standard_normal((200, 9))
     k = (big @ big.T / 9 + 1) ** 3
     assert within_mean(big) == pytest.approx((k.sum() - np.trace(k)) / (200 * 199), rel=1e-12)
