@@ -224,7 +224,7 @@ class FrechetMetric(Metric):
         else:
             assert inputs.real_dir is not None
             other = real_stats(Path(inputs.real_dir), files, net)
-        return frechet_result(self, feats, other, inputs.bootstrap, warning)
+        return frechet_result(self, feats, other, inputs.bootstrap, warning, inputs.device)
 
 
 class _Inception(FrechetMetric):

@@ -228,7 +228,7 @@ class _Frechet(_SetMetric):
         return real_feature_stats(model, digest, self.data, device)
 
     def score(self, feats: np.ndarray, other: Any, inputs: MetricInputs, warning: str) -> MetricResult:
-        return frechet_result(self, feats, other, inputs.bootstrap, warning)
+        return frechet_result(self, feats, other, inputs.bootstrap, warning, inputs.device)
 
 
 class _KID(_SetMetric):

@@ -15,9 +15,11 @@ the features (computed once); :func:`frechet_result` builds a metric's result wi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
 from ptqbench.metrics.base import Metric, MetricResult
 from ptqbench.uncertainty import Bootstrap, set_interval
@@ -72,51 +74,67 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 Stats = tuple[np.ndarray, np.ndarray]
 
 
-def _weighted_centered(feats: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(Y, mu_w)``: rows ``sqrt(w_i) (x_i - mu_w)`` of the images drawn (w_i > 0); ``Y^T Y`` is the resample's
-    scatter matrix, so its covariance is ``Y^T Y / (n - 1)`` (what ``np.cov`` of the resample gives)."""
-    w = counts.astype(np.float64)
+def _weighted_centered(feats: torch.Tensor, counts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Y, mu_w)``: rows ``sqrt(w_i) (x_i - mu_w)`` of the images drawn (w_i > 0); ``Y^T Y`` is the
+    resample's scatter matrix, so its covariance is ``Y^T Y / (n - 1)`` (what ``np.cov`` of it gives)."""
+    w = torch.as_tensor(counts, dtype=torch.float64, device=feats.device)
     mu = w @ feats / w.sum()
     drawn = w > 0
-    return np.sqrt(w[drawn])[:, None] * (feats[drawn] - mu), mu
+    return w[drawn].sqrt()[:, None] * (feats[drawn] - mu), mu
 
 
-def frechet_counts_statistic(feats: np.ndarray, other: np.ndarray | Stats) -> Callable[[np.ndarray], float]:
+def _trace_sqrt_gram(y: torch.Tensor, root_b: torch.Tensor, n: int) -> float:
+    """``Tr((S R_b^2)^{1/2})`` for ``S = Y^T Y / (n-1)``: an ``[m, D]`` SVD when m <= D, else the
+    eigenvalues of ``R_b S R_b`` (``[D, D]``)."""
+    if y.shape[0] <= y.shape[1]:
+        return float(torch.linalg.svdvals(y @ root_b).sum()) / math.sqrt(n - 1)
+    inner = root_b @ (y.T @ y) @ root_b / (n - 1)
+    eig = torch.linalg.eigvalsh((inner + inner.T) / 2).cpu().numpy()
+    return float(np.sqrt(_clip_null(eig)).sum())
+
+
+def frechet_counts_statistic(feats: np.ndarray, other: np.ndarray | Stats,
+                             device: str = "cpu") -> Callable[[np.ndarray], float]:
     """The Frechet distance of a resample of ``feats`` ``[n, D]`` (given by counts ``[n]``) to
     ``other``: fixed statistics ``(mu, sigma)`` (real images), or features ``[n, D]`` paired row by
     row with ``feats`` (the 16-bit images of the same prompts) and resampled with the same counts.
 
-    Features are computed once; each resample costs ``O(n D^2)`` through nuclear norms,
-    ``Tr((S_a S_b)^{1/2}) = ||Y_a R_b||_* / sqrt(n-1)`` with ``R_b = S_b^{1/2}`` fixed, or
-    ``||Y_a Y_b^T||_* / (n-1)`` when both sides are resampled (n <= D). All ones gives
-    :func:`frechet_distance` of the sample itself (to rounding).
+    Features are computed once and kept on ``device`` (float64); each resample costs
+    ``O(n D^2 + min(n, D)^3)``: with ``R_b = S_b^{1/2}`` fixed, ``Tr((S_a S_b)^{1/2})`` is
+    ``||Y_a R_b||_* / sqrt(n-1)`` (or the eigenvalues of ``R_b S_a R_b`` when more images than
+    dimensions are drawn); when both sides are resampled, ``||Y_a Y_b^T||_* / (n-1)``. Measured on
+    one CPU thread at D = 2048: 0.6 s per resample at n = 1000, 7 s at n = 3000 (hence
+    ``Bootstrap.set_resamples``, capped apart, and ``device``); at D = 128, n = 200: 1 ms. All ones
+    gives :func:`frechet_distance` of the sample itself (to rounding).
     """
-    a = np.asarray(feats, dtype=np.float64)
+    a = torch.as_tensor(np.asarray(feats, dtype=np.float64), device=device)
     n = a.shape[0]
     if isinstance(other, tuple):
-        mu_b, sigma_b = (np.asarray(t, np.float64) for t in other)
-        root_b, tr_b = _psd_sqrt(sigma_b), float(np.trace(sigma_b))
+        mu_b, sigma_b = (torch.as_tensor(np.asarray(t, np.float64), device=device) for t in other)
+        root_b = torch.as_tensor(_psd_sqrt(np.asarray(other[1], np.float64)), device=device)
+        tr_b = float(torch.trace(sigma_b))
 
         def fixed(counts: np.ndarray) -> float:
             y, mu = _weighted_centered(a, counts)
             diff = mu - mu_b
-            tr_sqrt = np.linalg.svd(y @ root_b, compute_uv=False).sum() / np.sqrt(n - 1)
-            return float(max(diff @ diff + (y * y).sum() / (n - 1) + tr_b - 2 * tr_sqrt, 0.0))
+            spread = float((y * y).sum()) / (n - 1) + tr_b - 2 * _trace_sqrt_gram(y, root_b, n)
+            return max(float(diff @ diff) + spread, 0.0)
 
         return fixed
-    b = np.asarray(other, dtype=np.float64)
+    b = torch.as_tensor(np.asarray(other, dtype=np.float64), device=device)
     if b.shape != a.shape:
-        raise ValueError(f"paired features need equal shapes, got {a.shape} and {b.shape}")
+        raise ValueError(f"paired features need equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
 
     def paired(counts: np.ndarray) -> float:
         (ya, mu_a), (yb, mu_b) = _weighted_centered(a, counts), _weighted_centered(b, counts)
         diff = mu_a - mu_b
-        if ya.shape[0] <= a.shape[1]:
-            tr_sqrt = np.linalg.svd(ya @ yb.T, compute_uv=False).sum() / (n - 1)
+        if ya.shape[0] <= ya.shape[1]:
+            tr_sqrt = float(torch.linalg.svdvals(ya @ yb.T).sum()) / (n - 1)
         else:
-            tr_sqrt = trace_sqrt_product(ya.T @ ya / (n - 1), yb.T @ yb / (n - 1))
-        trace = ((ya * ya).sum() + (yb * yb).sum()) / (n - 1)
-        return float(max(diff @ diff + trace - 2 * tr_sqrt, 0.0))
+            root_b = torch.as_tensor(_psd_sqrt((yb.T @ yb / (n - 1)).cpu().numpy()), device=a.device)
+            tr_sqrt = _trace_sqrt_gram(ya, root_b, n)
+        trace = float((ya * ya).sum() + (yb * yb).sum()) / (n - 1)
+        return max(float(diff @ diff) + trace - 2 * tr_sqrt, 0.0)
 
     return paired
 
@@ -142,7 +160,7 @@ def n_problem(name: str, n: int, dim: int, min_n: int | None) -> tuple[str | Non
 
 
 def frechet_result(metric: Metric, feats: np.ndarray, other: np.ndarray | Stats,
-                   bootstrap: Bootstrap | None, warning: str = "") -> MetricResult:
+                   bootstrap: Bootstrap | None, warning: str = "", device: str = "cpu") -> MetricResult:
     """The metric's result: the Frechet distance of ``feats`` to ``other`` (statistics or paired
     features, as :func:`frechet_counts_statistic`) and its basic bootstrap interval over the images."""
     stats_b = other if isinstance(other, tuple) else feature_stats(other)
@@ -150,5 +168,5 @@ def frechet_result(metric: Metric, feats: np.ndarray, other: np.ndarray | Stats,
     result = MetricResult(metric.name, value, int(feats.shape[0]), higher_is_better=False, warning=warning)
     if bootstrap is None:
         return result
-    statistic = frechet_counts_statistic(feats, other)
+    statistic = frechet_counts_statistic(feats, other, device)
     return result.with_interval(set_interval(statistic, feats.shape[0], bootstrap, value, floor=0.0))
