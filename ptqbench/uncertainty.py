@@ -25,14 +25,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import pandas as pd
-from scipy.special import ndtr, ndtri
-from scipy.stats import t as student_t
+from scipy.special import ndtr, ndtri, stdtr, stdtrit
 
 from ptqbench.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Method = Literal["bca", "percentile"]
 Test = Literal["bootstrap", "wilcoxon"]
@@ -132,7 +133,7 @@ def _expansion(n: int) -> float:
 
 def _z(q: float, n: int) -> float:
     """The expanded normal-scale quantile of level ``q`` for n values."""
-    return _expansion(n) * float(student_t.ppf(q, n - 1))
+    return _expansion(n) * float(stdtrit(n - 1, q))
 
 
 def _bca_levels(z0: float, a: float, alpha: float, n: int) -> tuple[float, float]:
@@ -214,7 +215,7 @@ def _bootstrap_p(reps: np.ndarray, value: float, accel: float, n: int) -> float:
     denom = 1 + accel * u
     if denom <= 0:  # 0 lies beyond what this acceleration can reach: as extreme as it gets
         return 1.0 / (b + 1)
-    t = float(student_t.cdf((u / denom - _bias_z0(reps, value)) / _expansion(n), n - 1))
+    t = float(stdtr(n - 1, (u / denom - _bias_z0(reps, value)) / _expansion(n)))
     return float(min(1.0, max(2 * min(t, 1 - t), 1.0 / (b + 1))))
 
 

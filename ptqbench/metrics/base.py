@@ -19,15 +19,17 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import pandas as pd
 import torch
 
 from ptqbench.errors import UserError
 from ptqbench.registry import Registry
 from ptqbench.uncertainty import DEFAULT as DEFAULT_BOOTSTRAP
 from ptqbench.uncertainty import Bootstrap, Interval, mean_interval
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 METRICS: Registry[type[Metric]] = Registry(
     "metric", group="ptqbench.metrics", builtins=("ptqbench.metrics.catalog",)
@@ -176,6 +178,8 @@ PER_IMAGE_FILE = "per_image.csv"
 
 def per_image_frame(keys: Sequence[str], seeds: Sequence[int], results: Mapping[str, MetricResult]) -> pd.DataFrame:
     """One row per image (``key``, ``seed``, a column per metric with per-image values), in input order."""
+    import pandas as pd
+
     if len(keys) != len(seeds):
         raise ValueError(f"{len(keys)} keys but {len(seeds)} seeds")
     frame = pd.DataFrame({"key": list(keys), "seed": [int(s) for s in seeds]})
@@ -200,6 +204,8 @@ def write_per_image(path: Path, keys: Sequence[str], seeds: Sequence[int],
 
 def read_per_image(path: Path) -> pd.DataFrame:
     """A table written by :func:`write_per_image` (keys as strings, seeds as integers)."""
+    import pandas as pd
+
     frame = pd.read_csv(path, dtype={"key": str}, keep_default_na=False, na_values=[""])
     if list(frame.columns[:2]) != ["key", "seed"]:
         raise ValueError(f"{path}: not a per-image table (columns {list(frame.columns)[:3]}...)")
