@@ -625,6 +625,11 @@ def test_intervals_and_paired_best_marking(tmp_path: Path) -> None:
     assert cells["c"][col["fid"]].notes and "below the feature dimension" in text
     assert "not significantly worse than the best quantized cell: paired bootstrap at the 95% level" in table.legend
     assert "set metrics: 95% intervals overlap" in table.legend and "bootstrap interval" in table.legend
+    from ptqbench.report.html import table_html
+    from ptqbench.report.tables import to_latex
+
+    assert '<strong>10.0<span class="ci"> [8.0, 14.0]</span></strong>' in table_html(table)
+    assert r"\textbf{10.0 [8.0, 14.0]}" in to_latex(table)
     frame = table_frame(group).set_index("run_id")
     assert frame.loc["a", "fid_lo"] == 8.0 and frame.loc["a", "fid_hi"] == 14.0 and "fid.lo" not in frame.columns
     assert frame.loc["ref", "psnr_lo"] == "" or pd.isna(frame.loc["ref", "psnr_lo"])
