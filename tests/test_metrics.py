@@ -407,6 +407,10 @@ def test_frechet_metrics_warn_or_refuse_below_min_n_and_carry_a_set_interval(mon
     assert_not_computed(refused, "needs at least 20 images, got 16", "min_n=20")
     accepted = get_metric("fid_ref", min_n=3)(MetricInputs(gen[:5], reference=ref[:5]))
     assert accepted.status == "ok" and not accepted.warning
+    unpaired = get_metric("fid_ref")(MetricInputs(gen, reference=ref[:10]))  # other counts: fixed statistics
+    ref_feats = fid_mod.tensor_features(ref[:10], net)
+    assert unpaired.value == pytest.approx(frechet_distance(fid_mod.tensor_features(gen, net), ref_feats), rel=1e-12)
+    assert unpaired.lo is not None
 
 
 def test_kid_metrics_on_inception_path_and_without_weights(no_weights: Path, monkeypatch: pytest.MonkeyPatch,

@@ -162,7 +162,10 @@ def n_problem(name: str, n: int, dim: int, min_n: int | None) -> tuple[str | Non
 def frechet_result(metric: Metric, feats: np.ndarray, other: np.ndarray | Stats,
                    bootstrap: Bootstrap | None, warning: str = "", device: str = "cpu") -> MetricResult:
     """The metric's result: the Frechet distance of ``feats`` to ``other`` (statistics or paired
-    features, as :func:`frechet_counts_statistic`) and its basic bootstrap interval over the images."""
+    features, as :func:`frechet_counts_statistic`; features of another count are taken as fixed
+    statistics) and its basic bootstrap interval over the images."""
+    if not isinstance(other, tuple) and other.shape != feats.shape:  # not row-paired: the other side is fixed
+        other = feature_stats(other)
     stats_b = other if isinstance(other, tuple) else feature_stats(other)
     value = frechet_distance_from_stats(*feature_stats(feats), *stats_b)
     result = MetricResult(metric.name, value, int(feats.shape[0]), higher_is_better=False, warning=warning)

@@ -141,6 +141,7 @@ def kid_result(metric: Metric, x: np.ndarray, other: np.ndarray, paired: bool, b
                other_within: float | None = None, seed: int = 0) -> MetricResult:
     """A KID metric's result: :func:`kernel_distance` and its bootstrap interval over the images."""
     x, other = np.asarray(x, np.float64), np.asarray(other, np.float64)
+    paired = paired and x.shape == other.shape  # rows of another count cannot be paired
     value = kernel_distance(x, other, seed=seed, paired=paired)
     result = MetricResult(metric.name, value, int(x.shape[0]), higher_is_better=False)
     if bootstrap is None:
