@@ -4,4 +4,4 @@ Heavy libraries (lpips, clean-fid, ImageReward, EfficientNet) are imported only 
 computes, so listing metrics stays fast and an optional package never breaks the install.
 """
 
-from ptqbench.metrics import fid, fmnist_metrics, image_reward, lpips_metric, pixel  # noqa: F401
+from ptqbench.metrics import fid, fmnist_metrics, image_reward, kid, lpips_metric, pixel  # noqa: F401

@@ -36,7 +36,7 @@ import torch
 from ptqbench.cache import Cache, cache_key
 from ptqbench.metrics import weights
 from ptqbench.metrics.base import Metric, MetricInputs, MetricResult, Need, register_metric
-from ptqbench.metrics.frechet import feature_stats, frechet_distance_from_stats
+from ptqbench.metrics.frechet import feature_stats, frechet_result, n_problem
 from ptqbench.metrics.weights import Missing
 
 BATCH = 32
@@ -179,8 +179,9 @@ class FrechetMetric(Metric):
     higher_is_better = False
     against: ClassVar[Literal["real", "reference"]]
 
-    def __init__(self) -> None:
+    def __init__(self, min_n: int | None = None) -> None:
         self._nets: dict[str, FeatureNet] = {}
+        self.min_n = min_n  # see frechet.n_problem
 
     def load_network(self, device: str) -> FeatureNet | Missing:
         raise NotImplementedError
@@ -212,14 +213,17 @@ class FrechetMetric(Metric):
         net = self.network(inputs.device)
         if isinstance(net, Missing):
             return MetricResult.missing(self, f"{self.name}: {net.reason}")
+        feats = tensor_features(inputs.stored(), net)
+        refusal, warning = n_problem(self.name, n, feats.shape[1], self.min_n)
+        if refusal:
+            return MetricResult.missing(self, refusal)
         if self.against == "reference":
             assert reference is not None
-            other = feature_stats(tensor_features(reference, net))
+            other: np.ndarray | tuple[np.ndarray, np.ndarray] = tensor_features(reference, net)
         else:
             assert inputs.real_dir is not None
             other = real_stats(Path(inputs.real_dir), files, net, inputs.cache)
-        value = frechet_distance_from_stats(*feature_stats(tensor_features(inputs.stored(), net)), *other)
-        return MetricResult(self.name, value, n, higher_is_better=False)
+        return frechet_result(self, feats, other, inputs.bootstrap, warning, inputs.device)
 
 
 class _Inception(FrechetMetric):
