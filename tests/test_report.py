@@ -595,9 +595,9 @@ def test_intervals_and_paired_best_marking(tmp_path: Path) -> None:
     psnr = {"a": prompt + 1.0 + g.normal(0, 0.2, 24), "c": prompt + g.normal(0, 0.2, 24)}
     psnr["b"] = psnr["a"] + g.normal(0, 0.2, 24)
     fid = {"a": (10.0, 8.0, 14.0), "b": (12.0, 10.0, 14.0), "c": (30.0, 25.0, 36.0)}
-    records = [record(fake_run("ref", "none", "2"), "e")]
+    records = [RunRecord.from_run(fake_run("ref", "none", "2"), "e").row()]
     for i, name in enumerate("abc"):
-        rec = record(fake_run(name, "smoothquant", "2", alpha=f"0.{i + 1}"), "e")
+        rec = RunRecord.from_run(fake_run(name, "smoothquant", "2", alpha=f"0.{i + 1}"), "e").row()
         values = tuple(psnr[name].tolist())
         res = MetricResult("psnr", float(np.mean(values)), 24, per_image=values)
         path = write_per_image(tmp_path / name / "per_image.csv", keys[::-1], seeds[::-1],

@@ -209,7 +209,8 @@ class _InceptionKID(Metric):
             assert reference is not None
             return kid_result(self, feats, fid.tensor_features(reference, net), True, inputs.bootstrap)
         assert inputs.real_dir is not None
-        return kid_result(self, feats, real_features(Path(inputs.real_dir), files, net, inputs.cache), False, inputs.bootstrap)
+        real = real_features(Path(inputs.real_dir), files, net, inputs.cache)
+        return kid_result(self, feats, real, False, inputs.bootstrap)
 
 
 @register_metric
