@@ -304,13 +304,13 @@ def test_smoke_suite_runs_and_reruns(tmp_path: Path, template_db: Path, capsys: 
     assert run(suite, uri, tmp_path / "cache", "--threads", "1") == 0
     first = time.perf_counter() - start
     runs = runs_by_hash(uri, "smoke")
-    assert len(runs) == 12 and all(len(rs) == 1 and rs[0].status == "FINISHED" for rs in runs.values())
+    assert len(runs) == 18 and all(len(rs) == 1 and rs[0].status == "FINISHED" for rs in runs.values())
     assert {rs[0].params["threads"] for rs in runs.values()} == {"1"}
     methods = {rs[0].tags["method"] for rs in runs.values()}
     assert methods == {"none", "rtn", "smoothquant", "svdquant", "loraq"}
     capsys.readouterr()
     assert run(suite, uri, tmp_path / "cache") == 0
-    assert "12 cells, 12 already finished, 0 to run" in capsys.readouterr().err
+    assert "18 cells, 18 already finished, 0 to run" in capsys.readouterr().err
     print(f"smoke suite: {first:.1f} s")
 
 
