@@ -10,6 +10,7 @@ and the package's ``score`` / ``inference_rank`` values. Here that state dict is
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,18 @@ def test_wrong_checkpoint_is_reported(fixture, tmp_path, monkeypatch):
     monkeypatch.setenv("PTQBENCH_BERT_TOKENIZER", str(bert))
     found = ir.load_image_reward("cpu")
     assert isinstance(found, ir.Missing) and "did not load as the ImageReward-v1.0 checkpoint" in found.reason
+
+
+def test_official_checkpoint_layout_loads_strictly():
+    """Every key and shape of the package's full-size model (so of ``ImageReward.pt``) maps onto the
+    default scorer's parameters, none left over and none missing."""
+    shapes = json.loads((FIXTURE.parent / "image_reward_v1_shapes.json").read_text())
+    assert len(shapes) == 625
+    state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    mapped = ir.checkpoint_state(state)
+    with torch.device("meta"):
+        scorer = ir.ImageRewardScorer()
+    ours = {k: list(v.shape) for k, v in scorer.state_dict().items()}
+    assert {k: list(v.shape) for k, v in mapped.items()} == ours
+    assert shapes["blip.text_encoder.embeddings.word_embeddings.weight"] == [30524, 768]
+    assert shapes["blip.visual_encoder.pos_embed"] == [1, 197, 1024]
