@@ -31,9 +31,7 @@ from torch import nn
 from ptqbench.errors import UserError
 from ptqbench.formats import Format, IntFormat, MXFormat
 from ptqbench.layers import QuantLinear
-from ptqbench.method import LowRankMethod, format_field, register_method
-from ptqbench.methods.smoothquant import quantize_stack, round_smooth, smooth_scale
-from ptqbench.methods.svdquant import (
+from ptqbench.lowrank import (
     SVD_KINDS,
     Batch,
     BranchSpec,
@@ -42,12 +40,12 @@ from ptqbench.methods.svdquant import (
     check_rank,
     make_batches,
     make_units,
-    pair_label,
     resolve_svd,
-    smoothing_grid,
     truncated_svd,
 )
+from ptqbench.method import LowRankMethod, format_field, register_method
 from ptqbench.rotation import ROTATIONS, get_rotation
+from ptqbench.smoothing import pair_label, quantize_stack, round_smooth, smooth_scale, smoothing_grid
 from ptqbench.stats import LayerStats, StatsSpec
 
 INITS = ("svd", "error")

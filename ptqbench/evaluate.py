@@ -166,7 +166,7 @@ def evaluate(
     results: dict[str, MetricResult] = {}
     with _Timer(timings, "metrics"):
         inputs = MetricInputs(images, reference, list(prompts.prompts), real_dir, str(pipeline.device),
-                              keys=prompts.keys)
+                              cache=cache, keys=prompts.keys)
         for name, scorer in scorers.items():
             if method is None and "reference" in scorer.needs:
                 results[name] = MetricResult.missing(scorer, REFERENCE_ITSELF)

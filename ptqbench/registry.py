@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
@@ -44,13 +44,15 @@ class Registry(Generic[T]):
     def register(self, name: str, obj: T | str | None = None) -> Any:
         """Register ``obj`` (or a ``"module:object"`` string) under ``name``.
 
-        Without ``obj`` it returns a decorator.
+        Without ``obj`` it returns a decorator. The built-ins are loaded first, so a name they hold
+        is a duplicate even before the registry's first lookup.
         """
         if obj is None:
             def decorator(target: T) -> T:
                 self.register(name, target)
                 return target
             return decorator
+        self._load()
         current = self._entries.get(name)
         # A lazy entry (entry point) may be replaced by the registration its import performs.
         if current is not None and not (isinstance(current, str) and not isinstance(obj, str)):
@@ -121,6 +123,3 @@ def describe(obj: Any) -> str:
     """First line of an entry's docstring, for ``ptqbench list``."""
     doc = getattr(obj, "__doc__", None) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
-
-
-Factory = Callable[..., Any]

@@ -2,9 +2,11 @@
 
 A method declares what it needs (:class:`StatsSpec`); :class:`StatsCollector` hooks the
 selected layers, accumulates per-channel abs-max, a bounded uniform sample of input rows
-(bottom-k reservoir with a seeded generator) and optionally ``X^T X`` (full or diagonal), and
-returns one :class:`LayerStats` per layer. Memory is bounded by ``rows`` x ``in_features``
-(+ ``in_features^2`` for a full ``X^T X``) per layer, whatever the number of forwards.
+(bottom-k reservoir with a seeded generator) or every row (``rows=-1``, :data:`ALL_ROWS`) and
+optionally ``X^T X`` (full or diagonal), and returns one :class:`LayerStats` per layer. With a
+sample, memory is bounded by ``rows`` x ``in_features`` (+ ``in_features^2`` for a full ``X^T X``)
+per layer, whatever the number of forwards; all rows cost 4 bytes per row and input channel
+(kept on the CPU; methods stream them to the device in chunks).
 """
 
 from __future__ import annotations
@@ -18,11 +20,17 @@ import torch
 from torch import nn
 
 XtX = Literal["none", "diag", "full"]
+ALL_ROWS = -1  # StatsSpec.rows: keep every input row
+
+
+def merge_rows(a: int, b: int) -> int:
+    """The larger of two row requests (:data:`ALL_ROWS` is larger than any sample)."""
+    return ALL_ROWS if ALL_ROWS in (a, b) else max(a, b)
 
 
 @dataclass(frozen=True)
 class StatsSpec:
-    """What a method needs: per-channel abs-max, ``rows`` sampled input rows, ``X^T X``."""
+    """What a method needs: per-channel abs-max, ``rows`` sampled input rows (-1: all), ``X^T X``."""
 
     absmax: bool = False
     rows: int = 0
@@ -32,7 +40,7 @@ class StatsSpec:
         order = ("none", "diag", "full")
         return StatsSpec(
             self.absmax or other.absmax,
-            max(self.rows, other.rows),
+            merge_rows(self.rows, other.rows),
             order[max(order.index(self.xtx), order.index(other.xtx))],
         )
 
@@ -84,6 +92,8 @@ class StatsCollector:
         self.device = device
         self.stats = {name: LayerStats() for name in self.layers}
         self._gens: dict[str, torch.Generator] = {}
+        self._parts: dict[str, list[torch.Tensor]] = {}  # all rows, concatenated by result()
+        self._last: torch.Tensor | None = None
         self.seed = seed
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -122,7 +132,9 @@ class StatsCollector:
             xf = x.float()
             part = (xf * xf).sum(0) if spec.xtx == "diag" else xf.T @ xf
             st.xtx = part if st.xtx is None else st.xtx + part.to(st.xtx.device)
-        if spec.rows:
+        if spec.rows == ALL_ROWS:
+            self._parts.setdefault(name, []).append(self._keep(x))
+        elif spec.rows:
             keys = torch.rand(x.shape[0], generator=self._generator(name, x.device), device=x.device)
             rows = x.to(torch.float32, copy=True)  # never a view of the layer input
             if st.rows is not None:
@@ -133,8 +145,24 @@ class StatsCollector:
                 keys, rows = keys[keep], rows[keep]
             st._keys, st.rows = keys, rows
 
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        """A float32 CPU copy of ``x``; layers fed the same rows in a row (fused q/k/v) share one."""
+        rows = x.to("cpu", torch.float32, copy=True)
+        last = self._last
+        if last is not None and last.shape == rows.shape and torch.equal(last, rows):
+            return last
+        self._last = rows
+        return rows
+
     def result(self) -> dict[str, LayerStats]:
         """The statistics, moved to ``device`` (float32)."""
+        joined: dict[tuple[int, ...], torch.Tensor] = {}  # layers that shared every part share the result
+        for name, parts in self._parts.items():
+            key = tuple(id(p) for p in parts)
+            if key not in joined:
+                joined[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
+            self.stats[name].rows = joined[key]
+        self._parts.clear()
         return {name: st.to(self.device) for name, st in self.stats.items()}
 
 

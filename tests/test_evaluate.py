@@ -257,7 +257,7 @@ def test_generation_benchmark_small(tmp_path):
     rows = result["variants"]
     assert {"16bit", "rtn_mxfp4_w4a4", "svd_r32_mxfp4_w4a4"} <= set(rows)
     assert rows["16bit"]["rel_latent_error_vs_16bit"] == 0 and rows["16bit"]["quantized_layers"] == 0
-    assert rows["rtn_mxfp4_w4a4"]["quantized_layers"] == 20 and rows["rtn_mxfp4_w4a4"]["bits_per_weight"] < 5
+    assert rows["rtn_mxfp4_w4a4"]["quantized_layers"] == 16 and rows["rtn_mxfp4_w4a4"]["bits_per_weight"] < 5
     assert all(r["seconds_per_image"] > 0 for r in rows.values())
     # the rank-32 16-bit branch keeps the latents closer to the 16-bit ones than plain RTN
     assert 0 < rows["svd_r32_mxfp4_w4a4"]["rel_latent_error_vs_16bit"] < rows["rtn_mxfp4_w4a4"][

@@ -65,7 +65,8 @@ def assert_not_computed(result, *fragments: str) -> None:
 def test_metrics_are_registered_with_direction_needs_and_description():
     names = METRICS.names()
     expected = {"psnr": True, "ssim": True, "lpips": False, "fid": False, "fid_ref": False,
-                "image_reward": True, "fd_effnet": False, "fd_effnet_ref": False}
+                "image_reward": True, "fd_effnet": False, "fd_effnet_ref": False, "kid": False, "kid_ref": False,
+                "kid_fmnist": False, "kid_fmnist_ref": False, "class_agreement": True}
     assert set(expected) <= set(names)
     for name, higher in expected.items():
         cls = METRICS.get(name)
@@ -352,6 +353,99 @@ def test_image_reward_without_weights_names_files_and_places(no_weights: Path, m
     assert_not_computed(get_metric("image_reward")(inputs), "did not load as the ImageReward-v1.0 checkpoint")
     r = get_metric("image_reward")(MetricInputs(images(2), prompts=["only one"]))
     assert_not_computed(r, "1 prompts for 2 images")
+
+
+# ---- per-image values, intervals, min_n, KID ------------------------------------------------------
+
+def test_per_image_values_are_kept_in_input_order_with_their_interval():
+    ref = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 0.5 + 0.25
+    img = ref.clone()
+    for i in range(5):
+        img[i] += 0.01 * (i + 1)  # MSE (0.01 (i+1))^2 -> 40 - 20 log10(i+1) dB
+    r = get_metric("psnr")(MetricInputs(img, ref))
+    expected = [40 - 20 * math.log10(i + 1) for i in range(5)]
+    assert r.per_image == pytest.approx(expected, abs=1e-4) and len(r.per_image) == r.n == 5
+    assert r.value == pytest.approx(sum(r.per_image) / 5, rel=1e-15)
+    assert r.lo < r.value < r.hi and r.level == 0.95
+    assert r.summary() == {"psnr": r.value, "psnr_n": 5.0, "psnr.lo": r.lo, "psnr.hi": r.hi}
+    assert get_metric("psnr")(MetricInputs(img, ref)) == r  # seeded: the same interval every time
+    bare = get_metric("psnr")(MetricInputs(img, ref, bootstrap=None))
+    assert bare.lo is None and bare.per_image == r.per_image and "psnr.lo" not in bare.summary()
+    ssim = get_metric("ssim")(MetricInputs(noisy(images(3, 32), 0.1), images(3, 32)))
+    assert len(ssim.per_image) == 3 and ssim.lo <= ssim.value <= ssim.hi
+    img[1, 0, 0, 0] = float("nan")
+    assert_not_computed(get_metric("psnr")(MetricInputs(img, ref)), "non-finite")
+
+
+def test_get_metric_passes_options_and_names_bad_ones():
+    from ptqbench.errors import UserError
+
+    assert get_metric("fid", min_n=50).min_n == 50
+    with pytest.raises(UserError, match="metric psnr: bad options"):
+        get_metric("psnr", min_n=3)
+
+
+def test_frechet_metrics_warn_or_refuse_below_min_n_and_carry_a_set_interval(monkeypatch: pytest.MonkeyPatch):
+    net = tiny_feature_net()  # 6-d features
+    monkeypatch.setattr(fid_mod, "load_inception", lambda device: net)
+    gen, ref = images(5, 32, seed=10), noisy(images(5, 32, seed=10), 0.2)
+    warned = get_metric("fid_ref")(MetricInputs(gen, reference=ref))
+    assert warned.status == "ok" and "below the feature dimension 6" in warned.warning
+    gen, ref = images(16, 32, seed=10), noisy(images(16, 32, seed=10), 0.2)
+    r = get_metric("fid_ref")(MetricInputs(gen, reference=ref))
+    direct = frechet_distance(fid_mod.tensor_features(gen, net), fid_mod.tensor_features(ref, net))
+    assert r.value == pytest.approx(direct, rel=1e-12) and not r.warning and not r.per_image
+    assert r.lo >= 0.0 and r.hi > r.lo and r.level == 0.95
+    assert get_metric("fid_ref")(MetricInputs(gen, reference=ref)) == r
+    refused = get_metric("fid_ref", min_n=20)(MetricInputs(gen, reference=ref))
+    assert_not_computed(refused, "needs at least 20 images, got 16", "min_n=20")
+    accepted = get_metric("fid_ref", min_n=3)(MetricInputs(gen[:5], reference=ref[:5]))
+    assert accepted.status == "ok" and not accepted.warning
+    unpaired = get_metric("fid_ref")(MetricInputs(gen, reference=ref[:10]))  # other counts: fixed statistics
+    ref_feats = fid_mod.tensor_features(ref[:10], net)
+    assert unpaired.value == pytest.approx(frechet_distance(fid_mod.tensor_features(gen, net), ref_feats), rel=1e-12)
+    assert unpaired.lo is not None
+
+
+def test_kid_metrics_on_inception_path_and_without_weights(no_weights: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path):
+    from ptqbench.metrics.kid import kernel_distance
+
+    r = get_metric("kid_ref")(MetricInputs(images(3), reference=images(3, seed=2)))
+    assert_not_computed(r, "inception-2015-12-05.pt", "PTQBENCH_INCEPTION")
+    net = tiny_feature_net()
+    monkeypatch.setattr(fid_mod, "load_inception", lambda device: net)
+    gen, ref = images(12, 32, seed=4), noisy(images(12, 32, seed=4), 0.3)
+    r = get_metric("kid_ref")(MetricInputs(gen, reference=ref))
+    expected = kernel_distance(fid_mod.tensor_features(gen, net), fid_mod.tensor_features(ref, net), paired=True)
+    assert r.status == "ok" and r.value == pytest.approx(expected, rel=1e-12) and r.n == 12 and not r.higher_is_better
+    assert r.lo < r.hi
+    real_dir = save_pngs(noisy(images(30, 32, seed=5), 0.05), tmp_path / "real")
+    real = get_metric("kid")(MetricInputs(gen, real_dir=real_dir))
+    assert real.status == "ok" and real.lo is not None
+    assert get_metric("kid")(MetricInputs(gen, real_dir=real_dir)).value == real.value  # cached real features
+
+
+def test_fmnist_kid_class_agreement_and_per_image_accuracy():
+    from ptqbench.metrics.fmnist_metrics import features, get_classifier
+    from ptqbench.metrics.kid import kernel_distance
+
+    g = torch.Generator().manual_seed(0)
+    ref = (torch.rand(12, 1, 32, 32, generator=g) * 255).round().to(torch.uint8)
+    gen = (ref.float() + 40 * torch.randn(ref.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
+    model, _ = get_classifier()
+    kid = get_metric("kid_fmnist_ref")(MetricInputs(gen, reference=ref))
+    expected = kernel_distance(features(model, gen, "cpu"), features(model, ref, "cpu"), paired=True)
+    assert kid.status == "ok" and kid.value == pytest.approx(expected, rel=1e-12) and kid.lo < kid.hi
+    assert kid.value > 0  # the paired estimate; clean-fid's formula is biased far below 0 on these pairs
+    assert kernel_distance(features(model, gen, "cpu"), features(model, ref, "cpu")) < -0.1
+    same = get_metric("class_agreement")(MetricInputs(ref.clone(), reference=ref))
+    assert same.value == 1.0 and same.per_image == (1.0,) * 12
+    agree = get_metric("class_agreement")(MetricInputs(gen, reference=ref))
+    assert set(agree.per_image) <= {0.0, 1.0} and agree.value == pytest.approx(sum(agree.per_image) / 12)
+    fd = get_metric("fd_fmnist_ref")(MetricInputs(gen, reference=ref))
+    assert fd.status == "ok" and "below the feature dimension 128" in fd.warning and fd.lo is not None
+    assert_not_computed(get_metric("fd_fmnist_ref", min_n=50)(MetricInputs(gen, reference=ref)), "min_n=50")
 
 
 # ---- FID on the evaluated keys' real images, the papers' metric set ------------------------------

@@ -88,7 +88,7 @@ def _low_rank_cells(suite: str, n_cells: int, step: float, capsys: pytest.Captur
     for model, cells in by_model.items():
         for (method, formats), (_, bpw) in cells.items():
             main = formats.split(" B:")[0]
-            ref = cells[("svdquant", f"{main} B:bf16/bf16")][1]
+            ref = cells[("svdquant", f"{main} B:model/model")][1]
             assert bpw <= ref, (model, method, formats)
             assert bpw > ref - step, (model, method, formats)  # the largest rank that fits: close to it
     return by_model
@@ -108,7 +108,7 @@ def test_fmnist_dry_run_solves_ranks_for_the_shipped_model(capsys: pytest.Captur
 def test_equal_memory_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
     by_model = _low_rank_cells("equal_memory.yaml", 38, 0.02, capsys)  # 2 models x (1 + 3 + 3 + 3 + 9)
     pixart = by_model["pixart-sigma"]
-    svd = pixart[("svdquant", "W:mxfp4 A:mxfp4 B:bf16/bf16")]
+    svd = pixart[("svdquant", "W:mxfp4 A:mxfp4 B:model/model")]
     assert svd[0] == 32
     # LoRaQ ranks at equal memory to SVDQuant r32 bf16: W8A8 62, W6A6 ~81, W4A8 120
     assert pixart[("loraq", "W:mxfp4 A:mxfp4 B:mxfp8_e4m3/mxfp8_e4m3")][0] == 62
@@ -387,7 +387,7 @@ def test_dry_run_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     lines = out.strip().splitlines()
     header = ["cell_hash", "model", "method", "formats", "rank", "bits/weight", "model", "bytes", "note"]
     assert lines[0].split() == header
-    assert re.search(r"tiny-pixart\s+none\s+16-bit\s+-\s+16\.203125\s+385,472$", lines[1]), lines[1]
-    assert re.search(r"tiny-pixart\s+rtn\s+W:int4_g64 A:int4_g64\s+-\s+4\.453125\s+192,960$", lines[2]), lines[2]
+    assert re.search(r"tiny-pixart\s+none\s+16-bit\s+-\s+16\.196429\s+385,472$", lines[1]), lines[1]
+    assert re.search(r"tiny-pixart\s+rtn\s+W:int4_g64 A:int4_g64\s+-\s+4\.446429\s+217,024$", lines[2]), lines[2]
     assert re.search(r"loraq steps=5\s+W:mxfp4 A:mxfp4 B:mxfp8_e4m3/mxfp8_e4m3\s+per-layer \d+\.\.\d+\s+", lines[3])
     assert lines[-1].startswith("# 3 cells (1 16-bit references)")

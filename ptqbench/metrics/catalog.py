@@ -7,4 +7,4 @@ install. The papers' metric set (deepcompressor's): against the prompt, ``clip_s
 ``ssim``, ``lpips``, ``fid_ref``.
 """
 
-from ptqbench.metrics import clip_metrics, fid, fmnist_metrics, image_reward, lpips_metric, pixel  # noqa: F401
+from ptqbench.metrics import clip_metrics, fid, fmnist_metrics, image_reward, kid, lpips_metric, pixel  # noqa: F401

@@ -13,8 +13,8 @@ its 5000 MJHQ prompts against the same keys' real images). A real image belongs 
 file name without extension is the key (MJHQ-30K's ``<category>/<key>.jpg``), anywhere in the
 folder or ``.zip``; a key without a real image, or with two, makes FID not computed with the
 keys named. Inputs without ``keys`` (direct calls) use every image of the folder. Statistics of
-the selected real images are cached on disk (``real_feature_stats`` in the cache), keyed by
-the network, the folder and the name, size and mtime of each selected file: the folder's content
+the selected real images are cached in the run's cache (``--cache-dir``: ``real_feature_stats/``),
+keyed by the network, the folder and the name, size and mtime of each selected file: the folder's content
 and the keys.
 
 - ``fid`` / ``fid_ref``: Inception-V3 (``inception-2015-12-05.pt``, located by
@@ -43,7 +43,7 @@ import torch
 from ptqbench.cache import Cache, cache_key
 from ptqbench.metrics import weights
 from ptqbench.metrics.base import Metric, MetricInputs, MetricResult, Need, register_metric
-from ptqbench.metrics.frechet import feature_stats, frechet_distance_from_stats
+from ptqbench.metrics.frechet import feature_stats, frechet_result, n_problem
 from ptqbench.metrics.weights import Missing
 
 BATCH = 32
@@ -141,11 +141,10 @@ def _fingerprint(path: Path, files: list[str]) -> list:
     return out
 
 
-def real_stats(path: Path, files: list[str], net: FeatureNet) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of ``net`` features of real images, through clean-fid, cached on disk."""
+def real_stats(path: Path, files: list[str], net: FeatureNet, cache: Cache) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of ``net`` features of real images, through clean-fid, kept in ``cache``."""
     from cleanfid.fid import get_files_features
 
-    cache = Cache()
     key = cache_key("real_feature_stats", net.name, net.size, str(path.resolve()), _fingerprint(path, files))
     target = cache.path("real_feature_stats", key) / "stats.npz"
     if cache.done("real_feature_stats", key):
@@ -210,8 +209,9 @@ class FrechetMetric(Metric):
     higher_is_better = False
     against: ClassVar[Literal["real", "reference"]]
 
-    def __init__(self) -> None:
+    def __init__(self, min_n: int | None = None) -> None:
         self._nets: dict[str, FeatureNet] = {}
+        self.min_n = min_n  # see frechet.n_problem
 
     def load_network(self, device: str) -> FeatureNet | Missing:
         raise NotImplementedError
@@ -243,14 +243,17 @@ class FrechetMetric(Metric):
         net = self.network(inputs.device)
         if isinstance(net, Missing):
             return MetricResult.missing(self, f"{self.name}: {net.reason}")
+        feats = tensor_features(inputs.stored(), net)
+        refusal, warning = n_problem(self.name, n, feats.shape[1], self.min_n)
+        if refusal:
+            return MetricResult.missing(self, refusal)
         if self.against == "reference":
             assert reference is not None
-            other = feature_stats(tensor_features(reference, net))
+            other: np.ndarray | tuple[np.ndarray, np.ndarray] = tensor_features(reference, net)
         else:
             assert inputs.real_dir is not None
-            other = real_stats(Path(inputs.real_dir), files, net)
-        value = frechet_distance_from_stats(*feature_stats(tensor_features(inputs.stored(), net)), *other)
-        return MetricResult(self.name, value, n, higher_is_better=False)
+            other = real_stats(Path(inputs.real_dir), files, net, inputs.cache)
+        return frechet_result(self, feats, other, inputs.bootstrap, warning, inputs.device)
 
 
 class _Inception(FrechetMetric):
