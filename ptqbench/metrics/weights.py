@@ -233,7 +233,7 @@ WeightSpec = WeightFile | ModelDir
 
 
 def availability(specs: tuple[WeightSpec, ...]) -> str:
-    """"weights present", or which of ``specs`` are missing (for ``ptqbench list metrics``)."""
+    """``weights present``, or which of ``specs`` are missing (for ``ptqbench list metrics``)."""
     if not specs:
         return "no weights needed"
     missing = []
