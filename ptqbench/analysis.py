@@ -1,8 +1,16 @@
-"""Per-layer error analysis shared by the runner and ``ptqbench layers``."""
+"""Per-layer error analysis shared by the runner and ``ptqbench layers``.
+
+The relative output error ``rel_output_error`` is measured on held-out input rows, which the
+method never saw (``ptqbench layers``: the evaluation half of its texts; the runner: the held-out
+calibration rows, :attr:`ptqbench.stats.StatsSpec.heldout`); the runner also records
+``insample_output_error`` on rows the method was calibrated on, for methods that used rows.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 import torch
@@ -36,24 +44,57 @@ def layer_errors(
     quantized: Mapping[str, QuantLinear],
     inputs: Mapping[str, torch.Tensor] | None = None,
     seconds: Mapping[str, float] | None = None,
+    insample: Mapping[str, torch.Tensor] | None = None,
 ) -> pd.DataFrame:
-    """One row per quantized layer: shape, bits, bits per weight, relative weight error and
-    (where sample inputs are given) relative output error, seconds spent quantizing."""
+    """One row per quantized layer: shape, bits, bits per weight, relative weight error,
+    relative output error on the held-out rows ``inputs`` (NaN where a layer has none), seconds
+    spent quantizing; with ``insample`` (rows the method saw), an ``insample_output_error`` column."""
     rows = []
     for name, q in quantized.items():
         layer = originals[name]
-        x = None if inputs is None else inputs.get(name)
-        rows.append(
-            {
-                "layer": name,
-                "out_features": q.out_features,
-                "in_features": q.in_features,
-                "rank": q.branch.rank if q.branch is not None else 0,
-                "bits": q.bits(),
-                "bits_per_weight": q.bits() / (q.out_features * q.in_features),
-                "rel_weight_error": relative_weight_error(layer, q),
-                "rel_output_error": float("nan") if x is None else relative_output_error(layer, q, x),
-                "seconds": float("nan") if seconds is None else seconds.get(name, float("nan")),
-            }
-        )
+        x = _nonempty(inputs, name)
+        row = {
+            "layer": name,
+            "out_features": q.out_features,
+            "in_features": q.in_features,
+            "rank": q.branch.rank if q.branch is not None else 0,
+            "bits": q.bits(),
+            "bits_per_weight": q.bits() / (q.out_features * q.in_features),
+            "rel_weight_error": relative_weight_error(layer, q),
+            "rel_output_error": float("nan") if x is None else relative_output_error(layer, q, x),
+            "seconds": float("nan") if seconds is None else seconds.get(name, float("nan")),
+        }
+        if insample is not None:
+            seen = _nonempty(insample, name)
+            row["insample_output_error"] = float("nan") if seen is None else relative_output_error(layer, q, seen)
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _nonempty(inputs: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:
+    x = None if inputs is None else inputs.get(name)
+    return x if x is not None and x.shape[0] > 0 else None
+
+
+SUMMARIZED = (
+    ("rel_weight_error", "layer_rel_weight_error"),
+    ("rel_output_error", "layer_heldout_output_error"),
+    ("insample_output_error", "layer_insample_output_error"),
+)
+
+
+def layer_error_summary(frame: Any) -> dict[str, float]:
+    """Model-wide mean and max of the per-layer errors, as run metrics: ``layer_rel_weight_error``,
+    ``layer_heldout_output_error`` (on held-out rows) and ``layer_insample_output_error`` (on rows
+    the method saw), each ``_mean`` and ``_max`` (NaN-free; absent when nothing was measured)."""
+    out: dict[str, float] = {}
+    if frame is None or len(frame) == 0:
+        return out
+    for column, metric in SUMMARIZED:
+        if column not in frame:
+            continue
+        values = [float(v) for v in frame[column] if v is not None and not math.isnan(float(v))]
+        if values:
+            out[f"{metric}_mean"] = sum(values) / len(values)
+            out[f"{metric}_max"] = max(values)
+    return out

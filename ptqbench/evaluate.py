@@ -1,7 +1,9 @@
 """Evaluate one (pipeline, method) cell: calibrate, quantize, generate, score, restore.
 
-:func:`evaluate` calibrates when the method uses statistics, quantizes the transformer's selected
-layers in place, records per-layer errors, generates images with the prompts' fixed seeds,
+:func:`evaluate` calibrates (always: besides what the method uses, calibration draws held-out rows
+per layer, never given to the method, on which every method's per-layer output error is measured),
+quantizes the transformer's selected layers in place, records per-layer errors (see
+:mod:`ptqbench.analysis`), generates images with the prompts' fixed seeds,
 scores the metrics against the cached 16-bit reference images and always restores the
 transformer, so one loaded pipeline serves many cells. ``method=None`` is the 16-bit reference.
 """
@@ -28,15 +30,16 @@ from ptqbench.metrics.base import MetricInputs, MetricResult, get_metric
 from ptqbench.models.base import GenSettings, Pipeline
 from ptqbench.patching import LayerPlan, PatchReport, quantize_model, restore_model, select_layers
 from ptqbench.prompts import PromptSet
-from ptqbench.stats import LayerStats
+from ptqbench.stats import LayerStats, StatsSpec
 
 __all__ = ["EvalResult", "NullProgress", "Progress", "evaluate", "model_bytes", "other_elements"]
 
 LAYER_ERROR_COLUMNS = (
     "layer", "out_features", "in_features", "rank", "bits", "bits_per_weight",
-    "rel_weight_error", "rel_output_error", "seconds",
+    "rel_weight_error", "rel_output_error", "seconds", "insample_output_error",
 )
-SAMPLE_ROWS = 64  # calibration rows per layer used for the relative output error
+HELDOUT_ROWS = 256  # held-out calibration rows per layer: rel_output_error (the method never saw them)
+SAMPLE_ROWS = 64  # of the method's calibration rows: insample_output_error (methods that use rows)
 
 REFERENCE_ITSELF = "the 16-bit reference is not compared with itself"
 
@@ -78,11 +81,16 @@ def model_bytes(model: nn.Module, layers: Mapping[str, nn.Module], layer_bits: i
     return math.ceil((16 * other_elements(model, layers) + layer_bits) / 8)
 
 
-def _sample_inputs(stats: Mapping[str, LayerStats] | None) -> dict[str, torch.Tensor] | None:
-    if not stats:
-        return None
-    out = {name: st.rows[:SAMPLE_ROWS] for name, st in stats.items() if st.rows is not None}
-    return out or None
+def heldout_inputs(stats: Mapping[str, LayerStats]) -> dict[str, torch.Tensor]:
+    """The held-out rows of each layer (those calibration drew besides the method's sample)."""
+    return {name: st.heldout for name, st in stats.items() if st.heldout is not None}
+
+
+def insample_inputs(stats: Mapping[str, LayerStats] | None, spec: StatsSpec) -> dict[str, torch.Tensor]:
+    """Up to SAMPLE_ROWS of the rows a method was given, for methods that use rows (else none)."""
+    if not stats or spec.rows == 0:
+        return {}
+    return {name: st.rows[:SAMPLE_ROWS] for name, st in stats.items() if st.rows is not None}
 
 
 class _Timer:
@@ -160,18 +168,20 @@ def evaluate(
         errors = pd.DataFrame(columns=list(LAYER_ERROR_COLUMNS))
         images, images_dir, quantized, skipped = reference, ref_dir, [], dict(selection.skipped)
     else:
-        stats = None
         spec = method.stats_spec()
-        if not spec.empty:
-            progress.stage("calibrate", calibration.n_prompts)
-            with _Timer(timings, "calibrate"):
-                stats = calibrate(pipeline, selection.layers, spec, calibration, settings, cache, progress)
+        progress.stage("calibrate", calibration.n_prompts)
+        with _Timer(timings, "calibrate"):
+            collect = spec | StatsSpec(heldout=HELDOUT_ROWS)
+            stats = calibrate(pipeline, selection.layers, collect, calibration, settings, cache, progress)
+        given = None if spec.empty else {name: st.without_heldout() for name, st in stats.items()}
         report = None
         try:
             progress.stage("quantize", len(selection.layers))
             with _Timer(timings, "quantize"):
-                report, seconds = _quantize(transformer, method, stats, plan, ranks, progress)
-            errors = layer_errors(report.originals, report.quantized, _sample_inputs(stats), seconds)
+                report, seconds = _quantize(transformer, method, given, plan, ranks, progress)
+            errors = layer_errors(
+                report.originals, report.quantized, heldout_inputs(stats), seconds, insample_inputs(given, spec)
+            )
             progress.stage("generate", len(prompts))
             images_dir = out_dir / "images"
             with _Timer(timings, "generate"):

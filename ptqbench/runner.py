@@ -351,6 +351,8 @@ class Runner:
         return {**cell.params(), **self._runtime, **runtime}
 
     def log_result(self, run_id: str, cell: Cell, result: Any, out_dir: Path, seconds: float) -> None:
+        from ptqbench.analysis import layer_error_summary
+
         metrics: dict[str, float | None] = {}
         tags: dict[str, str] = {}
         for name, m in result.metrics.items():
@@ -422,21 +424,6 @@ def runtime_params() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[pkg] = "not installed"
     return {"versions": versions, "git_commit": git_commit()}
-
-
-def layer_error_summary(frame: Any) -> dict[str, float]:
-    """Mean and max of the per-layer relative errors (NaN-free; absent when nothing was measured)."""
-    out: dict[str, float] = {}
-    if frame is None or len(frame) == 0:
-        return out
-    for column, short in (("rel_weight_error", "weight"), ("rel_output_error", "output")):
-        if column not in frame:
-            continue
-        values = [float(v) for v in frame[column] if v is not None and not math.isnan(float(v))]
-        if values:
-            out[f"layer_rel_{short}_error_mean"] = sum(values) / len(values)
-            out[f"layer_rel_{short}_error_max"] = max(values)
-    return out
 
 
 def _jsonable(obj: Any) -> Any:
