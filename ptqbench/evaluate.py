@@ -10,6 +10,8 @@ transformer, so one loaded pipeline serves many cells. ``method=None`` is the 16
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -23,13 +25,14 @@ from torch import nn
 from ptqbench.analysis import layer_errors
 from ptqbench.cache import Cache
 from ptqbench.calibration import CalibConfig, calibrate
+from ptqbench.errors import UserError
 from ptqbench.generation import NullProgress, Progress, generate_images, reference_images
 from ptqbench.memory import model_bits
 from ptqbench.method import Method
 from ptqbench.metrics.base import MetricInputs, MetricResult, get_metric
 from ptqbench.models.base import GenSettings, Pipeline
 from ptqbench.patching import LayerPlan, PatchReport, quantize_model, restore_model, select_layers
-from ptqbench.prompts import PromptSet
+from ptqbench.prompts import PromptSet, get_prompt_set
 from ptqbench.stats import LayerStats, StatsSpec
 
 __all__ = ["EvalResult", "NullProgress", "Progress", "evaluate", "model_bytes", "other_elements"]
@@ -42,6 +45,8 @@ HELDOUT_ROWS = 256  # held-out calibration rows per layer: rel_output_error (the
 SAMPLE_ROWS = 64  # of the method's calibration rows: insample_output_error (methods that use rows)
 
 REFERENCE_ITSELF = "the 16-bit reference is not compared with itself"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,6 +84,30 @@ def model_bytes(model: nn.Module, layers: Mapping[str, nn.Module], layer_bits: i
     from :func:`ptqbench.memory.model_bits`.
     """
     return math.ceil((16 * other_elements(model, layers) + layer_bits) / 8)
+
+
+def _calibrate(
+    pipeline: Pipeline,
+    layers: Mapping[str, nn.Module],
+    spec: StatsSpec,
+    calibration: CalibConfig,
+    settings: GenSettings,
+    cache: Cache,
+    progress: Progress,
+) -> dict[str, LayerStats]:
+    """The method's statistics plus HELDOUT_ROWS held-out rows per layer. For a method that uses no
+    statistics the held-out rows only serve the per-layer output error: its calibration prompts are
+    capped at the set's size, and a set that cannot be loaded leaves the layers without (logged)."""
+    collect = spec | StatsSpec(heldout=HELDOUT_ROWS)
+    if spec.empty:
+        try:
+            available = len(get_prompt_set(calibration.prompt_set, path=calibration.path))
+        except UserError as exc:
+            log.warning("no held-out rows for the per-layer output errors: %s", exc)
+            return {}
+        calibration = dataclasses.replace(calibration, n_prompts=min(calibration.n_prompts, available))
+    progress.stage("calibrate", calibration.n_prompts)
+    return calibrate(pipeline, layers, collect, calibration, settings, cache, progress)
 
 
 def heldout_inputs(stats: Mapping[str, LayerStats]) -> dict[str, torch.Tensor]:
@@ -169,10 +198,8 @@ def evaluate(
         images, images_dir, quantized, skipped = reference, ref_dir, [], dict(selection.skipped)
     else:
         spec = method.stats_spec()
-        progress.stage("calibrate", calibration.n_prompts)
         with _Timer(timings, "calibrate"):
-            collect = spec | StatsSpec(heldout=HELDOUT_ROWS)
-            stats = calibrate(pipeline, selection.layers, collect, calibration, settings, cache, progress)
+            stats = _calibrate(pipeline, selection.layers, spec, calibration, settings, cache, progress)
         given = None if spec.empty else {name: st.without_heldout() for name, st in stats.items()}
         report = None
         try:

@@ -196,6 +196,21 @@ def test_heldout_rows_are_disjoint_and_leave_the_sample_unchanged():
     assert not StatsSpec(heldout=5).empty
 
 
+def test_stats_free_method_heldout_rows_from_any_calibration_config(pixart, cache, tmp_path):
+    """RTN needs no calibration: more prompts than the set has are capped, and a set that cannot be
+    loaded (MJHQ offline) leaves its layers without held-out errors instead of failing the cell."""
+    rtn = get_method("rtn", weight_format="int8_pc", act_format="int8_pc")
+    many = evaluate(pixart, rtn, PROMPTS, metrics=[], settings=SETTINGS, cache=cache, out_dir=tmp_path / "a",
+                    calibration=CalibConfig(n_prompts=64, rows=32))  # builtin-calib has 24
+    assert many.layer_errors.rel_output_error.notna().all()
+    none = evaluate(pixart, rtn, PROMPTS, metrics=[], settings=SETTINGS, cache=cache, out_dir=tmp_path / "b",
+                    calibration=CalibConfig(prompt_set="mjhq-calib", path=str(tmp_path / "missing")))
+    assert none.layer_errors.rel_output_error.isna().all() and none.layer_errors.rel_weight_error.notna().all()
+    with pytest.raises(UserError, match="MJHQ"):
+        evaluate(pixart, StatsRTN(), PROMPTS, metrics=[], settings=SETTINGS, cache=cache, out_dir=tmp_path / "c",
+                 calibration=CalibConfig(prompt_set="mjhq-calib", path=str(tmp_path / "missing")))
+
+
 def test_searched_method_heldout_error_differs_from_insample(pixart, cache, tmp_path):
     """SVDQuant chose its smoothing and iterate on its calibration rows: its error there is not the
     held-out one, which every method gets on the same rows (cached calibration gives the same)."""
