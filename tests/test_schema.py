@@ -83,7 +83,7 @@ def test_what_the_runner_logs_is_what_the_report_reads(tmp_path: Path) -> None:
 
 def test_labels() -> None:
     svdq = get_method("svdquant", weight_format="mxfp4", act_format="mxfp4", rank=32, num_grids=2)
-    assert describe(svdq) == "svdquant W:mxfp4 A:mxfp4 r32 B:bf16/bf16 num_grids=2"
+    assert describe(svdq) == "svdquant W:mxfp4 A:mxfp4 r32 B:model/model num_grids=2"
     assert describe(None) == "16-bit reference"
     # a field the method's own label shows is not repeated; a value that merely occurs in it is not hidden
     loraq = get_method("loraq", weight_format="int4_g64", act_format="int4_g64", steps=5, num_grids=5)
