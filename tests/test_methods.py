@@ -282,7 +282,7 @@ def test_api_quantize_layer_without_statistics(layers):
     assert q.branch.rotation == "hadamard" and q.branch.rank == 64
     assert q.branch.mid_format == get_format("mxfp8_e4m3")
     assert q.bits() == method.layer_bits(384, 384, True, smoothed=False)
-    assert q.info["best_step"] > 0 and q.info["lr"] == 1e-3
+    assert q.info["best_step"] > 0 and q.info["lr"] == method.learning_rate == 3e-3
     x = torch.randn(2, 5, 384)
     assert q(x).shape == (2, 5, 384)
 
@@ -400,9 +400,9 @@ def test_bad_configs_are_user_errors(layers):
     with pytest.raises(UserError, match="exceeds min"):
         get_method("svdquant", rank=400).quantize_layer(layers[QUERY])
     assert is_int_format(get_format("mxint4")) and is_int_format(get_format("int4_g64"))
-    assert get_method("loraq", weight_format="int4_g64").learning_rate == 1e-4
-    assert get_method("loraq", weight_format="mxint4").learning_rate == 1e-4
-    assert get_method("loraq", weight_format="nvfp4").learning_rate == 1e-3
+    assert get_method("loraq", schedule="paper", weight_format="int4_g64").learning_rate == 1e-4
+    assert get_method("loraq", schedule="paper", weight_format="mxint4").learning_rate == 1e-4
+    assert get_method("loraq", schedule="paper", weight_format="nvfp4").learning_rate == 1e-3
     assert get_method("loraq", mid_format=None).mid_format is None
     assert get_method("loraq", branch_act_format="mxfp6_e2m3").mid_format == get_format("mxfp6_e2m3")
 
