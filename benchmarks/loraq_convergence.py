@@ -7,9 +7,10 @@ all-MiniLM-L6-v2: a 384x384 (``query``) and a 384x1536 (``output``); ``--all-lay
 (two 1536x384 ``intermediate``, one more of each). One CPU thread: about 0.04 s per step for the
 two layers on an idle core (1500 steps x 4 lrs x 3 families: ~12 min).
 
-    python benchmarks/loraq_convergence.py --steps 2000 --out loraq_convergence.json
-    python benchmarks/loraq_convergence.py --rotations --steps 300 --out loraq_rotations.json
-    python benchmarks/loraq_convergence.py --replay loraq_convergence.json --plot plots/
+    python benchmarks/loraq_convergence.py --steps 1500 --out conv.json    # the lrs 1e-4 .. 3e-3
+    python benchmarks/loraq_convergence.py --steps 600 --families mxfp4/W4A8 --lrs 3e-5,1e-4 --out w4.json
+    python benchmarks/loraq_convergence.py --rotations --steps 100 --out rotations.json
+    python benchmarks/loraq_convergence.py --replay conv.json w4.json --plot plots/
 
 Prints a table per family and lr: mean relative error at fixed steps, the best iterate's step,
 where the 100-step relative improvement first falls below 1e-3 / 1e-4, and what the stopping
@@ -54,7 +55,7 @@ FAMILIES = {  # name: (main format, branch weights, branch activations)
     "mxfp4/mxfp6_e2m3": ("mxfp4", "mxfp6_e2m3", "mxfp6_e2m3"),
 }
 LRS = (1e-4, 3e-4, 1e-3, 3e-3)
-MARKS = (100, 300, 1000, 1500, 2000)
+MARKS = (100, 300, 600, 1000, 1500, 2000)
 RULES = ((50, 1e-3), (100, 1e-3), (100, 3e-4), (200, 1e-3), (200, 3e-4))  # (patience, tol)
 
 
@@ -178,7 +179,11 @@ def curves_frame(results: list[dict], points: int = 60) -> pd.DataFrame:
 
 def replay(paths: list[Path], plot_dir: Path | None) -> None:
     """Print the tables of saved studies again and, with ``plot_dir``, plot their curves."""
-    results = [row for path in paths for row in json.loads(path.read_text())["results"]]
+    results = []
+    for path in paths:
+        study = json.loads(path.read_text())
+        for row in study["results"]:  # summaries again, by the current stopping rule
+            results.append({**row, **summarize(row["curves"], study["steps"])} if "curves" in row else row)
     for row in results:
         print(table_line(row) if "lr" in row else f"{row['family']:<18} r={row['rank']:<3} {row['rotation']:<22} "
               f"init {row['init']:.5f} best {row['best']:.5f}")

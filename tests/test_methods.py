@@ -282,7 +282,7 @@ def test_api_quantize_layer_without_statistics(layers):
     assert q.branch.rotation == "hadamard" and q.branch.rank == 64
     assert q.branch.mid_format == get_format("mxfp8_e4m3")
     assert q.bits() == method.layer_bits(384, 384, True, smoothed=False)
-    assert q.info["best_step"] > 0 and q.info["lr"] == method.learning_rate == 3e-3
+    assert q.info["best_step"] > 0 and q.info["lr"] == 1e-3
     x = torch.randn(2, 5, 384)
     assert q(x).shape == (2, 5, 384)
 
