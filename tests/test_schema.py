@@ -91,7 +91,7 @@ def test_labels() -> None:
     assert extra_fields(loraq, besides_label=True) == ["num_grids=5"]
     assert describe(loraq, {"a": 3, "b": 7}).startswith(dataclasses.replace(loraq, rank=7).label())
     assert describe(loraq, {"a": 3, "b": 7}).endswith("num_grids=5 (equal-memory ranks 3-7)")
-    assert formats_text(svdq) == "W:mxfp4 A:mxfp4 B:bf16/bf16" and formats_text(None) == "16-bit"
+    assert formats_text(svdq) == "W:mxfp4 A:mxfp4 B:model/model" and formats_text(None) == "16-bit"
     assert config_text("rtn", "int4_g64", "int8_pc") == "rtn W:int4_g64 A:int8_pc"
     assert config_text("loraq", "mxfp4", "mxfp4", "4–12", "bf16") == "loraq W:mxfp4 A:mxfp4 r4–12 B:bf16"
     assert rank_text(None) == "-" and rank_text(8, {"a": 2, "b": 8}) == "per-layer 2..8"
