@@ -39,7 +39,7 @@ __all__ = ["EvalResult", "evaluate"]
 
 LAYER_ERROR_COLUMNS = (
     "layer", "out_features", "in_features", "rank", "bits", "bits_per_weight",
-    "rel_weight_error", "rel_output_error", "seconds", "insample_output_error",
+    "rel_weight_error", "rel_output_error", "seconds", "info", "insample_output_error",
 )
 HELDOUT_ROWS = 256  # held-out calibration rows per layer: rel_output_error (the method never saw them)
 SAMPLE_ROWS = 64  # of the method's calibration rows: insample_output_error (methods that use rows)
