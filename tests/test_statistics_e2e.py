@@ -154,3 +154,25 @@ def test_uncertainty_and_metric_options_leave_the_cell_hash(tmp_path: Path) -> N
 def test_bad_blocks_name_file_field_and_valid_values(tmp_path: Path, block: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
         load_suite(write(tmp_path, BASE + block + "\n", "s.yaml"))
+
+
+def test_result_metrics_log_summaries_warnings_and_statuses() -> None:
+    from ptqbench import schema
+    from ptqbench.evaluate import EvalResult
+    from ptqbench.metrics.base import MetricResult
+
+    results = {
+        "psnr": MetricResult("psnr", 20.0, 4, per_image=(19.0, 20.0, 20.0, 21.0), lo=19.5, hi=20.5, level=0.95),
+        "fd": MetricResult("fd", 3.0, 4, higher_is_better=False, lo=1.0, hi=4.0, level=0.95, warning="n=4 < 128"),
+        "kid": MetricResult("kid", None, 0, "not_computed", "needs real images"),
+    }
+    result = EvalResult(results, pd.DataFrame(), 0, 0, 4.5, 100, [], {}, Path("."), {"generate": 1.0})
+    metrics, tags = schema.result_metrics(result, 2.0)
+    assert {k: metrics[k] for k in ("psnr", "psnr_n", "psnr.lo", "psnr.hi", "fd", "fd_n", "fd.lo", "fd.hi")} == {
+        "psnr": 20.0, "psnr_n": 4, "psnr.lo": 19.5, "psnr.hi": 20.5, "fd": 3.0, "fd_n": 4, "fd.lo": 1.0, "fd.hi": 4.0}
+    assert not any(k.startswith("kid") for k in metrics)
+    assert tags == {"metric_warning.fd": "n=4 < 128", "metric_status.kid": "not_computed: needs real images"}
+    assert schema.interval_params(Bootstrap(level=0.9)) == {
+        "ci.level": 0.9, "ci.resamples": 2000, "ci.set_resamples": 200, "ci.seed": 0, "ci.method": "bca",
+        "ci.test": "bootstrap"}
+    assert schema.interval_params(None) == {}
