@@ -20,8 +20,11 @@ computes it), and the script prints:
   candidate and per evaluated iterate). The report is printed (and ``--out`` written) after
   every run (one block at one size), so a run cut short still leaves its numbers.
 
-  GPU (the native size: 128 calibration samples x 4096 tokens = 524288 rows):
-      python benchmarks/bench_svdquant_calib.py --device cuda --out svdq_calib.json
+``--profile`` adds the seconds and calls per stage (transfers, reference outputs, quantization,
+products, SVD, weight quantization) and the SVD timings of both float64 algorithms on both devices.
+
+  GPU (the native size: 128 calibration samples x 4096 tokens = 524288 rows), one block:
+      python benchmarks/bench_svdquant_calib.py --device cuda --layers 8 --profile --out svdq_calib.json
   CPU smoke test (tiny PixArt config):
       python benchmarks/bench_svdquant_calib.py --small --device cpu --rows 512 --subsample 64 256
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +45,7 @@ from ptqbench import get_method
 from ptqbench.layers import dense_weight
 from ptqbench.memory import qkv_group
 from ptqbench.patching import LayerPlan, select_layers
+from ptqbench.smoothing import PROFILE
 from ptqbench.stats import LayerStats
 
 NATIVE_ROWS = 128 * 4096  # deepcompressor: 128 cached transformer calls (quant.calib.num_samples) x 4096 tokens
@@ -53,13 +58,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="the model's dtype")
     p.add_argument("--rows", type=int, default=NATIVE_ROWS, help="calibration rows per layer input (all rows)")
-    p.add_argument("--subsample", type=int, nargs="*", default=[256, 1024, 4096, 16384, 65536])
+    p.add_argument("--subsample", type=int, nargs="*", default=[4096, 16384, 65536])
     p.add_argument("--layers", type=int, default=0, help="calibrate only the first L quantized layers (0: all)")
     p.add_argument("--format", default="int4_g64", help="main weight and activation format")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--num-grids", type=int, default=20)
     p.add_argument("--num-iters", type=int, default=100)
-    p.add_argument("--svd", default="exact", choices=("exact", "randomized", "auto"))
+    p.add_argument("--svd", default="exact", choices=("exact", "gram", "randomized", "auto"))
+    p.add_argument("--score-dtype", default="model", choices=("model", "float32"), help="row products' dtype")
+    p.add_argument("--profile", action="store_true", help="print seconds per stage (synchronizes the GPU)")
     p.add_argument("--tflops", type=float, default=989.0, help="GPU dense bf16 rate for the floor (TFLOP/s)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (changes rounding)")
     p.add_argument("--small", action="store_true", help="tiny PixArt config (CPU smoke test)")
@@ -158,8 +165,9 @@ def run(args: argparse.Namespace) -> dict:
     shapes = model_layers(args)
     method = get_method(
         "svdquant", weight_format=args.format, act_format=args.format, rank=args.rank,
-        num_grids=args.num_grids, num_iters=args.num_iters, svd=args.svd, rows="all",
+        num_grids=args.num_grids, num_iters=args.num_iters, svd=args.svd, rows="all", score_dtype=args.score_dtype,
     )
+    PROFILE.enabled = args.profile
     sizes = [k for k in args.subsample if k < args.rows]
     results = {"all": {"seconds": 0.0, "flops": 0.0}} | {k: {"seconds": 0.0, "flops": 0.0} for k in sizes}
     choices: dict[object, dict[str, tuple]] = {key: {} for key in results}
@@ -179,6 +187,7 @@ def run(args: argparse.Namespace) -> dict:
                 keep = perm[:key].to(args.device)
                 subsets = {id(x): x[keep] for x in rows.values()}
                 picked, n_rows = {name: subsets[id(x)] for name, x in rows.items()}, key
+            PROFILE.reset()
             info, seconds = calibrate(method, layers, picked, absmax)
             results[key]["seconds"] += seconds
             results[key]["flops"] += floor_flops(shapes, names, info, args, n_rows)
@@ -186,14 +195,24 @@ def run(args: argparse.Namespace) -> dict:
             out = summarize(results, choices, args, len(choices["all"]))
             out["svd_seconds_per_call"] = svd_seconds
             print(f"block {index}, rows {n_rows}: {seconds:.2f} s\n{report(out)}", flush=True)
+            if args.profile:
+                out.setdefault("profile", {})[f"block {index}, rows {n_rows}"] = stages = profile_table()
+                print("  stages: " + ", ".join(f"{k} {v[0]:.3f} s / {v[1]} calls" for k, v in stages.items()))
             if args.out:  # after every run, so that a run cut short still leaves its numbers
                 args.out.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
+def profile_table() -> dict[str, tuple[float, int]]:
+    """(seconds, calls) per stage of the last run, slowest first."""
+    return dict(sorted(((k, (v, PROFILE.calls[k])) for k, v in PROFILE.seconds.items()), key=lambda kv: -kv[1][0]))
+
+
 def svd_probe(shapes: dict[str, tuple[int, int]], names: list[str], args: argparse.Namespace) -> dict[str, float]:
-    """Seconds of one SVD (the method's kind and precision) per unit shape: SVDs are not in the floor."""
-    from ptqbench.lowrank import resolve_svd, truncated_svd
+    """Seconds of one SVD per unit shape (SVDs are not in the floor): the method's kind and
+    precision on the device, and for comparison the float64 exact SVD and Gram eigendecomposition
+    on the device and on the CPU (all its cores), 8 candidates batched."""
+    from ptqbench.lowrank import resolve_svd
 
     units: dict[str, list[str]] = {}
     for name in names:
@@ -205,14 +224,29 @@ def svd_probe(shapes: dict[str, tuple[int, int]], names: list[str], args: argpar
             continue
         w = torch.randn(1, m, n, device=args.device)
         kind = resolve_svd(args.svd, args.rank, (1, m, n), w.device)
-        precision = torch.float64 if args.svd == "exact" else torch.float32
-        truncated_svd(w, args.rank, kind, dtype=precision)  # warm-up
-        sync_device(w)
-        start = time.perf_counter()
-        truncated_svd(w, args.rank, kind, dtype=precision)
-        sync_device(w)
-        out[f"{m}x{n}"] = time.perf_counter() - start
+        precision = torch.float64 if args.svd in ("exact", "gram") else torch.float32
+        out[f"{m}x{n}"] = time_svd(w, args.rank, kind, precision)
+        if args.profile:
+            batch = torch.randn(8, m, n, device=args.device)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(os.cpu_count() or 1)
+            for where, x in ((args.device, batch), ("cpu", batch.cpu())):
+                for how in ("exact", "gram"):
+                    out[f"{m}x{n} {how} float64 {where} per candidate (batched)"] = (
+                        time_svd(x, args.rank, how, torch.float64) / len(batch))
+            torch.set_num_threads(threads)
     return out
+
+
+def time_svd(w: torch.Tensor, rank: int, kind: str, precision: torch.dtype) -> float:
+    from ptqbench.lowrank import truncated_svd
+
+    truncated_svd(w[:1], rank, kind, dtype=precision)  # warm-up
+    sync_device(w)
+    start = time.perf_counter()
+    truncated_svd(w, rank, kind, dtype=precision)
+    sync_device(w)
+    return time.perf_counter() - start
 
 
 def sync_device(t: torch.Tensor) -> None:
@@ -223,7 +257,8 @@ def sync_device(t: torch.Tensor) -> None:
 def summarize(results: dict, choices: dict, args: argparse.Namespace, n_layers: int) -> dict:
     native = choices["all"]
     out = {"model": "tiny-pixart" if args.small else args.model, "layers": n_layers, "rows": args.rows,
-           "device": args.device, "format": args.format, "svd": args.svd, "tflops": args.tflops, "runs": []}
+           "device": args.device, "format": args.format, "svd": args.svd, "score_dtype": args.score_dtype,
+           "tflops": args.tflops, "runs": []}
     for key, res in results.items():
         floor = res["flops"] / (args.tflops * 1e12)
         row = {"rows": args.rows if key == "all" else key, "seconds": res["seconds"], "floor_flops": res["flops"],
@@ -239,6 +274,7 @@ def summarize(results: dict, choices: dict, args: argparse.Namespace, n_layers: 
 
 def report(out: dict) -> str:
     lines = [f"SVDQuant calibration: {out['model']}, {out['layers']} layers, {out['format']}, svd {out['svd']}, "
+             f"scores in {out['score_dtype']}, "
              f"{out['device']}; floor at {out['tflops']:g} TFLOP/s",
              f"{'rows':>9} {'seconds':>10} {'floor s':>10} {'ratio':>8} {'pair':>6} {'iterate':>8} {'both':>6}"]
     for r in out["runs"]:

@@ -37,7 +37,7 @@ from torch import nn
 
 from ptqbench.errors import UserError
 from ptqbench.formats import Format
-from ptqbench.layers import SMOOTH_BITS, QuantLinear
+from ptqbench.layers import SMOOTH_BITS, QuantLinear, dense_weight
 from ptqbench.lowrank import (
     STOP_RULES,
     SVD_KINDS,
@@ -51,7 +51,7 @@ from ptqbench.lowrank import (
     svd_label,
 )
 from ptqbench.method import LowRankMethod, format_field, register_method, resolve_format
-from ptqbench.smoothing import pair_label, smoothing_grid
+from ptqbench.smoothing import SCORE_DTYPES, pair_label, resolve_score_dtype, smoothing_grid
 from ptqbench.stats import ALL_ROWS, LayerStats, StatsSpec
 
 Progress = Callable[[str], None]
@@ -67,7 +67,11 @@ class SVDQuant(LowRankMethod):
     calibration rows (``all`` or -1: every row); ``num_iters`` / ``early_stop`` /
     ``early_stop_rule`` (``<=`` or ``<``) refine the branch; ``share_qkv`` fuses q/k/v reading one
     input; ``svd``: exact (float64) | randomized | auto (``seed`` seeds the randomized range
-    finder); ``branch_format`` ``model``: the layer's own 16-bit dtype.
+    finder; ``gram``: exact float64 through the Gram matrix's eigendecomposition, cheaper);
+    ``branch_format`` ``model``: the layer's own 16-bit dtype; ``score_dtype`` (``model`` |
+    ``float32``): dtype of the row products the candidates and iterates are scored with
+    (``model``: the layer's fp16/bf16 with float32 accumulation, as deepcompressor runs its
+    candidates; float32 layers always score in float32).
     """
 
     branch_format: Format | str = format_field("model", model_dtype=True)
@@ -81,6 +85,7 @@ class SVDQuant(LowRankMethod):
     share_qkv: bool = True
     svd: str = "exact"
     seed: int = 0
+    score_dtype: str = "model"
     model_dtype_branch: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -95,6 +100,10 @@ class SVDQuant(LowRankMethod):
             raise UserError(f"svdquant: num_iters must be >= 1, got {self.num_iters}")
         if self.svd not in SVD_KINDS:
             raise UserError(f"svdquant: svd {self.svd!r} is not valid (valid: {', '.join(SVD_KINDS)})")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise UserError(
+                f"svdquant: score_dtype {self.score_dtype!r} is not valid (valid: {', '.join(SCORE_DTYPES)})"
+            )
         if self.early_stop_rule not in STOP_RULES:
             raise UserError(
                 f"svdquant: early_stop_rule {self.early_stop_rule!r} is not valid (valid: {', '.join(STOP_RULES)})"
@@ -137,13 +146,16 @@ class SVDQuant(LowRankMethod):
                         progress(name)
         return {name: done[name] for name in layers}
 
-    def _fitter(self, spec: BranchSpec) -> Fitter:
-        dtype = torch.float64 if self.svd == "exact" else torch.float32
-        return Fitter(spec, self.weight_format, self.act_format, self.svd, self.seed, dtype, self.early_stop_rule)
+    def _fitter(self, spec: BranchSpec, layer_dtype: torch.dtype) -> Fitter:
+        dtype = torch.float64 if self.svd in ("exact", "gram") else torch.float32
+        return Fitter(
+            spec, self.weight_format, self.act_format, self.svd, self.seed, dtype, self.early_stop_rule,
+            score_dtype=resolve_score_dtype(self.score_dtype, layer_dtype),
+        )
 
     def _quantize_batch(self, batch: Batch, spec: BranchSpec) -> tuple:
         """(smooth, up_q, down_q, residual, info per unit) for one batch."""
-        fitter = self._fitter(spec)
+        fitter = self._fitter(spec, dense_weight(batch.units[0].layers[0]).dtype)
         pairs = smoothing_grid(self.num_grids)
         if self.smoothing and batch.absmax is not None:
             smooth, pick = fitter.search(batch, pairs)
@@ -165,5 +177,6 @@ class SVDQuant(LowRankMethod):
             info.append({
                 "smoothing": how, "smooth_pair": pair, "best_iteration": int(it), "objective": objective,
                 "svd": svd, "branch_format": str(spec.weight_format),
+                "score_dtype": str(fitter.score_dtype).removeprefix("torch.") if rows else None,
             })
         return smooth, up_q, down_q, res, info

@@ -23,6 +23,7 @@ from ptqbench.memory import qkv_group
 from ptqbench.method import LowRankMethod
 from ptqbench.smoothing import (
     MAX_BATCH_ELEMENTS,
+    PROFILE,
     Rows,
     chunks,
     pick_best,
@@ -35,7 +36,7 @@ from ptqbench.smoothing import (
 )
 from ptqbench.stats import LayerStats
 
-SVD_KINDS = ("auto", "exact", "randomized")
+SVD_KINDS = ("auto", "exact", "gram", "randomized")
 STOP_RULES = ("<=", "<")
 
 
@@ -74,8 +75,10 @@ def resolve_svd(kind: str, rank: int, shape: tuple[int, ...], device: torch.devi
 
 
 def svd_label(kind: str, dtype: torch.dtype) -> str:
-    """How a resolved SVD ran, for ``q.info["svd"]``: ``exact float64``, ``randomized float32``."""
-    return f"{kind} {str(dtype).removeprefix('torch.') if kind == 'exact' else 'float32'}"
+    """How a resolved SVD ran, for ``q.info["svd"]``: ``exact float64``, ``gram float64``,
+    ``randomized float32``."""
+    precision = {"exact": str(dtype).removeprefix("torch."), "gram": "float64"}.get(kind, "float32")
+    return f"{kind} {precision}"
 
 
 def truncated_svd(
@@ -89,7 +92,9 @@ def truncated_svd(
     """Top-``rank`` singular triplets of each matrix in ``w[..., m, n]`` (returned float32):
     ``U[..., m, r]``, ``S[..., r]`` (descending), ``Vh[..., r, n]``.
 
-    ``exact``: ``torch.linalg.svd`` in ``dtype`` (float64: deepcompressor's). ``randomized``: a
+    ``exact``: ``torch.linalg.svd`` in ``dtype`` (float64: deepcompressor's). ``gram``: the same
+    triplets from the float64 eigendecomposition of the smaller Gram matrix (:func:`gram_svd`).
+    ``randomized``: a
     range finder with ``2 r`` columns from a seeded Gaussian shared by the whole batch (so a
     layer's result does not depend on its batch), ``niter`` power iterations, then Rayleigh-Ritz
     (a small float64 eigenproblem); always float32.
@@ -97,6 +102,9 @@ def truncated_svd(
     if method == "exact":
         u, s, vh = torch.linalg.svd(w.to(dtype), full_matrices=False)
         return u[..., :rank].float(), s[..., :rank].float(), vh[..., :rank, :].float()
+    if method == "gram":
+        u, s, vh = gram_svd(w, rank)
+        return u.float(), s.float(), vh.float()
     if method != "randomized":
         raise UserError(f"svd: unknown method {method!r} (valid: {', '.join(SVD_KINDS)})")
     w = w.float()
@@ -117,6 +125,28 @@ def truncated_svd(
     vh = (evecs.mT @ bd) / torch.where(s > 0, s, torch.ones_like(s))[..., None]
     vh = torch.where((s > 0)[..., None], vh, torch.zeros_like(vh))
     return u, s.float(), vh.float()
+
+
+def gram_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets of ``w[..., m, n]`` (returned float64) from the float64
+    ``eigh`` of the smaller Gram matrix (``W^T W`` [n, n] when ``m >= n``, else ``W W^T``): a
+    ``min(m, n)``-square symmetric eigenproblem instead of the SVD of ``w``, much cheaper for tall
+    or wide blocks (fused q/k/v, FFN). Squared singular values carry a relative error of about
+    ``eps64 * (s_1 / s_i)^2`` and the vectors ``eps64 * s_1^2 / gap``: for the top ``rank`` of a
+    weight matrix far below float32 resolution. Singular-vector signs may differ from
+    ``torch.linalg.svd``'s; ``U S V^T`` does not."""
+    wd = w.double()
+    tall = wd.shape[-2] >= wd.shape[-1]
+    gram = wd.mT @ wd if tall else wd @ wd.mT
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(-1)[..., :rank], evecs.flip(-1)[..., :rank]
+    s = evals.clamp_min(0).sqrt()
+    inv = torch.where(s > 0, 1 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    if tall:
+        u, vh = (wd @ evecs) * inv[..., None, :], evecs.mT
+    else:
+        u, vh = evecs, (evecs.mT @ wd) * inv[..., :, None]
+    return u, s, vh
 
 
 # ----------------------------------------------------------------------------- the branch
@@ -154,12 +184,15 @@ class BranchSpec:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_stack(self.weight_format, up, segments), quantize_stack(self.weight_format, down)
 
-    def output(self, x_hat: torch.Tensor, up_q: torch.Tensor, down_q: torch.Tensor) -> torch.Tensor:
-        """``Qmid(Qa2(x_hat) down_q^T) up_q^T``, as :class:`LowRankBranch` computes it."""
-        h = quantize_stack(self.act_format, x_hat) @ down_q.mT
+    def output(
+        self, x_hat: torch.Tensor, up_q: torch.Tensor, down_q: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """``Qmid(Qa2(x_hat) down_q^T) up_q^T``, as :class:`LowRankBranch` computes it; the two
+        products in ``dtype`` (float32 accumulation)."""
+        h = quantize_stack(self.act_format, x_hat).to(dtype) @ down_q.to(dtype).mT
         if self.mid_format is not None:
-            h = quantize_stack(self.mid_format, h)
-        return h @ up_q.mT
+            h = quantize_stack(self.mid_format, h.float()).to(dtype)
+        return h @ up_q.to(dtype).mT
 
 
 # ----------------------------------------------------------------------------- units and batches
@@ -273,12 +306,18 @@ def make_batches(units: list[Unit], use_rows: bool, xtx: str = "none") -> list[B
                     part,
                     torch.stack([u.weight().to(device) for u in part]),
                     _stack(part, device, lambda st: st.absmax) if has_absmax else None,
-                    Rows([u.stats.rows for u in part], device) if n_rows else None,
+                    Rows([u.stats.rows for u in part], device, _compact(part[0])) if n_rows else None,
                     _stack(part, device, lambda st: st.xtx / max(st.count, 1)) if xtx_dim else None,
                     smooth_dtype(part[0].layers[0]),
                 )
             )
     return batches
+
+
+def _compact(unit: Unit) -> torch.dtype | None:
+    """The 16-bit dtype a unit's rows may be stored in (its layers'), or None for wider layers."""
+    dtype = dense_weight(unit.layers[0]).dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
 
 
 def _stack(units: list[Unit], device: torch.device, get: Callable[[LayerStats], torch.Tensor]) -> torch.Tensor:
@@ -295,6 +334,8 @@ class Fitter:
     ``svd_dtype``: precision of the exact SVD. ``rule``: ``"<="`` (deepcompressor's
     ``calib/lowrank.py``: an equal error counts as an improvement, the later candidate is kept)
     or ``"<"``. ``row_chunk``: rows scored per chunk (default: bounded by MAX_BATCH_ELEMENTS).
+    ``score_dtype``: of the row products of the output error (see
+    :func:`~ptqbench.smoothing.resolve_score_dtype`); float32 accumulation either way.
     """
 
     spec: BranchSpec
@@ -305,6 +346,7 @@ class Fitter:
     svd_dtype: torch.dtype = torch.float32
     rule: str = "<="
     row_chunk: int | None = None
+    score_dtype: torch.dtype = torch.float32
 
     def svd_kind(self, shape: tuple[int, ...], device: torch.device) -> str:
         return resolve_svd(self.svd, self.spec.rank, shape, device)
@@ -317,10 +359,12 @@ class Fitter:
         if self.spec.rank == 0:
             return None, None, ws, quantize_stack(self.weight_format, ws, segments)
         method = self.svd_kind(tuple(target.shape), target.device)
-        u, s, vh = truncated_svd(target, self.spec.rank, method, self.seed, dtype=self.svd_dtype)
-        up_q, down_q = self.spec.quantize(*self.spec.factors(u, s, vh), segments)
-        res = ws - up_q @ down_q
-        return up_q, down_q, res, quantize_stack(self.weight_format, res, segments)
+        with PROFILE.stage("svd"):
+            u, s, vh = truncated_svd(target, self.spec.rank, method, self.seed, dtype=self.svd_dtype)
+        with PROFILE.stage("weight quant"):
+            up_q, down_q = self.spec.quantize(*self.spec.factors(u, s, vh), segments)
+            res = ws - up_q @ down_q
+            return up_q, down_q, res, quantize_stack(self.weight_format, res, segments)
 
     def error(
         self,
@@ -335,9 +379,12 @@ class Fitter:
         rows, activations quantized as deployed; without rows, the squared weight error in the
         original (unsmoothed) space."""
         if batch.samples is not None:
-            branch = None if up_q is None else (lambda x_hat: self.spec.output(x_hat, up_q, down_q))
+            branch = None
+            if up_q is not None:
+                branch = lambda x_hat, items, dtype: self.spec.output(x_hat, up_q[items], down_q[items], dtype)  # noqa: E731
             return streamed_sq_error(
-                batch.samples, index, batch.weight, s, main_q, self.act_format, branch, self.row_chunk
+                batch.samples, index, batch.weight, s, main_q, self.act_format, branch, self.row_chunk,
+                self.score_dtype,
             )
         w_eff = main_q if up_q is None else main_q + up_q @ down_q
         return (batch.weight[index] - w_eff / s[..., None, :]).pow(2).sum((-2, -1)).double()

@@ -9,13 +9,16 @@ streamed over calibration rows in chunks (:class:`Rows`) so that all rows fit in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ptqbench.errors import UserError
 from ptqbench.formats import Format, IntFormat, NVFP4Format
 from ptqbench.layers import QuantLinear
 
@@ -113,7 +116,65 @@ def chunks(total: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(i + size, total)) for i in range(0, total, size)]
 
 
+# ----------------------------------------------------------------------------- profiling
+
+
+@dataclass
+class Profile:
+    """Seconds and calls per stage of the row scoring (``transfer``, ``outputs``, ``quantize``,
+    ``products``) and of the branch fits (``svd``, ``weight quant``), when ``enabled`` (it then
+    synchronizes the GPU at every stage boundary, so leave it off outside benchmarks)."""
+
+    enabled: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        _sync()
+        start = time.perf_counter()
+        yield
+        _sync()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+PROFILE = Profile()
+
+
 # ----------------------------------------------------------------------------- output error
+
+SCORE_DTYPES = ("model", "float32")
+# Rows per chunk below which the scoring loop takes fewer candidates at a time instead of fewer rows.
+MIN_CHUNK_ROWS = 4096
+# Fraction of the free device memory that resident rows and cached outputs may take.
+DEVICE_MEMORY_SHARE = 0.5
+# Bytes of cached reference outputs kept on the CPU (beyond that they are recomputed per chunk).
+CPU_CACHE_BYTES = 2**30
+
+
+def resolve_score_dtype(kind: str, layer_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the row products of the output-error scores. ``model``: the layer's own 16-bit
+    dtype (deepcompressor's: its quantizers return dequantized tensors in the input's dtype and the
+    candidates run as the fp16/bf16 module; ``quantizer/impl/base.py``), float32 for a float32
+    layer; ``float32``: every product in float32."""
+    if kind not in SCORE_DTYPES:
+        raise UserError(f"score_dtype {kind!r} is not valid (valid: {', '.join(SCORE_DTYPES)})")
+    if kind == "model" and layer_dtype in (torch.float16, torch.bfloat16):
+        return layer_dtype
+    return torch.float32
 
 
 def output_sq_error(
@@ -122,22 +183,35 @@ def output_sq_error(
     main_q: torch.Tensor,
     act_format: Format,
     extra: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Squared layer-output error ``||y - (Qa(x_hat) main_q^T + extra)||^2`` per leading index.
 
-    ``x_hat[..., N, n]`` are (smoothed) input rows, ``y[..., N, m]`` the 16-bit outputs without
+    ``x_hat[..., N, n]`` are (smoothed) input rows, ``y[..., N, m]`` the reference outputs without
     bias (it cancels), ``main_q[..., m, n]`` the quantized main weight, ``extra`` a branch output.
+    ``dtype``: of the product ``Qa(x_hat) main_q^T`` (float32 accumulation); the difference and
+    its square sum are float32.
     """
-    yq = quantize_stack(act_format, x_hat) @ main_q.mT
-    if extra is not None:
-        yq = yq + extra
-    return (y - yq).pow(2).sum((-2, -1))
+    with PROFILE.stage("quantize"):
+        xq = quantize_stack(act_format, x_hat).to(dtype)
+    with PROFILE.stage("products"):
+        yq = xq @ main_q.to(dtype).mT
+        if dtype != torch.float32:
+            yq = yq.float()
+        if extra is not None:
+            yq = yq + extra.float()
+        return (y.float() - yq).pow(2).sum((-2, -1))
 
 
 @dataclass(eq=False)
 class Rows:
-    """Calibration input rows of ``B`` same-width layers: one ``[N, n]`` tensor per layer, kept
-    where they are (CPU for all rows) and streamed to ``device`` as float32 ``[B, c, n]`` chunks.
+    """Calibration input rows of ``B`` same-width layers: one ``[N, n]`` tensor per layer.
+
+    On first use they move once to ``device`` (and stay there) when they fit in
+    DEVICE_MEMORY_SHARE of its free memory, stored in ``compact`` (the model's 16-bit dtype) when
+    every row is exactly representable in it (calibration inputs of a 16-bit model are), else
+    float32; otherwise they stay where they are and stream to ``device`` chunk by chunk.
+    :meth:`outputs` caches the reference outputs ``x W^T`` per chunk while memory allows.
 
     Scoring on all rows is a sum over chunks: exact up to float summation order for row-wise
     activation formats (a per-tensor activation format takes its scale per chunk).
@@ -145,38 +219,108 @@ class Rows:
 
     parts: Sequence[torch.Tensor]
     device: torch.device
+    compact: torch.dtype | None = None
 
     def __post_init__(self) -> None:
+        self._resident: torch.Tensor | None = None
         self._whole: torch.Tensor | None = None
+        self._placed = False
+        self._outputs: dict[tuple, torch.Tensor] = {}
+        self._weight: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
         return int(self.parts[0].shape[0])
 
-    def chunk(self, lo: int, hi: int, select: Sequence[int] | None = None) -> torch.Tensor:
-        """Rows ``lo:hi`` of the layers ``select`` (default: all) as ``[len, hi - lo, n]`` float32."""
-        select = range(len(self.parts)) if select is None else select
-        if lo == 0 and hi >= self.count and len(select) == len(self.parts):
-            if self._whole is None:
-                self._whole = self._stack(0, self.count, select)
-            return self._whole
-        return self._stack(lo, hi, select)
+    @property
+    def resident(self) -> bool:
+        """Whether all rows sit on ``device`` (decided, and done, on first use)."""
+        self._place()
+        return self._resident is not None
 
-    def _stack(self, lo: int, hi: int, select: Sequence[int]) -> torch.Tensor:
-        return torch.stack([self.parts[i][lo:hi].to(self.device, torch.float32) for i in select])
+    def _place(self) -> None:
+        if self._placed:
+            return
+        self._placed = True
+        width = int(self.parts[0].shape[1])
+        dtype = self.compact if self.compact is not None and self._exact_in(self.compact) else torch.float32
+        need = len(self.parts) * self.count * width * torch.empty((), dtype=dtype).element_size()
+        if free_bytes(self.device) * DEVICE_MEMORY_SHARE < need:
+            return
+        with PROFILE.stage("transfer"):
+            self._resident = torch.stack([p.to(self.device, dtype) for p in self.parts])
+
+    def _exact_in(self, dtype: torch.dtype) -> bool:
+        for part in self.parts:
+            for lo, hi in chunks(self.count, MAX_BATCH_ELEMENTS // max(1, int(part.shape[1]))):
+                piece = part[lo:hi]
+                if not torch.equal(piece.to(dtype).to(piece.dtype), piece):
+                    return False
+        return True
+
+    def chunk(
+        self, lo: int, hi: int, select: Sequence[int] | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Rows ``lo:hi`` of the layers ``select`` (default: all) as ``[len, hi - lo, n]`` in ``dtype``."""
+        self._place()
+        select = list(range(len(self.parts))) if select is None else list(select)
+        if self._resident is not None:
+            part = self._resident[:, lo:hi]
+            part = part if select == list(range(len(self.parts))) else part[select]
+            return part.to(dtype)
+        with PROFILE.stage("transfer"):
+            return torch.stack([self.parts[i][lo:hi].to(self.device, dtype) for i in select])
 
     def stacked(self) -> torch.Tensor:
-        """All rows as one ``[B, N, n]`` device tensor (for small samples)."""
-        return self.chunk(0, self.count)
+        """All rows as one float32 ``[B, N, n]`` device tensor (for small samples; kept)."""
+        if self._whole is None:
+            self._whole = self.chunk(0, self.count)
+        return self._whole
 
     def iter_chunks(self, size: int, select: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
         for lo, hi in chunks(self.count, size):
             yield self.chunk(lo, hi, select)
 
+    def outputs(
+        self, lo: int, hi: int, select: Sequence[int], weight: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Reference outputs ``x W^T`` of rows ``lo:hi`` for the layers ``select`` (``weight[B, m, n]``
+        of all layers; products in ``dtype``, float32 accumulation), cached while memory allows."""
+        if self._weight is not weight:
+            self._outputs.clear()
+            self._weight = weight
+        key = (lo, hi, tuple(select), dtype)
+        if key in self._outputs:
+            return self._outputs[key]
+        x = self.chunk(lo, hi, select, dtype)
+        with PROFILE.stage("outputs"):
+            y = x @ weight[list(select)].to(dtype).mT
+        budget = free_bytes(self.device) * DEVICE_MEMORY_SHARE if self.device.type == "cuda" else CPU_CACHE_BYTES
+        used = sum(t.numel() * t.element_size() for t in self._outputs.values())
+        if used + y.numel() * y.element_size() <= budget:
+            self._outputs[key] = y
+        return y
 
-def chunk_rows(items: int, width: int) -> int:
-    """Rows per chunk so that ``items`` copies of rows of ``width`` floats stay within MAX_BATCH_ELEMENTS."""
-    return max(1, MAX_BATCH_ELEMENTS // max(1, items * width))
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory on ``device`` (CUDA: as the driver reports it; CPU: unbounded for rows that are
+    already there)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return 2**62
+
+
+def chunk_rows(items: int, width: int, budget: int = MAX_BATCH_ELEMENTS) -> int:
+    """Rows per chunk so that ``items`` copies of rows of ``width`` floats stay within ``budget``."""
+    return max(1, budget // max(1, items * width))
+
+
+def score_budget(device: torch.device) -> int:
+    """Elements of one batched scoring intermediate: MAX_BATCH_ELEMENTS on the CPU; on a GPU a
+    share of its free memory (up to 2**31), so that each chunk is a large product, not a launch."""
+    if device.type != "cuda":
+        return MAX_BATCH_ELEMENTS
+    return int(min(2**31, max(MAX_BATCH_ELEMENTS, free_bytes(device) // 40)))
 
 
 def streamed_sq_error(
@@ -188,26 +332,41 @@ def streamed_sq_error(
     act_format: Format,
     branch: Any = None,
     chunk: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Squared output error of ``items`` quantized candidates over every row, in chunks (float64).
 
     ``index[items]`` picks each candidate's layer in ``rows`` and ``weight[B, m, n]`` (its 16-bit
     reference ``y = x W^T``); ``s[items, n]`` its smoothing, ``main_q[items, m, n]`` its quantized
-    main weight, ``branch(x_hat) -> [items, c, m]`` its branch output (or None). ``chunk``: rows
-    per chunk (default: as many as MAX_BATCH_ELEMENTS allows).
+    main weight, ``branch(x_hat, items, dtype) -> [len, c, m]`` the branch output of the candidates
+    ``items`` (a slice) in ``dtype`` (or None). ``chunk``:
+    rows per chunk (default: as many as :func:`score_budget` allows, with candidates taken in
+    groups small enough for MIN_CHUNK_ROWS rows). ``dtype``: of the row products (float32
+    accumulation); each chunk's squares sum in float32, the chunks in float64.
     """
     items, m, n = main_q.shape
-    units, pos = torch.unique(index, return_inverse=True)
-    select = units.tolist()
-    w = weight[units]
+    width = 2 * (n + m)
+    budget = score_budget(main_q.device)
+    group = max(1, budget // (min(MIN_CHUNK_ROWS, rows.count) * width) - 1)
     total = torch.zeros(items, dtype=torch.float64, device=main_q.device)
-    size = chunk or chunk_rows(items + len(select), 2 * (n + m))
-    for x in rows.iter_chunks(size, select):
-        y = x @ w.mT
-        x_hat = x[pos] / s[:, None, :]
-        extra = None if branch is None else branch(x_hat)
-        total += output_sq_error(x_hat, y[pos], main_q, act_format, extra).double()
+    for glo, ghi in chunks(items, group):
+        units, pos = torch.unique(index[glo:ghi], return_inverse=True)
+        select = units.tolist()
+        size = chunk or chunk_rows(ghi - glo + len(select), width, budget)
+        sub = (s[glo:ghi], main_q[glo:ghi])
+        for lo, hi in chunks(rows.count, size):
+            y = rows.outputs(lo, hi, select, weight, dtype)
+            x = rows.chunk(lo, hi, select)
+            with PROFILE.stage("quantize"):
+                x_hat = _spread(x, pos) / sub[0][:, None, :]
+            extra = None if branch is None else branch(x_hat, slice(glo, ghi), dtype)
+            total[glo:ghi] += output_sq_error(x_hat, _spread(y, pos), sub[1], act_format, extra, dtype).double()
     return total
+
+
+def _spread(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``t[pos]``; a broadcast view when ``t`` holds one layer (no copy per candidate)."""
+    return t.expand(len(pos), -1, -1) if t.shape[0] == 1 else t[pos]
 
 
 def set_info(q: QuantLinear, **info: Any) -> QuantLinear:

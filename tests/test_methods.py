@@ -446,7 +446,7 @@ def test_all_rows_scoring_in_chunks_equals_one_chunk_and_a_float64_reference():
     fmt = get_format("mxfp4")
     main_q = fmt.quantize(w[index] * s[:, None, :])
     up, down = torch.randn(4, m, 4, generator=g), torch.randn(4, 4, n, generator=g)
-    branch = lambda xh: (xh @ down.mT) @ up.mT  # noqa: E731
+    branch = lambda xh, sl, dt: (xh @ down[sl].mT) @ up[sl].mT  # noqa: E731
     whole = streamed_sq_error(Rows(x, torch.device("cpu")), index, w, s, main_q, fmt, branch)
     pieces = streamed_sq_error(Rows(x, torch.device("cpu")), index, w, s, main_q, fmt, branch, chunk=37)
     ref = []

@@ -1,0 +1,140 @@
+"""The fast calibration paths of SVDQuant: resident 16-bit rows, cached reference outputs,
+model-dtype scoring and the Gram-eigendecomposition SVD, against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ptqbench import get_method
+from ptqbench.errors import UserError
+from ptqbench.formats import get_format
+from ptqbench.lowrank import gram_svd, truncated_svd
+from ptqbench.smoothing import PROFILE, Rows, streamed_sq_error
+from ptqbench.stats import LayerStats
+
+
+def spectrum_matrix(m: int, n: int, outliers: bool, seed: int) -> torch.Tensor:
+    """``U diag(s) V^T`` (float64) with well-separated top singular values; ``outliers`` scales a
+    few input columns by 50 afterwards (the spectrum then is whatever it is)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    s = 10.0 * 0.85 ** torch.arange(k, dtype=torch.float64)
+    w = u * s @ v.T
+    if outliers:
+        w[:, torch.randperm(n, generator=g)[:4]] *= 50
+    return w
+
+
+@pytest.mark.parametrize("shape", [(96, 48), (48, 96)])
+@pytest.mark.parametrize("outliers", [False, True])
+def test_gram_svd_matches_float64_svd(shape, outliers):
+    w = spectrum_matrix(*shape, outliers, seed=3)
+    rank = 5 if outliers else 12  # the outlier columns crowd the spectrum below the 5th
+    u, s, vh = gram_svd(w, rank)
+    u0, s0, vh0 = torch.linalg.svd(w, full_matrices=False)
+    gaps = (s0[:rank] - s0[1 : rank + 1]) / s0[0]
+    assert gaps.min() > 1e-3  # the vectors are determined
+    u0, s0, vh0 = u0[:, :rank], s0[:rank], vh0[:rank]
+    assert torch.allclose(s, s0, rtol=1e-12, atol=0)
+    sign = torch.sign((u * u0).sum(0))
+    assert (u * sign - u0).abs().max() < 1e-10 and (vh * sign[:, None] - vh0).abs().max() < 1e-10
+    assert ((u * s) @ vh - (u0 * s0) @ vh0).abs().max() < 1e-10 * s0[0]
+    u32 = truncated_svd(w.float()[None], rank, "gram")[0]
+    assert u32.dtype == torch.float32 and u32.shape == (1, shape[0], rank)
+
+
+def test_rows_resident_in_the_model_dtype_only_when_exact():
+    g = torch.Generator().manual_seed(0)
+    exact = [torch.randn(50, 8, generator=g).half().float() for _ in range(2)]
+    rows = Rows(exact, torch.device("cpu"), torch.float16)
+    assert rows.resident and rows._resident.dtype == torch.float16
+    assert torch.equal(rows.chunk(5, 17, [1]), exact[1][5:17][None])
+    inexact = [torch.randn(50, 8, generator=g) for _ in range(2)]
+    rows = Rows(inexact, torch.device("cpu"), torch.float16)
+    assert rows._resident is None and rows.resident and rows._resident.dtype == torch.float32
+    assert torch.equal(rows.stacked(), torch.stack(inexact))
+
+
+def test_model_dtype_scores_match_a_float64_reference():
+    g = torch.Generator().manual_seed(1)
+    m, n, count = 24, 64, 300
+    x = [torch.randn(count, n, generator=g).bfloat16().float() * 3]
+    w = (torch.randn(1, m, n, generator=g) / 8).bfloat16().float()
+    s = (torch.rand(3, n, generator=g) + 0.5).bfloat16().float()
+    fmt = get_format("mxfp4")  # power-of-two scales times fp4 values: exact in bf16
+    main_q = fmt.quantize(w * s[:, None, :])
+    index = torch.zeros(3, dtype=torch.long)
+    fast = streamed_sq_error(Rows(x, torch.device("cpu"), torch.bfloat16), index, w, s, main_q, fmt,
+                             dtype=torch.bfloat16, chunk=128)
+    full = streamed_sq_error(Rows(x, torch.device("cpu")), index, w, s, main_q, fmt)
+    ref = []
+    for i in range(3):
+        xh = x[0].double() / s[i].double()
+        yq = fmt.quantize(xh.float()).double() @ main_q[i].double().T
+        ref.append((x[0].double() @ w[0].double().T - yq).pow(2).sum())
+    ref = torch.stack(ref)
+    assert torch.allclose(full, ref, rtol=1e-5)
+    assert torch.allclose(fast, ref, rtol=2e-2)  # bf16 rounding of the outputs, nothing else
+
+
+def outlier_layer(seed: int, dtype: torch.dtype) -> tuple[nn.Linear, LayerStats]:
+    g = torch.Generator().manual_seed(seed)
+    n, m, count = 64, 48, 512
+    layer = nn.Linear(n, m)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(m, n, generator=g) * torch.exp(0.5 * torch.randn(n, generator=g)) / 8)
+    layer = layer.to(dtype)
+    x = (torch.randn(count, n, generator=g) * torch.exp(1.5 * torch.randn(n, generator=g))).to(dtype).float()
+    return layer, LayerStats(absmax=x.abs().amax(0), rows=x, count=count)
+
+
+@pytest.mark.parametrize("fmt", ["int4_g16", "mxfp4"])
+def test_fp16_model_dtype_scoring_keeps_the_float32_choices(fmt):
+    """fp16 (PixArt-Sigma's dtype) output rounding is far below the candidates' differences here;
+    bf16 (8 mantissa bits) can flip near-ties (measured: 1 in 4 of these layers), as it does in
+    deepcompressor's bf16 module forwards."""
+    kw = dict(weight_format=fmt, act_format=fmt, rank=4, num_grids=6, num_iters=6, rows="all")
+    for seed in range(3):
+        layer, stats = outlier_layer(seed, torch.float16)
+        fast = get_method("svdquant", score_dtype="model", **kw).quantize_layers({"l": layer}, {"l": stats})["l"]
+        full = get_method("svdquant", score_dtype="float32", **kw).quantize_layers({"l": layer}, {"l": stats})["l"]
+        assert fast.info["score_dtype"] == "float16" and full.info["score_dtype"] == "float32"
+        assert fast.info["smooth_pair"] == full.info["smooth_pair"]
+        assert fast.info["best_iteration"] == full.info["best_iteration"]
+
+
+def test_float32_layers_score_in_float32_and_gram_svd_gives_the_exact_choices():
+    kw = dict(weight_format="int4_g16", act_format="int4_g16", rank=4, num_grids=6, num_iters=6, rows="all")
+    layer, stats = outlier_layer(7, torch.float32)
+    exact = get_method("svdquant", svd="exact", **kw).quantize_layers({"l": layer}, {"l": stats})["l"]
+    gram = get_method("svdquant", svd="gram", **kw).quantize_layers({"l": layer}, {"l": stats})["l"]
+    assert exact.info["score_dtype"] == "float32" and gram.info["svd"] == "gram float64"
+    assert (exact.info["smooth_pair"], exact.info["best_iteration"]) == (gram.info["smooth_pair"],
+                                                                         gram.info["best_iteration"])
+    w = exact.effective_weight()
+    assert torch.allclose(w, gram.effective_weight(), atol=1e-5 * float(w.abs().max()))
+
+
+def test_reference_outputs_are_computed_once_per_chunk_and_rows_moved_once():
+    layer, stats = outlier_layer(2, torch.float32)
+    method = get_method("svdquant", weight_format="int4_g16", act_format="int4_g16", rank=4, num_grids=6,
+                        num_iters=8, rows="all")
+    PROFILE.reset()
+    PROFILE.enabled = True
+    try:
+        q = method.quantize_layers({"l": layer}, {"l": stats})["l"]
+    finally:
+        PROFILE.enabled = False
+    assert PROFILE.calls["outputs"] == 1  # one chunk, cached across the 11 candidates and the iterates
+    assert PROFILE.calls["transfer"] == 1
+    assert PROFILE.calls["svd"] == 1 + min(q.info["best_iteration"] + 1, 8)  # candidates batched in one
+    PROFILE.reset()
+
+
+def test_score_dtype_is_validated():
+    with pytest.raises(UserError, match="score_dtype"):
+        get_method("svdquant", weight_format="int4_g16", act_format="int4_g16", rank=4, score_dtype="fp8")
