@@ -3,7 +3,10 @@
 A method declares what it needs (:class:`StatsSpec`); :class:`StatsCollector` hooks the
 selected layers, accumulates per-channel abs-max, a bounded uniform sample of input rows
 (bottom-k reservoir with a seeded generator) or every row (``rows=-1``, :data:`ALL_ROWS`) and
-optionally ``X^T X`` (full or diagonal), and returns one :class:`LayerStats` per layer. With a
+optionally ``X^T X`` (full or diagonal), and returns one :class:`LayerStats` per layer. With
+``minmax`` (on by default) it also keeps the per-channel max and min (and the column sums when it
+keeps ``X^T X``), from which :meth:`LayerStats.shifted` derives the statistics of ``x + c`` exactly,
+so that one calibration serves shifted and unshifted layers alike. With a
 sample, memory is bounded by ``rows`` x ``in_features`` (+ ``in_features^2`` for a full ``X^T X``)
 per layer, whatever the number of forwards; all rows cost 4 bytes per row and input channel
 (kept on the CPU; methods stream them to the device in chunks).
@@ -14,10 +17,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
+
+from ptqbench.errors import UserError
 
 XtX = Literal["none", "diag", "full"]
 ALL_ROWS = -1  # StatsSpec.rows: keep every input row
@@ -30,11 +35,14 @@ def merge_rows(a: int, b: int) -> int:
 
 @dataclass(frozen=True)
 class StatsSpec:
-    """What a method needs: per-channel abs-max, ``rows`` sampled input rows (-1: all), ``X^T X``."""
+    """What a method needs: per-channel abs-max, ``rows`` sampled input rows (-1: all), ``X^T X``;
+    ``minmax``: per-channel max / min and column sums besides, for :meth:`LayerStats.shifted`
+    (a field, so calibration cache keys of entries collected without them differ)."""
 
     absmax: bool = False
     rows: int = 0
     xtx: XtX = "none"
+    minmax: bool = True
 
     def __or__(self, other: StatsSpec) -> StatsSpec:
         order = ("none", "diag", "full")
@@ -42,38 +50,84 @@ class StatsSpec:
             self.absmax or other.absmax,
             merge_rows(self.rows, other.rows),
             order[max(order.index(self.xtx), order.index(other.xtx))],
+            self.minmax or other.minmax,
         )
 
     @property
     def empty(self) -> bool:
+        """Nothing to collect (``minmax`` alone asks for no calibration)."""
         return not self.absmax and self.rows == 0 and self.xtx == "none"
 
 
 @dataclass
 class LayerStats:
-    """Statistics of one layer's input ``X`` [tokens, in_features] (float32, on CPU)."""
+    """Statistics of one layer's input ``X`` [tokens, in_features] (float32, on CPU):
+    per-channel ``absmax``, sampled ``rows``, ``xtx`` (``X^T X`` or its diagonal), and for
+    :meth:`shifted` the per-channel ``maximum`` / ``minimum`` and ``colsum`` (``X^T 1``)."""
 
     absmax: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     xtx: torch.Tensor | None = None
     count: int = 0
     _keys: torch.Tensor | None = field(default=None, repr=False)
+    maximum: torch.Tensor | None = None
+    minimum: torch.Tensor | None = None
+    colsum: torch.Tensor | None = None
+
+    TENSORS: ClassVar[tuple[str, ...]] = ("absmax", "rows", "xtx", "maximum", "minimum", "colsum")
 
     def to(self, device: torch.device | str) -> LayerStats:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return LayerStats(move(self.absmax), move(self.rows), move(self.xtx), self.count)
+        moved = {k: None if getattr(self, k) is None else getattr(self, k).to(device) for k in self.TENSORS}
+        return LayerStats(count=self.count, **moved)
 
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors for saving (safetensors); ``from_state`` rebuilds."""
         out = {"count": torch.tensor(self.count)}
-        for name in ("absmax", "rows", "xtx"):
+        for name in self.TENSORS:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name).contiguous()
         return out
 
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor]) -> LayerStats:
-        return cls(state.get("absmax"), state.get("rows"), state.get("xtx"), int(state["count"]))
+        return cls(count=int(state["count"]), **{k: state.get(k) for k in cls.TENSORS})
+
+    # ------------------------------------------------------------------ shifted inputs (H14)
+    def shifted(self, c: float) -> LayerStats:
+        """The statistics of ``x + c``, derived exactly (in float64, returned in each tensor's
+        dtype) from those of ``x``: ``absmax = max(max + c, -(min + c))``, ``max + c``, ``min + c``,
+        ``rows + c``, ``colsum + c N``, and ``X^T X + c (s 1^T + 1 s^T) + c^2 N 1 1^T`` (diagonal:
+        ``+ 2 c s + c^2 N``) with ``s`` the column sums and ``N = count``. Raises :class:`UserError`
+        when a statistic to shift was collected without max / min or column sums."""
+        if c == 0:
+            return self
+        if (self.absmax is not None and (self.maximum is None or self.minimum is None)) or (
+            self.xtx is not None and self.colsum is None
+        ):
+            raise UserError(
+                "shifted statistics need the per-channel max / min (and column sums with X^T X); these were "
+                "collected without them (StatsSpec.minmax=False): recalibrate"
+            )
+        n = float(self.count)
+        out = LayerStats(count=self.count)
+        if self.maximum is not None:
+            hi, lo = self.maximum.double() + c, self.minimum.double() + c
+            out.maximum, out.minimum = hi.to(self.maximum.dtype), lo.to(self.minimum.dtype)
+            if self.absmax is not None:
+                out.absmax = torch.maximum(hi, -lo).to(self.absmax.dtype)
+        if self.rows is not None:
+            out.rows = (self.rows.double() + c).to(self.rows.dtype)
+        if self.colsum is not None:
+            s = self.colsum.double()
+            out.colsum = (s + c * n).to(self.colsum.dtype)
+            if self.xtx is not None:
+                g = self.xtx.double()
+                if g.dim() == 1:
+                    g = g + 2 * c * s + c * c * n
+                else:
+                    g = g + c * (s[:, None] + s[None, :]) + c * c * n
+                out.xtx = g.to(self.xtx.dtype)
+        return out
 
 
 def as_rows(x: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -132,6 +186,8 @@ class StatsCollector:
             xf = x.float()
             part = (xf * xf).sum(0) if spec.xtx == "diag" else xf.T @ xf
             st.xtx = part if st.xtx is None else st.xtx + part.to(st.xtx.device)
+        if spec.minmax:
+            self._update_minmax(st, x, spec.xtx != "none")
         if spec.rows == ALL_ROWS:
             self._parts.setdefault(name, []).append(self._keep(x))
         elif spec.rows:
@@ -144,6 +200,16 @@ class StatsCollector:
                 keep = torch.topk(keys, spec.rows, largest=False).indices.sort().values
                 keys, rows = keys[keep], rows[keep]
             st._keys, st.rows = keys, rows
+
+    @staticmethod
+    def _update_minmax(st: LayerStats, x: torch.Tensor, colsum: bool) -> None:
+        """Per-channel max / min (and column sums, with ``X^T X``): what :meth:`LayerStats.shifted` needs."""
+        hi, lo = x.amax(0).float(), x.amin(0).float()
+        st.maximum = hi if st.maximum is None else torch.maximum(st.maximum, hi.to(st.maximum.device))
+        st.minimum = lo if st.minimum is None else torch.minimum(st.minimum, lo.to(st.minimum.device))
+        if colsum:
+            part = x.float().sum(0)
+            st.colsum = part if st.colsum is None else st.colsum + part.to(st.colsum.device)
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         """A float32 CPU copy of ``x``; layers fed the same rows in a row (fused q/k/v) share one."""
