@@ -75,7 +75,13 @@ SECONDS = "seconds_"
 LAYER = "layer_"
 BOOKKEEPING_METRICS = (BITS_PER_WEIGHT, MODEL_BYTES)  # non-quality numbers logged as metrics
 BOOKKEEPING_PREFIXES = (LAYER, SECONDS)
-LAYER_ERROR_COLUMNS = {"rel_weight_error": "weight", "rel_output_error": "output"}
+# layer_errors.csv column -> the run metric summarizing it (``_mean``, ``_max``): ``rel_output_error``
+# is measured on held-out rows, ``insample_output_error`` on rows the method saw.
+LAYER_ERROR_COLUMNS = {
+    "rel_weight_error": f"{LAYER}rel_weight_error",
+    "rel_output_error": f"{LAYER}heldout_output_error",
+    "insample_output_error": f"{LAYER}insample_output_error",
+}
 
 # ----------------------------------------------------------------------------- artifacts
 CONFIG_FILE = "config.yaml"
@@ -127,17 +133,19 @@ def result_metrics(result: EvalResult, seconds: float) -> tuple[dict[str, float 
 
 
 def layer_error_summary(frame: pd.DataFrame | None) -> dict[str, float]:
-    """Mean and max of the per-layer relative errors (NaN-free; absent when nothing was measured)."""
+    """Model-wide mean and max of the per-layer errors, as run metrics: ``layer_rel_weight_error``,
+    ``layer_heldout_output_error`` (on held-out rows) and ``layer_insample_output_error`` (on rows
+    the method saw), each ``_mean`` and ``_max`` (NaN-free; absent when nothing was measured)."""
     out: dict[str, float] = {}
     if frame is None or len(frame) == 0:
         return out
-    for column, short in LAYER_ERROR_COLUMNS.items():
+    for column, metric in LAYER_ERROR_COLUMNS.items():
         if column not in frame:
             continue
         values = [float(v) for v in frame[column] if v is not None and not math.isnan(float(v))]
         if values:
-            out[f"{LAYER}rel_{short}_error_mean"] = sum(values) / len(values)
-            out[f"{LAYER}rel_{short}_error_max"] = max(values)
+            out[f"{metric}_mean"] = sum(values) / len(values)
+            out[f"{metric}_max"] = max(values)
     return out
 
 

@@ -2,14 +2,15 @@
 
 A method declares what it needs (:class:`StatsSpec`); :class:`StatsCollector` hooks the
 selected layers, accumulates per-channel abs-max, a bounded uniform sample of input rows
-(bottom-k reservoir with a seeded generator) or every row (``rows=-1``, :data:`ALL_ROWS`) and
-optionally ``X^T X`` (full or diagonal), and returns one :class:`LayerStats` per layer. With
-``minmax`` (on by default) it also keeps the per-channel max and min (and the column sums when it
-keeps ``X^T X``), from which :meth:`LayerStats.shifted` derives the statistics of ``x + c`` exactly,
-so that one calibration serves shifted and unshifted layers alike. With a
-sample, memory is bounded by ``rows`` x ``in_features`` (+ ``in_features^2`` for a full ``X^T X``)
-per layer, whatever the number of forwards; all rows cost 4 bytes per row and input channel
-(kept on the CPU; methods stream them to the device in chunks).
+(bottom-k reservoir with a seeded generator) or every row (``rows=-1``, :data:`ALL_ROWS`),
+optionally a held-out sample disjoint from the reservoir sample, and optionally ``X^T X`` (full or
+diagonal), and returns one :class:`LayerStats` per layer. With a sample, memory is bounded by
+``rows + heldout`` x ``in_features`` (+ ``in_features^2`` for a full ``X^T X``) per layer, whatever
+the number of forwards; all rows cost 4 bytes per row and input channel (kept on the CPU; methods
+stream them to the device in chunks), and leave no rows to hold out. With ``minmax`` (on by
+default) it also keeps the per-channel max and min (and the column sums when it keeps ``X^T X``),
+from which :meth:`LayerStats.shifted` derives the statistics of ``x + c`` exactly, so that one
+calibration serves shifted and unshifted layers alike.
 """
 
 from __future__ import annotations
@@ -36,12 +37,19 @@ def merge_rows(a: int, b: int) -> int:
 @dataclass(frozen=True)
 class StatsSpec:
     """What a method needs: per-channel abs-max, ``rows`` sampled input rows (-1: all), ``X^T X``;
-    ``minmax``: per-channel max / min and column sums besides, for :meth:`LayerStats.shifted`
-    (a field, so calibration cache keys of entries collected without them differ)."""
+    and ``heldout`` rows for measuring a quantized layer on inputs its method never saw.
+
+    The held-out rows are the ``heldout`` rows ranked next after the ``rows`` sample by the same
+    random keys: a uniform sample of the rows outside it, so disjoint from it, and the ``rows``
+    sample is the same with or without them (none with all rows). ``minmax``: per-channel max /
+    min and column sums besides, for :meth:`LayerStats.shifted` (a field, so calibration cache keys
+    of entries collected without them differ).
+    """
 
     absmax: bool = False
     rows: int = 0
     xtx: XtX = "none"
+    heldout: int = 0
     minmax: bool = True
 
     def __or__(self, other: StatsSpec) -> StatsSpec:
@@ -50,35 +58,42 @@ class StatsSpec:
             self.absmax or other.absmax,
             merge_rows(self.rows, other.rows),
             order[max(order.index(self.xtx), order.index(other.xtx))],
+            max(self.heldout, other.heldout),
             self.minmax or other.minmax,
         )
 
     @property
     def empty(self) -> bool:
         """Nothing to collect (``minmax`` alone asks for no calibration)."""
-        return not self.absmax and self.rows == 0 and self.xtx == "none"
+        return not self.absmax and self.rows == 0 and self.xtx == "none" and self.heldout == 0
 
 
 @dataclass
 class LayerStats:
-    """Statistics of one layer's input ``X`` [tokens, in_features] (float32, on CPU):
-    per-channel ``absmax``, sampled ``rows``, ``xtx`` (``X^T X`` or its diagonal), and for
-    :meth:`shifted` the per-channel ``maximum`` / ``minimum`` and ``colsum`` (``X^T 1``)."""
+    """Statistics of one layer's input ``X`` [tokens, in_features] (float32, on CPU); ``heldout``
+    rows are not part of what a method is given (see :class:`StatsSpec`); for :meth:`shifted`, the
+    per-channel ``maximum`` / ``minimum`` and ``colsum`` (``X^T 1``)."""
 
     absmax: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     xtx: torch.Tensor | None = None
     count: int = 0
+    heldout: torch.Tensor | None = None
     _keys: torch.Tensor | None = field(default=None, repr=False)
     maximum: torch.Tensor | None = None
     minimum: torch.Tensor | None = None
     colsum: torch.Tensor | None = None
 
-    TENSORS: ClassVar[tuple[str, ...]] = ("absmax", "rows", "xtx", "maximum", "minimum", "colsum")
+    TENSORS: ClassVar[tuple[str, ...]] = ("absmax", "rows", "xtx", "heldout", "maximum", "minimum", "colsum")
 
     def to(self, device: torch.device | str) -> LayerStats:
         moved = {k: None if getattr(self, k) is None else getattr(self, k).to(device) for k in self.TENSORS}
         return LayerStats(count=self.count, **moved)
+
+    def without_heldout(self) -> LayerStats:
+        """These statistics as a method gets them (no held-out rows)."""
+        kept = {k: getattr(self, k) for k in self.TENSORS if k != "heldout"}
+        return LayerStats(count=self.count, **kept)
 
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors for saving (safetensors); ``from_state`` rebuilds."""
@@ -96,7 +111,7 @@ class LayerStats:
     def shifted(self, c: float) -> LayerStats:
         """The statistics of ``x + c``, derived exactly (in float64, returned in each tensor's
         dtype) from those of ``x``: ``absmax = max(max + c, -(min + c))``, ``max + c``, ``min + c``,
-        ``rows + c``, ``colsum + c N``, and ``X^T X + c (s 1^T + 1 s^T) + c^2 N 1 1^T`` (diagonal:
+        ``rows + c`` (and held-out rows), ``colsum + c N``, and ``X^T X + c (s 1^T + 1 s^T) + c^2 N 1 1^T`` (diagonal:
         ``+ 2 c s + c^2 N``) with ``s`` the column sums and ``N = count``. Raises :class:`UserError`
         when a statistic to shift was collected without max / min or column sums."""
         if c == 0:
@@ -115,8 +130,9 @@ class LayerStats:
             out.maximum, out.minimum = hi.to(self.maximum.dtype), lo.to(self.minimum.dtype)
             if self.absmax is not None:
                 out.absmax = torch.maximum(hi, -lo).to(self.absmax.dtype)
-        if self.rows is not None:
-            out.rows = (self.rows.double() + c).to(self.rows.dtype)
+        for name in ("rows", "heldout"):
+            if getattr(self, name) is not None:
+                setattr(out, name, (getattr(self, name).double() + c).to(getattr(self, name).dtype))
         if self.colsum is not None:
             s = self.colsum.double()
             out.colsum = (s + c * n).to(self.colsum.dtype)
@@ -188,16 +204,17 @@ class StatsCollector:
             st.xtx = part if st.xtx is None else st.xtx + part.to(st.xtx.device)
         if spec.minmax:
             self._update_minmax(st, x, spec.xtx != "none")
+        keep_rows = spec.rows + spec.heldout
         if spec.rows == ALL_ROWS:
             self._parts.setdefault(name, []).append(self._keep(x))
-        elif spec.rows:
+        elif keep_rows:
             keys = torch.rand(x.shape[0], generator=self._generator(name, x.device), device=x.device)
             rows = x.to(torch.float32, copy=True)  # never a view of the layer input
             if st.rows is not None:
                 keys = torch.cat([st._keys.to(x.device), keys])
                 rows = torch.cat([st.rows.to(x.device), rows])
-            if rows.shape[0] > spec.rows:
-                keep = torch.topk(keys, spec.rows, largest=False).indices.sort().values
+            if rows.shape[0] > keep_rows:
+                keep = torch.topk(keys, keep_rows, largest=False).indices.sort().values
                 keys, rows = keys[keep], rows[keep]
             st._keys, st.rows = keys, rows
 
@@ -221,7 +238,8 @@ class StatsCollector:
         return rows
 
     def result(self) -> dict[str, LayerStats]:
-        """The statistics, moved to ``device`` (float32)."""
+        """The statistics, moved to ``device`` (float32); a reservoir split into the ``rows``
+        sample and the held-out rows (each in arrival order)."""
         joined: dict[tuple[int, ...], torch.Tensor] = {}  # layers that shared every part share the result
         for name, parts in self._parts.items():
             key = tuple(id(p) for p in parts)
@@ -229,7 +247,16 @@ class StatsCollector:
                 joined[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
             self.stats[name].rows = joined[key]
         self._parts.clear()
-        return {name: st.to(self.device) for name, st in self.stats.items()}
+        return {name: self._split(st).to(self.device) for name, st in self.stats.items()}
+
+    def _split(self, st: LayerStats) -> LayerStats:
+        if not self.spec.heldout or st.rows is None or self.spec.rows == ALL_ROWS:
+            return st
+        first = torch.zeros(st.rows.shape[0], dtype=torch.bool, device=st.rows.device)
+        first[torch.topk(st._keys, min(self.spec.rows, st.rows.shape[0]), largest=False).indices] = True
+        rows = st.rows[first] if self.spec.rows else None
+        kept = {k: getattr(st, k) for k in LayerStats.TENSORS if k not in ("rows", "heldout")}
+        return LayerStats(count=st.count, rows=rows, heldout=st.rows[~first], **kept)
 
 
 def collect_stats(
