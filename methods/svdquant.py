@@ -20,6 +20,11 @@
    attention that read one input share one smoothing vector and one ``R`` from the SVD of
    ``[Wq; Wk; Wv]``, each keeps its own ``L``; both are stored and counted once.
 
+6. Shifted activations (deepcompressor's INT4 config: ``pipeline.shift_activations``,
+   ``allow_unsigned``), on by default: the FFN down-projection after GELU reads ``x + 0.171875``
+   quantized unsigned, the shift folded into its bias (:mod:`ptqbench.shifting`); only integer
+   activation formats are shifted.
+
 Deviation (logged in ``q.info["objective"]``): deepcompressor scores a fused q/k/v unit on the
 attention module's output (``app/diffusion/quant/smooth.py``, ``eval_module=attn``); a layer-level
 method sees no attention, so the unit is scored on the summed squared error of the q, k and v
@@ -76,6 +81,7 @@ class SVDQuant(LowRankMethod):
 
     branch_format: Format | str = format_field("model", model_dtype=True)
     branch_act_format: Format | str = format_field("model", model_dtype=True)
+    shift_activations: bool = True  # deepcompressor's INT4 config (acts on integer act formats only)
     smoothing: bool = True
     num_grids: int = 20
     rows: int | str = 256

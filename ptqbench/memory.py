@@ -1,7 +1,8 @@
 """Exact memory accounting and the equal-memory rank solver.
 
 A layer's cost is its method's ``layer_bits`` (main weight, branch factors, smoothing vector,
-bias, every scale); layers left in 16-bit count at 16 bits; bits-per-weight is model bits over
+bias, every scale; a layer the method shifts has a bias, :attr:`LayerShape.floor`); layers left in
+16-bit count at 16 bits; bits-per-weight is model bits over
 the number of weights of the quantized layers. Layers of one share group (:attr:`LayerShape.group`)
 and equal rank store what their method shares (``Method.shared_input_bits``: SVDQuant's fused
 q/k/v smoothing vector and down-projection) once. The solver finds the largest branch rank whose
@@ -40,15 +41,18 @@ def qkv_group(name: str, cross_attention: bool = False) -> str | None:
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What the accounting needs of a layer: its name, ``[out, in]``, whether it has a bias, and
+    """What the accounting needs of a layer: its name, ``[out, in]``, whether it has a bias,
     ``group``: layers with the same group read one input and may share a smoothing vector and a
-    down-projection (counted once by methods that share them)."""
+    down-projection (counted once by methods that share them), and ``floor``: the lower bound of
+    its input's activation (the model adapter's ``activation_floors``; None: unbounded), which
+    decides whether a method shifts it (a shifted layer always stores a bias)."""
 
     name: str
     out_features: int
     in_features: int
     bias: bool
     group: str | None = None
+    floor: float | None = None
 
     @property
     def weights(self) -> int:
@@ -65,7 +69,7 @@ def model_bits(method: Method | None, shapes: Sequence[LayerShape], ranks: Seque
             total += 16 * s.weights + (16 * s.out_features if s.bias else 0)
             continue
         m = method if ranks is None else dataclasses.replace(method, rank=ranks[i])
-        total += m.layer_bits(s.out_features, s.in_features, s.bias)
+        total += m.layer_bits(s.out_features, s.in_features, s.bias or m.shifts_input(s.floor))
         if s.group is not None:
             key = (s.group, getattr(m, "rank", 0), s.in_features)
             if key in groups:

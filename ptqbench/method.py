@@ -20,6 +20,7 @@ from ptqbench.errors import UserError
 from ptqbench.formats import Format, get_format
 from ptqbench.layers import BIAS_BITS, SMOOTH_BITS, QuantLinear
 from ptqbench.registry import Registry
+from ptqbench.shifting import SHIFT_BOUNDS, can_shift
 from ptqbench.stats import LayerStats, StatsSpec
 
 METHODS: Registry[type[Method]] = Registry("method", group="ptqbench.methods", builtins=("ptqbench.methods",))
@@ -61,11 +62,21 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Method:
-    """Base of every method: main weight format ``Q1`` and activation format ``Qa``."""
+    """Base of every method: main weight format ``Q1`` and activation format ``Qa``.
+
+    ``shift_activations`` (deepcompressor's ``pipeline.shift_activations`` with ``allow_unsigned``):
+    with an integer ``act_format``, a layer whose input follows an activation with a negative lower
+    bound (the model adapter's ``activation_floors``: PixArt's and FLUX's FFN down-projections after
+    GELU) reads ``x + c`` quantized unsigned, ``-c W 1`` folded into its bias
+    (:mod:`ptqbench.shifting`). ``shift_bounds``: ``deepcompressor`` (``c`` = its rounded bound,
+    0.171875 for GELU) or ``exact`` (the activation's exact minimum, rounded up to the layer's dtype).
+    """
 
     name: ClassVar[str] = ""
     weight_format: Format = format_field("int4_g64")
     act_format: Format = format_field("int4_g64")
+    shift_activations: bool = False
+    shift_bounds: str = "deepcompressor"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -75,6 +86,25 @@ class Method:
                     continue
                 if value is not None:
                     object.__setattr__(self, f.name, get_format(value))
+        self._check_shift()
+
+    def _check_shift(self) -> None:
+        if not isinstance(self.shift_activations, bool):
+            raise UserError(f"{self.name}: shift_activations must be true or false, got {self.shift_activations!r}")
+        if self.shift_bounds not in SHIFT_BOUNDS:
+            raise UserError(
+                f"{self.name}: shift_bounds {self.shift_bounds!r} is not valid (valid: {', '.join(SHIFT_BOUNDS)})"
+            )
+        if self.shift_activations and self.act_format.shift:
+            raise UserError(
+                f"{self.name}: act_format {self.act_format} is already shifted; with shift_activations the "
+                "shift is chosen per layer: give the unshifted format, or set shift_activations: false"
+            )
+
+    def shifts_input(self, floor: float | None) -> bool:
+        """Whether this method shifts the input of a layer whose input is bounded below by ``floor``
+        (None: unbounded): ``shift_activations``, an integer ``act_format`` and ``floor < 0``."""
+        return self.shift_activations and floor is not None and floor < 0 and can_shift(self.act_format)
 
     # ------------------------------------------------------------------ what a method declares
     def stats_spec(self) -> StatsSpec:
@@ -112,7 +142,8 @@ class Method:
     def layer_bits(self, out_features: int, in_features: int, bias: bool, smoothed: bool | None = None) -> int:
         """Exact bits of this method's quantized layer of that shape, without building it.
 
-        ``smoothed`` defaults to :attr:`smooths` (a smoothing vector is kept).
+        ``smoothed`` defaults to :attr:`smooths` (a smoothing vector is kept). ``bias``: the
+        quantized layer has one (a shifted layer always has: pass ``bias or shifts_input(floor)``).
         """
         smoothed = self.smooths if smoothed is None else smoothed
         total = self.weight_format.bits((out_features, in_features))

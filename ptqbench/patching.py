@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ptqbench.formats import Format
 from ptqbench.layers import QuantLinear, dense_weight, is_quantizable
 from ptqbench.memory import LayerShape, qkv_group
 from ptqbench.method import Method
 from ptqbench.models.adapters import adapter_for
+from ptqbench.shifting import quantize_shifted, shifted_formats
 from ptqbench.stats import LayerStats
 
 
@@ -44,20 +46,24 @@ class LayerPlan:
 
 @dataclass
 class Selection:
-    """Layers chosen for quantization, the skipped ones with their reasons, and ``groups``:
+    """Layers chosen for quantization, the skipped ones with their reasons, ``groups``:
     selected layer -> its share group (:func:`~ptqbench.memory.qkv_group`) when at least one other
-    selected layer reads the same input."""
+    selected layer reads the same input, and ``floors``: selected layer -> the lower bound of the
+    activation its input follows (the model adapter's ``activation_floors``; what methods with
+    ``shift_activations`` shift)."""
 
     layers: dict[str, nn.Module]
     skipped: dict[str, str]
     groups: dict[str, str] = field(default_factory=dict)
+    floors: dict[str, float] = field(default_factory=dict)
 
     def shapes(self) -> list[LayerShape]:
         out = []
         for name, layer in self.layers.items():
             w = dense_weight(layer)
             bias = layer.bias is not None
-            out.append(LayerShape(name, int(w.shape[0]), int(w.shape[1]), bias, self.groups.get(name)))
+            group, floor = self.groups.get(name), self.floors.get(name)
+            out.append(LayerShape(name, int(w.shape[0]), int(w.shape[1]), bias, group, floor))
         return out
 
 
@@ -100,7 +106,14 @@ def select_layers(model: nn.Module, plan: LayerPlan | None = None) -> Selection:
             layers[name] = module
         else:
             skipped[name] = reason
-    return Selection(layers, skipped, shared_inputs(model, list(layers)))
+    return Selection(layers, skipped, shared_inputs(model, list(layers)), input_floors(model, layers))
+
+
+def input_floors(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, float]:
+    """Layer -> lower bound of its input by ``model``'s adapter (layers without one are absent)."""
+    adapter = adapter_for(model)
+    found = {name: adapter.activation_floor(name) for name in layers}
+    return {name: bound for name, bound in found.items() if bound is not None}
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -137,17 +150,25 @@ def quantize_model(
 ) -> PatchReport:
     """Quantize the layers ``plan`` selects with ``method`` and swap them into ``model``.
 
-    ``ranks`` optionally gives per-layer branch ranks (layers are grouped by rank so batched
-    methods still batch).
+    ``ranks`` optionally gives per-layer branch ranks; the layers ``method`` shifts
+    (``shift_activations``, :func:`~ptqbench.shifting.quantize_shifted`) are quantized on shifted
+    statistics. Layers are grouped by (rank, shifted format) so batched methods still batch.
     """
     selection = select_layers(model, plan)
-    groups: dict[int | None, dict[str, nn.Module]] = {}
+    shifted = shifted_formats(method, selection.layers, selection.floors)
+    groups: dict[tuple[int | None, Format | None], dict[str, nn.Module]] = {}
     for name, layer in selection.layers.items():
-        groups.setdefault(None if ranks is None else ranks[name], {})[name] = layer
+        key = (None if ranks is None else ranks[name], shifted[name][0] if name in shifted else None)
+        groups.setdefault(key, {})[name] = layer
     quantized: dict[str, QuantLinear] = {}
-    for rank, layers in groups.items():
+    for (rank, fmt), layers in groups.items():
         m = method if rank is None else dataclasses.replace(method, rank=rank)
-        quantized.update(m.quantize_layers(layers, stats, progress))
+        if fmt is None:
+            quantized.update(m.quantize_layers(layers, stats, progress))
+        else:
+            sources = {name: shifted[name][1] for name in layers}
+            quantized.update(quantize_shifted(m, layers, fmt, stats, progress, sources))
+    quantized = {name: quantized[name] for name in selection.layers}
     for name, q in quantized.items():
         replace_module(model, name, q)
     return PatchReport(quantized, selection.skipped, dict(selection.layers))

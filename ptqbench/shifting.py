@@ -10,19 +10,37 @@ the layer), made once per layer before calibration, never from the calibration d
 
 This module makes that decision for ptqbench from a model adapter's rule ``floors``
 (``{glob on the module name: lower bound}``) and computes lower bounds exactly.
+
+A method with ``shift_activations`` (:class:`~ptqbench.method.Method`) runs through
+:func:`shifted_formats` and :func:`quantize_shifted` (called by
+:func:`~ptqbench.patching.quantize_model`): each shifted layer is quantized by the method with the
+unsigned, unshifted format on the statistics of ``x + c`` (:meth:`LayerStats.shifted`), then
+turned into the native shifted layer (:meth:`QuantLinear.shift_inputs`). The shift is
+``-bound`` with ``shift_bounds="deepcompressor"`` (the default: its rounded bounds,
+:data:`DEEPCOMPRESSOR_LOWER_BOUNDS`, 0.171875 for GELU, for parity) or ``"exact"`` (the exact
+minimum the adapter gives, rounded up to the layer's dtype).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ptqbench.errors import UserError
 from ptqbench.formats import CastFormat, Format, IntFormat
+from ptqbench.layers import QuantLinear, dense_weight
+
+if TYPE_CHECKING:
+    from ptqbench.method import Method
+    from ptqbench.stats import LayerStats
 
 ActivationFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -146,4 +164,72 @@ def layer_act_formats(
                 "(deepcompressor shifts only with its INT4 config; ptqbench has no unsigned float formats)"
             )
         out[name] = act_format.with_shift(shift_for(bound, dtype), unsigned=unsigned)
+    return out
+
+
+# ---------------------------------------------------------------------- a method's shifted layers
+SHIFT_BOUNDS = ("deepcompressor", "exact")  # Method.shift_bounds: which lower bound the shift negates
+
+
+@functools.cache
+def _exact_minima() -> dict[str, float]:
+    return {name: lower_bound(name) for name in DEEPCOMPRESSOR_LOWER_BOUNDS}
+
+
+def deepcompressor_bound(bound: float) -> float | None:
+    """deepcompressor's rounded bound for the activation whose exact minimum is ``bound``
+    (GELU's or tanh-GELU's -0.1700... -> -0.171875), None when ``bound`` is no such minimum."""
+    for name, exact in _exact_minima().items():
+        if math.isclose(bound, exact, rel_tol=1e-9, abs_tol=1e-12) or bound == DEEPCOMPRESSOR_LOWER_BOUNDS[name]:
+            return DEEPCOMPRESSOR_LOWER_BOUNDS[name]
+    return None
+
+
+def layer_shift(floor: float, rule: str, dtype: torch.dtype | None = None) -> tuple[float, str]:
+    """``(c, source)``: the shift of a layer whose input is bounded below by ``floor`` (< 0) under
+    ``rule`` (:data:`SHIFT_BOUNDS`), rounded up to ``dtype``, and which bound it negates
+    (``deepcompressor`` or ``exact``; an activation deepcompressor does not know falls back to exact)."""
+    if rule not in SHIFT_BOUNDS:
+        raise UserError(f"shift_bounds {rule!r} is not valid (valid: {', '.join(SHIFT_BOUNDS)})")
+    rounded = deepcompressor_bound(floor) if rule == "deepcompressor" else None
+    if rounded is None:
+        return shift_for(floor, dtype), "exact" if rule == "exact" else "exact (deepcompressor has no bound for it)"
+    return shift_for(rounded, dtype), "deepcompressor"
+
+
+def shifted_formats(
+    method: Method, layers: Mapping[str, nn.Module], floors: Mapping[str, float]
+) -> dict[str, tuple[Format, str]]:
+    """Layer -> (its shifted unsigned activation format, the bound's source) for the ``layers``
+    ``method`` shifts (:meth:`Method.shifts_input` of the layer's ``floors`` entry); others are absent."""
+    out = {}
+    for name, layer in layers.items():
+        floor = floors.get(name)
+        if method.shifts_input(floor):
+            c, source = layer_shift(floor, method.shift_bounds, dense_weight(layer).dtype)
+            out[name] = (method.act_format.with_shift(c, unsigned=True), source)
+    return out
+
+
+def quantize_shifted(
+    method: Method,
+    layers: Mapping[str, nn.Module],
+    fmt: Format,
+    stats: Mapping[str, LayerStats] | None = None,
+    progress: Callable[[str], None] | None = None,
+    sources: Mapping[str, str] | None = None,
+) -> dict[str, QuantLinear]:
+    """Quantize ``layers`` (all shifted by ``fmt.shift``) as deepcompressor does: ``method`` with the
+    unsigned unshifted format on the statistics of ``x + c``, then :meth:`QuantLinear.shift_inputs`
+    (``b - c W 1``, ``W`` the original weight). ``q.info`` records the shift, the format and ``sources``."""
+    inner = dataclasses.replace(method, act_format=fmt.unshifted())
+    moved = None if stats is None else {n: stats[n].shifted(fmt.shift) for n in layers if n in stats}
+    out = inner.quantize_layers(layers, moved, progress)
+    for name, q in out.items():
+        q.shift_inputs(fmt, dense_weight(layers[name]).detach())
+        q.info.update({
+            "act_shift": fmt.shift,
+            "act_shift_format": str(fmt.unshifted()),
+            "act_shift_bound": (sources or {}).get(name, method.shift_bounds),
+        })
     return out

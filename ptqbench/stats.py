@@ -7,7 +7,10 @@ optionally a held-out sample disjoint from the reservoir sample, and optionally 
 diagonal), and returns one :class:`LayerStats` per layer. With a sample, memory is bounded by
 ``rows + heldout`` x ``in_features`` (+ ``in_features^2`` for a full ``X^T X``) per layer, whatever
 the number of forwards; all rows cost 4 bytes per row and input channel (kept on the CPU; methods
-stream them to the device in chunks), and leave no rows to hold out.
+stream them to the device in chunks), and leave no rows to hold out. With ``minmax`` (on by
+default) it also keeps the per-channel max and min (and the column sums when it keeps ``X^T X``),
+from which :meth:`LayerStats.shifted` derives the statistics of ``x + c`` exactly, so that one
+calibration serves shifted and unshifted layers alike.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
+
+from ptqbench.errors import UserError
 
 XtX = Literal["none", "diag", "full"]
 ALL_ROWS = -1  # StatsSpec.rows: keep every input row
@@ -36,13 +41,16 @@ class StatsSpec:
 
     The held-out rows are the ``heldout`` rows ranked next after the ``rows`` sample by the same
     random keys: a uniform sample of the rows outside it, so disjoint from it, and the ``rows``
-    sample is the same with or without them (none with all rows).
+    sample is the same with or without them (none with all rows). ``minmax``: per-channel max /
+    min and column sums besides, for :meth:`LayerStats.shifted` (a field, so calibration cache keys
+    of entries collected without them differ).
     """
 
     absmax: bool = False
     rows: int = 0
     xtx: XtX = "none"
     heldout: int = 0
+    minmax: bool = True
 
     def __or__(self, other: StatsSpec) -> StatsSpec:
         order = ("none", "diag", "full")
@@ -51,17 +59,20 @@ class StatsSpec:
             merge_rows(self.rows, other.rows),
             order[max(order.index(self.xtx), order.index(other.xtx))],
             max(self.heldout, other.heldout),
+            self.minmax or other.minmax,
         )
 
     @property
     def empty(self) -> bool:
+        """Nothing to collect (``minmax`` alone asks for no calibration)."""
         return not self.absmax and self.rows == 0 and self.xtx == "none" and self.heldout == 0
 
 
 @dataclass
 class LayerStats:
     """Statistics of one layer's input ``X`` [tokens, in_features] (float32, on CPU); ``heldout``
-    rows are not part of what a method is given (see :class:`StatsSpec`)."""
+    rows are not part of what a method is given (see :class:`StatsSpec`); for :meth:`shifted`, the
+    per-channel ``maximum`` / ``minimum`` and ``colsum`` (``X^T 1``)."""
 
     absmax: torch.Tensor | None = None
     rows: torch.Tensor | None = None
@@ -69,28 +80,70 @@ class LayerStats:
     count: int = 0
     heldout: torch.Tensor | None = None
     _keys: torch.Tensor | None = field(default=None, repr=False)
+    maximum: torch.Tensor | None = None
+    minimum: torch.Tensor | None = None
+    colsum: torch.Tensor | None = None
+
+    TENSORS: ClassVar[tuple[str, ...]] = ("absmax", "rows", "xtx", "heldout", "maximum", "minimum", "colsum")
 
     def to(self, device: torch.device | str) -> LayerStats:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return LayerStats(move(self.absmax), move(self.rows), move(self.xtx), self.count, move(self.heldout))
+        moved = {k: None if getattr(self, k) is None else getattr(self, k).to(device) for k in self.TENSORS}
+        return LayerStats(count=self.count, **moved)
 
     def without_heldout(self) -> LayerStats:
         """These statistics as a method gets them (no held-out rows)."""
-        return LayerStats(self.absmax, self.rows, self.xtx, self.count)
+        kept = {k: getattr(self, k) for k in self.TENSORS if k != "heldout"}
+        return LayerStats(count=self.count, **kept)
 
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors for saving (safetensors); ``from_state`` rebuilds."""
         out = {"count": torch.tensor(self.count)}
-        for name in ("absmax", "rows", "xtx", "heldout"):
+        for name in self.TENSORS:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name).contiguous()
         return out
 
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor]) -> LayerStats:
-        return cls(
-            state.get("absmax"), state.get("rows"), state.get("xtx"), int(state["count"]), state.get("heldout")
-        )
+        return cls(count=int(state["count"]), **{k: state.get(k) for k in cls.TENSORS})
+
+    # ------------------------------------------------------------------ shifted inputs (H14)
+    def shifted(self, c: float) -> LayerStats:
+        """The statistics of ``x + c``, derived exactly (in float64, returned in each tensor's
+        dtype) from those of ``x``: ``absmax = max(max + c, -(min + c))``, ``max + c``, ``min + c``,
+        ``rows + c`` (and held-out rows), ``colsum + c N``, and ``X^T X + c (s 1^T + 1 s^T) + c^2 N 1 1^T`` (diagonal:
+        ``+ 2 c s + c^2 N``) with ``s`` the column sums and ``N = count``. Raises :class:`UserError`
+        when a statistic to shift was collected without max / min or column sums."""
+        if c == 0:
+            return self
+        if (self.absmax is not None and (self.maximum is None or self.minimum is None)) or (
+            self.xtx is not None and self.colsum is None
+        ):
+            raise UserError(
+                "shifted statistics need the per-channel max / min (and column sums with X^T X); these were "
+                "collected without them (StatsSpec.minmax=False): recalibrate"
+            )
+        n = float(self.count)
+        out = LayerStats(count=self.count)
+        if self.maximum is not None:
+            hi, lo = self.maximum.double() + c, self.minimum.double() + c
+            out.maximum, out.minimum = hi.to(self.maximum.dtype), lo.to(self.minimum.dtype)
+            if self.absmax is not None:
+                out.absmax = torch.maximum(hi, -lo).to(self.absmax.dtype)
+        for name in ("rows", "heldout"):
+            if getattr(self, name) is not None:
+                setattr(out, name, (getattr(self, name).double() + c).to(getattr(self, name).dtype))
+        if self.colsum is not None:
+            s = self.colsum.double()
+            out.colsum = (s + c * n).to(self.colsum.dtype)
+            if self.xtx is not None:
+                g = self.xtx.double()
+                if g.dim() == 1:
+                    g = g + 2 * c * s + c * c * n
+                else:
+                    g = g + c * (s[:, None] + s[None, :]) + c * c * n
+                out.xtx = g.to(self.xtx.dtype)
+        return out
 
 
 def as_rows(x: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -149,6 +202,8 @@ class StatsCollector:
             xf = x.float()
             part = (xf * xf).sum(0) if spec.xtx == "diag" else xf.T @ xf
             st.xtx = part if st.xtx is None else st.xtx + part.to(st.xtx.device)
+        if spec.minmax:
+            self._update_minmax(st, x, spec.xtx != "none")
         keep_rows = spec.rows + spec.heldout
         if spec.rows == ALL_ROWS:
             self._parts.setdefault(name, []).append(self._keep(x))
@@ -162,6 +217,16 @@ class StatsCollector:
                 keep = torch.topk(keys, keep_rows, largest=False).indices.sort().values
                 keys, rows = keys[keep], rows[keep]
             st._keys, st.rows = keys, rows
+
+    @staticmethod
+    def _update_minmax(st: LayerStats, x: torch.Tensor, colsum: bool) -> None:
+        """Per-channel max / min (and column sums, with ``X^T X``): what :meth:`LayerStats.shifted` needs."""
+        hi, lo = x.amax(0).float(), x.amin(0).float()
+        st.maximum = hi if st.maximum is None else torch.maximum(st.maximum, hi.to(st.maximum.device))
+        st.minimum = lo if st.minimum is None else torch.minimum(st.minimum, lo.to(st.minimum.device))
+        if colsum:
+            part = x.float().sum(0)
+            st.colsum = part if st.colsum is None else st.colsum + part.to(st.colsum.device)
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         """A float32 CPU copy of ``x``; layers fed the same rows in a row (fused q/k/v) share one."""
@@ -190,7 +255,8 @@ class StatsCollector:
         first = torch.zeros(st.rows.shape[0], dtype=torch.bool, device=st.rows.device)
         first[torch.topk(st._keys, min(self.spec.rows, st.rows.shape[0]), largest=False).indices] = True
         rows = st.rows[first] if self.spec.rows else None
-        return LayerStats(st.absmax, rows, st.xtx, st.count, st.rows[~first])
+        kept = {k: getattr(st, k) for k in LayerStats.TENSORS if k not in ("rows", "heldout")}
+        return LayerStats(count=st.count, rows=rows, heldout=st.rows[~first], **kept)
 
 
 def collect_stats(
