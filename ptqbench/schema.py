@@ -9,6 +9,10 @@ One experiment per suite, one run per cell. The names below are the whole contra
   ``is_reference`` (``true``/``false``), ``label``, ``formats``, ``rank``, ``ptqbench.status``
   (running / finished / failed), ``ptqbench.error``, ``metric_direction.<m>`` (higher / lower)
   and ``metric_status.<m>`` (``not_computed: <why>``, only for metrics without a value);
+  while a cell runs, its lease (see :mod:`ptqbench.tracking`): ``ptqbench.lease_owner``
+  (``host:pidns:pid:token``), ``ptqbench.lease_until`` (Unix seconds, renewed by a heartbeat),
+  ``ptqbench.claim_gen`` (the claim generation the run won) and, on a run taken over,
+  ``ptqbench.superseded_by`` (the run that took it over);
 - **params**: the resolved configuration (generation settings as ``gen.<name>``, since a method
   may have a field of the same name), ``bits_per_weight``, ``model_bytes``, ``versions.<pkg>``,
   ``git_commit``, ``device``, ``threads`` and ``cell_hash``;
@@ -47,6 +51,12 @@ ERROR = "ptqbench.error"
 METRIC_STATUS = "metric_status."
 METRIC_DIRECTION = "metric_direction."
 NOT_COMPUTED = "not_computed: "
+LEASE_OWNER = "ptqbench.lease_owner"
+LEASE_UNTIL = "ptqbench.lease_until"
+CLAIM_GEN = "ptqbench.claim_gen"
+SUPERSEDED_BY = "ptqbench.superseded_by"
+CLAIM_EXPERIMENT = "ptqbench.claim/"  # + experiment id/cell hash/generation: one (deleted) experiment per claim
+CLAIM_RUN = "ptqbench.claim_run"  # the claim experiment's tag: the run that won it
 EXPERIMENT_NOTE = "mlflow.note.content"  # the experiment's description, as MLflow shows it
 
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"
