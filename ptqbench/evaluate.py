@@ -165,7 +165,8 @@ def evaluate(
     progress.stage("metrics", len(scorers))
     results: dict[str, MetricResult] = {}
     with _Timer(timings, "metrics"):
-        inputs = MetricInputs(images, reference, list(prompts.prompts), real_dir, str(pipeline.device), cache)
+        inputs = MetricInputs(images, reference, list(prompts.prompts), real_dir, str(pipeline.device),
+                              cache=cache, keys=prompts.keys)
         for name, scorer in scorers.items():
             if method is None and "reference" in scorer.needs:
                 results[name] = MetricResult.missing(scorer, REFERENCE_ITSELF)
