@@ -236,6 +236,7 @@ def check_each_cell_finished_once(tmp_path: Path, uri: str, texts: list[str]) ->
         assert len(done.read_text().splitlines()) == 1, (done, done.read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_share_a_sqlite_store(tmp_path: Path, uri: str) -> None:
     start = time.time()
     texts = run_twice_at_once(tmp_path, uri)
@@ -243,6 +244,7 @@ def test_two_processes_share_a_sqlite_store(tmp_path: Path, uri: str) -> None:
     print(f"two processes over sqlite: {time.time() - start:.1f} s")
 
 
+@pytest.mark.slow
 def test_two_processes_share_an_mlflow_server(tmp_path: Path) -> None:
     (tmp_path / "server").mkdir()
     with served(tmp_path / "server") as url:
