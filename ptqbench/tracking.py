@@ -396,11 +396,15 @@ class Tracker:
         self.delete(run.run_id)
 
     def superseded(self, run_id: str) -> bool:
-        """True when another process took this run over (or it is gone)."""
+        """True when another process took this run over (or it is gone); a failed call raises."""
+        from mlflow.exceptions import MlflowException
+
         try:
             run = self.client.get_run(run_id)
-        except Exception:
-            return True
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return True
+            raise
         return (run.info.lifecycle_stage != "active" or run.info.status == "KILLED"
                 or schema.SUPERSEDED_BY in run.data.tags)
 
