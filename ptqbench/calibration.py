@@ -143,18 +143,19 @@ def calibrate(
     key = calibration_key(pipeline, names, spec, calib, settings)
     path = cache.path("calibration", key) / STATS_FILE
     prompts = calib.prompts()
-    if cache.done("calibration", key):
-        progress.advance(len(prompts))
-        return load_stats(path)
-    _check_unquantized(pipeline.transformer, layers)
-    s = calib.settings(settings)
-    seeds = calib.seeds(prompts)
-    with StatsCollector(layers, effective_spec(spec, calib), seed=calib.seed) as collector:
-        pipeline.generate(list(prompts.prompts), seeds, s, progress=progress.advance)
-    stats = collector.result()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_stats(path, stats)
-    meta = {"model": model_identity(pipeline), "calibration": dataclasses.asdict(calib), "settings": s.__dict__}
-    (path.parent / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    cache.mark_done("calibration", key)
+    with cache.lock("calibration", key):
+        if cache.done("calibration", key):
+            progress.advance(len(prompts))
+            return load_stats(path)
+        _check_unquantized(pipeline.transformer, layers)
+        s = calib.settings(settings)
+        seeds = calib.seeds(prompts)
+        with StatsCollector(layers, effective_spec(spec, calib), seed=calib.seed) as collector:
+            pipeline.generate(list(prompts.prompts), seeds, s, progress=progress.advance)
+        stats = collector.result()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_stats(path, stats)
+        meta = {"model": model_identity(pipeline), "calibration": dataclasses.asdict(calib), "settings": s.__dict__}
+        (path.parent / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        cache.mark_done("calibration", key)
     return stats

@@ -157,14 +157,15 @@ def reference_images(
     """
     key = reference_key(pipeline, prompts, settings)
     folder = cache.path("reference", key)
-    if cache.done("reference", key):
-        progress = progress or NullProgress()
-        progress.advance(len(prompts))
-        return folder, load_images(folder, uint8=uint8)
-    if any(isinstance(m, QuantLinear) for m in pipeline.transformer.modules()):
-        raise RuntimeError("reference images need the 16-bit transformer: restore_model() it first")
-    images = generate_images(pipeline, prompts, settings, folder, progress, uint8=uint8)
-    meta = {"model": model_identity(pipeline), "settings": settings.__dict__, "prompt_set": prompts.name}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    cache.mark_done("reference", key)
+    with cache.lock("reference", key):
+        if cache.done("reference", key):
+            progress = progress or NullProgress()
+            progress.advance(len(prompts))
+            return folder, load_images(folder, uint8=uint8)
+        if any(isinstance(m, QuantLinear) for m in pipeline.transformer.modules()):
+            raise RuntimeError("reference images need the 16-bit transformer: restore_model() it first")
+        images = generate_images(pipeline, prompts, settings, folder, progress, uint8=uint8)
+        meta = {"model": model_identity(pipeline), "settings": settings.__dict__, "prompt_set": prompts.name}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        cache.mark_done("reference", key)
     return folder, images

@@ -2,7 +2,11 @@
 
 Each cell is found again by its ``cell_hash`` tag: a finished cell is skipped, a failed or killed
 one runs again (its stale run deleted), so a suite can be interrupted and resumed at any point
-and never holds two runs of one cell. Each model is loaded once and serves all its cells
+and never holds two runs of one cell. Several processes may run one suite into one store: a cell
+another live process holds (its lease, :mod:`ptqbench.tracking`) is *busy*: the runner goes on
+with its other cells, tries the busy ones once more at the end (running those whose holder has
+failed or died meanwhile) and counts the rest as run elsewhere (finished or still running there).
+Each model is loaded once and serves all its cells
 (``evaluate`` restores the transformer). A crash inside a cell is recorded (FAILED, error tag,
 ``traceback.txt``) and the suite goes on; the exit code is 1 if any cell failed. What a run
 carries is :mod:`ptqbench.schema`; the files it leaves are written by :mod:`ptqbench.artifacts`.
@@ -175,6 +179,7 @@ class Outcome:
     finished: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)  # finished or running in another process
 
 
 class Runner:
@@ -192,6 +197,8 @@ class Runner:
         self._prompts: dict[Any, Any] = {}
         self._pipelines: dict[tuple[Any, ...], Any] = {}
         self._runtime = runtime_params()
+        self.busy: list[Cell] = []  # cells another process held when their turn came
+        self.last_pass = False
 
     # ------------------------------------------------------------------ suite level
     def run(self, cells: Sequence[Cell]) -> int:
@@ -213,13 +220,46 @@ class Runner:
         with tqdm(total=len(pending), desc="cells", position=0, dynamic_ncols=True) as bar:
             for group in _by_model(pending):
                 self.run_model(group, bar)
+            self.retry_busy(bar)
         self._pipelines.clear()  # also those loaded only for their shapes
         o = self.outcome
         print(
-            f"{self.suite.name}: {len(o.finished)} finished, {len(o.skipped)} skipped, {len(o.failed)} failed",
+            f"{self.suite.name}: {len(o.finished)} finished, {len(o.skipped)} skipped, {len(o.failed)} failed"
+            + (f", {len(o.elsewhere)} run elsewhere" if o.elsewhere else ""),
             file=sys.stderr,
         )
         return 1 if o.failed else 0
+
+    def retry_busy(self, bar: Any) -> None:
+        """The busy cells once more, after all others: those whose holder failed or died run here,
+        the others (finished or still live elsewhere) are counted as run elsewhere, not waited for."""
+        from ptqbench.tracking import lease_fresh
+
+        again, self.busy = self.busy, []
+        self.last_pass = True
+        bar.total += len(again)
+        bar.refresh()
+        rest = []
+        for cell in again:
+            runs = self.tracker.find(self.experiment, cell.hash)
+            if any(r.status == "FINISHED" or lease_fresh(r) for r in runs):
+                self.outcome.elsewhere.append(cell.hash)
+                bar.update(1)
+            else:
+                rest.append(cell)
+        for group in _by_model(rest):
+            self.run_model(group, bar)
+
+    def claim(self, cell: Cell) -> str | None:
+        """A new run of ``cell`` held by this process, or None: finished or busy elsewhere (noted)."""
+        claim = self.tracker.claim(self.experiment, cell.hash, cell.label, self.tags(cell))
+        if claim.state == "won":
+            return claim.run_id
+        if claim.state == "busy" and not self.last_pass:
+            self.busy.append(cell)
+        else:
+            self.outcome.elsewhere.append(cell.hash)
+        return None
 
     def run_model(self, cells: Sequence[Cell], bar: Any) -> None:
         """Load the cells' model once and run them; a load crash fails each of them."""
@@ -271,10 +311,9 @@ class Runner:
 
     # ------------------------------------------------------------------ one cell
     def run_cell(self, cell: Cell, pipeline: Any) -> bool:
-        if self.tracker.claim(self.experiment, cell.hash) is not None:  # finished meanwhile
-            self.outcome.skipped.append(cell.hash)
+        run_id = self.claim(cell)
+        if run_id is None:  # finished or busy elsewhere
             return True
-        run_id = self.tracker.start(self.experiment, cell.label, self.tags(cell))
         start = time.perf_counter()
         progress = TqdmProgress()
         try:
@@ -300,8 +339,9 @@ class Runner:
         return True
 
     def record_failure(self, cell: Cell, exc: BaseException, tb: str, stage: str) -> None:
-        self.tracker.claim(self.experiment, cell.hash)
-        run_id = self.tracker.start(self.experiment, cell.label, self.tags(cell))
+        run_id = self.claim(cell)
+        if run_id is None:
+            return
         self.tracker.log_params(run_id, self.params(cell))
         self.tracker.fail(run_id, f"{stage}: {_error_text(exc)}", tb)
         self.outcome.failed.append(cell.hash)

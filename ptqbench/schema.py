@@ -8,8 +8,12 @@ One experiment per suite, one run per cell. The names below are the whole contra
   ``suite_file``, ``model``, ``method`` (``none`` for the 16-bit reference), ``prompt_set``,
   ``is_reference`` (``true``/``false``), ``label``, ``formats``, ``rank``, ``ptqbench.status``
   (running / finished / failed), ``ptqbench.error``, ``metric_direction.<m>`` (higher / lower),
-  ``metric_status.<m>`` (``not_computed: <why>``, only for metrics without a value) and
-  ``metric_warning.<m>`` (a caveat of a computed value, e.g. a Frechet distance at small n);
+  ``metric_status.<m>`` (``not_computed: <why>``, only for metrics without a value),
+  ``metric_warning.<m>`` (a caveat of a computed value, e.g. a Frechet distance at small n) and,
+  while a cell runs, its lease (see :mod:`ptqbench.tracking`): ``ptqbench.lease_owner``
+  (``host:pidns:pid:token``), ``ptqbench.lease_until`` (Unix seconds, renewed by a heartbeat),
+  ``ptqbench.claim_gen`` (the claim generation the run won) and, on a run taken over,
+  ``ptqbench.superseded_by`` (the run that took it over);
 - **params**: the resolved configuration (generation settings as ``gen.<name>``, since a method
   may have a field of the same name), ``bits_per_weight``, ``model_bytes``, ``versions.<pkg>``,
   ``git_commit``, ``device``, ``threads``, ``cell_hash`` and how intervals were computed:
@@ -56,6 +60,12 @@ METRIC_STATUS = "metric_status."
 METRIC_DIRECTION = "metric_direction."
 METRIC_WARNING = "metric_warning."
 NOT_COMPUTED = "not_computed: "
+LEASE_OWNER = "ptqbench.lease_owner"
+LEASE_UNTIL = "ptqbench.lease_until"
+CLAIM_GEN = "ptqbench.claim_gen"
+SUPERSEDED_BY = "ptqbench.superseded_by"
+CLAIM_EXPERIMENT = "ptqbench.claim/"  # + experiment id/cell hash/generation: one (deleted) experiment per claim
+CLAIM_RUN = "ptqbench.claim_run"  # the claim experiment's tag: the run that won it
 EXPERIMENT_NOTE = "mlflow.note.content"  # the experiment's description, as MLflow shows it
 
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"

@@ -5,8 +5,30 @@ The tracking URI is ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sq
 MLflow URI works the same, a remote ``mlflow server`` included. For a local store (``sqlite:``) artifacts go
 next to the database file rather than into the current directory.
 
-A cell's run is FINISHED (done: skipped on rerun), FAILED (recorded: run again), or RUNNING with
-no live process behind it (killed: its stale run is deleted and the cell runs again).
+A cell's run is FINISHED (done: skipped on rerun), FAILED (recorded: run again, the failed run
+deleted), or RUNNING. A RUNNING run holds a **lease**: tags ``ptqbench.lease_owner``
+(``host:pidns:pid:token``) and ``ptqbench.lease_until`` (Unix seconds), renewed by a
+:class:`Heartbeat` thread every ``Lease.heartbeat`` seconds to ``now + Lease.expiry``
+(``$PTQBENCH_HEARTBEAT_S``, default 30; ``$PTQBENCH_LEASE_S``, default 120). Its lease is fresh
+(the cell is *busy*: :meth:`Tracker.claim` leaves it alone) until ``lease_until`` passes, or at once
+when the owner is a process of this host and pid namespace that no longer exists. A stale run is
+taken over: marked KILLED with the reason (``ptqbench.error``, ``ptqbench.superseded_by``), then
+deleted like a failed run (MLflow's deletion is soft: ``mlflow runs restore`` brings it back).
+Lease times are wall clock: machines sharing a store need clocks within ``expiry - heartbeat``.
+
+**Claims are atomic.** MLflow has no compare-and-set, but its database stores (SQLite, and
+PostgreSQL/MySQL, directly or behind ``mlflow server``) keep experiment
+names unique with a database constraint, so creating an experiment with a given name succeeds for
+exactly one caller, however many race over SQLite's file lock or the server's workers. A cell's
+runs carry a claim generation ``g`` (``ptqbench.claim_gen``); to run a cell, a process creates its
+RUNNING run with ``g`` and then creates experiment ``ptqbench.claim/<experiment>/<cell hash>/<g>``
+tagged with that run's id (and deletes it at once, which hides it but keeps its name taken).
+Generation ``g + 1`` is only tried after the winner of ``g`` was seen FAILED or stale, ``g`` only when
+no claim ``g`` exists yet; so at most one process ever wins a generation, two processes racing to
+take over the same stale run cannot both win, and a stale owner is fenced: its heartbeat and
+:meth:`Tracker.finish` find the run superseded and stop. The loser deletes its own run and
+reports the cell busy. A file store (``./mlruns``, also as ``mlflow server``'s backend) checks
+names without a lock: concurrent runs need a database store.
 """
 
 from __future__ import annotations
@@ -14,6 +36,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,14 +127,139 @@ class CellRun:
     params: Mapping[str, str]
 
 
+def _env_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name, "")
+    try:
+        return float(text) if text else default
+    except ValueError:
+        raise UserError(f"${name}={text!r}: expected a number of seconds") from None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """How often a running cell's lease is renewed and how long it lasts (seconds)."""
+
+    heartbeat: float = 30.0
+    expiry: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat < self.expiry:
+            raise UserError(
+                f"lease: heartbeat {self.heartbeat} s and expiry {self.expiry} s need 0 < heartbeat < expiry "
+                "($PTQBENCH_HEARTBEAT_S, $PTQBENCH_LEASE_S)"
+            )
+
+    @classmethod
+    def from_env(cls) -> Lease:
+        return cls(_env_seconds("PTQBENCH_HEARTBEAT_S", cls.heartbeat), _env_seconds("PTQBENCH_LEASE_S", cls.expiry))
+
+
+FINISHED_STATE, BUSY, WON = "finished", "busy", "won"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What :meth:`Tracker.claim` found: ``finished`` (``run`` is the finished run), ``busy``
+    (another live process has the cell; ``run`` is its run when seen) or ``won`` (``run_id`` is
+    this process's new RUNNING run, holding the lease)."""
+
+    state: str
+    run: CellRun | None = None
+    run_id: str = ""
+
+
+class LeaseLost(RuntimeError):
+    """This process's lease on a cell expired and another process took the cell over."""
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "-"
+
+
+def owner_token() -> str:
+    """``host:pidns:pid:token``: who holds a lease (the pid namespace makes the pid meaningful)."""
+    return f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_gone(owner: str) -> bool:
+    """True only when the owner is a process of this host and pid namespace that no longer exists."""
+    parts = owner.rsplit(":", 3)
+    if len(parts) != 4 or parts[0] != socket.gethostname() or parts[1] != _pid_namespace():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def lease_fresh(run: CellRun, now: float | None = None) -> bool:
+    """A RUNNING run whose lease has not expired and whose owner is not known to be dead."""
+    if run.status != "RUNNING":
+        return False
+    try:
+        until = float(run.tags.get(schema.LEASE_UNTIL, "0"))
+    except ValueError:
+        return False
+    return until > (time.time() if now is None else now) and not _owner_gone(run.tags.get(schema.LEASE_OWNER, ""))
+
+
+def claim_gen(run: CellRun) -> int:
+    try:
+        return int(run.tags.get(schema.CLAIM_GEN, "-1"))
+    except ValueError:
+        return -1
+
+
+class Heartbeat:
+    """Renews a run's lease every ``lease.heartbeat`` seconds in a daemon thread (a context manager);
+    ``lost`` turns True when another process took the run over."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker, self.run_id = tracker, run_id
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{run_id[:8]}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.tracker.lease.heartbeat):
+            try:
+                if self.tracker.superseded(self.run_id):
+                    self.lost = True
+                    print(f"run {self.run_id}: lease lost, another process took the cell over", file=sys.stderr)
+                    return
+                self.tracker.client.set_tag(self.run_id, schema.LEASE_UNTIL, self.tracker.lease_until())
+            except Exception as exc:  # a busy store: the next beat tries again, within the expiry
+                print(f"run {self.run_id}: heartbeat failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
 class Tracker:
     """A thin layer over :class:`mlflow.MlflowClient` with the ptqbench run schema."""
 
-    def __init__(self, uri: str | None = None):
+    def __init__(self, uri: str | None = None, lease: Lease | None = None):
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
+        self.lease = lease or Lease.from_env()
+        self.owner = owner_token()
+        self._beats: dict[str, Heartbeat] = {}
+
+    def lease_until(self) -> str:
+        return f"{time.time() + self.lease.expiry:.3f}"
 
     # ------------------------------------------------------------------ experiments
     def check(self, timeout: float = 10.0) -> None:
@@ -167,34 +319,130 @@ class Tracker:
             raise ValueError(f"cell hash must be hex, got {cell_hash!r}")
         return self.runs(experiment_id, f"tags.{schema.HASH} = '{cell_hash}'")
 
-    def claim(self, experiment_id: str, cell_hash: str) -> CellRun | None:
-        """The finished run of a cell, if any; every other run of the cell (failed, killed) is deleted.
-
-        Returns None when the cell must run. Extra finished runs (which only a concurrent
-        duplicate could create) are deleted too, so one FINISHED run per cell remains.
-        """
+    def claim(self, experiment_id: str, cell_hash: str, run_name: str, tags: Mapping[str, Any]) -> Claim:
+        """Decide who runs a cell: ``finished`` (skip it; extra finished runs are deleted), ``busy``
+        (a live process has it) or ``won`` (a new RUNNING run with this process's lease was created;
+        the cell's failed and stale runs are retired). Atomic across processes: see the module docstring."""
         runs = self.find(experiment_id, cell_hash)
         finished = [r for r in runs if r.status == "FINISHED"]
-        keep = finished[0] if finished else None
-        for r in runs:
-            if r is not keep:
+        if finished:
+            for r in finished[1:]:
                 self.delete(r.run_id)
-        return keep
+            return Claim(FINISHED_STATE, finished[0])
+        live = [r for r in runs if lease_fresh(r)]
+        if live:
+            return Claim(BUSY, live[0])
+        gen = max((claim_gen(r) for r in runs), default=-1)
+        if gen >= 0 and (holder := self.claim_holder(experiment_id, cell_hash, gen)):
+            state = self._run_state(holder, runs)
+            if state is not None:  # the winner of ``gen`` is live or finished: nothing to take over
+                return Claim(state, next((r for r in runs if r.run_id == holder), None))
+            gen += 1
+        gen = max(gen, 0)
+        run_id = self.start(experiment_id, run_name, {**tags, schema.CLAIM_GEN: gen})
+        if not self._take(experiment_id, cell_hash, gen, run_id):
+            self.delete(run_id)
+            return Claim(BUSY)
+        for r in runs:
+            try:
+                self._retire(r, run_id)
+            except Exception as exc:  # e.g. its owner deleted it meanwhile; the claim stands
+                print(f"run {r.run_id}: could not retire it ({type(exc).__name__}: {exc})", file=sys.stderr)
+        self._beats[run_id] = self.heartbeat(run_id).__enter__()
+        return Claim(WON, run_id=run_id)
+
+    def claim_holder(self, experiment_id: str, cell_hash: str, gen: int) -> str:
+        """The run that won claim generation ``gen`` of a cell ("" when nobody claimed it)."""
+        exp = self.client.get_experiment_by_name(claim_name(experiment_id, cell_hash, gen))
+        return exp.tags.get(schema.CLAIM_RUN, "") if exp is not None else ""
+
+    def _take(self, experiment_id: str, cell_hash: str, gen: int, run_id: str) -> bool:
+        """Create claim ``gen`` for ``run_id``; True when this call won it (the store's name constraint decides)."""
+        name = claim_name(experiment_id, cell_hash, gen)
+        location = None
+        root = local_artifact_root(self.uri)
+        if root is not None:
+            location = (root / "claims").as_uri()
+        try:
+            claim_id = self.client.create_experiment(name, artifact_location=location, tags={schema.CLAIM_RUN: run_id})
+        except Exception:  # taken by another process, or a failed call: the stored claim says who won
+            return self.claim_holder(experiment_id, cell_hash, gen) == run_id
+        self.client.delete_experiment(claim_id)  # hidden from lists and reports; its name stays taken
+        return True
+
+    def _run_state(self, run_id: str, seen: list[CellRun]) -> str | None:
+        """``busy`` / ``finished`` for a live / finished run, None when it is dead (failed, stale, deleted)."""
+        run = next((r for r in seen if r.run_id == run_id), None)
+        if run is None:
+            try:
+                run = _cell_run(self.client.get_run(run_id))
+            except Exception:
+                return None
+        if run.status == "FINISHED":
+            return FINISHED_STATE
+        return BUSY if lease_fresh(run) else None
+
+    def _retire(self, run: CellRun, successor: str) -> None:
+        """A dead run of a cell taken over by ``successor``: a stale RUNNING one is marked KILLED with
+        the reason first; then it is deleted (soft: restorable), as a failed run is."""
+        if run.status == "RUNNING":
+            owner = run.tags.get(schema.LEASE_OWNER, "unknown")
+            reason = f"KILLED: lease of {owner} expired or its process is gone; taken over by run {successor}"
+            self.set_tags(run.run_id, {schema.ERROR: reason, schema.STATUS: schema.FAILED,
+                                       schema.SUPERSEDED_BY: successor})
+            self.client.set_terminated(run.run_id, "KILLED")
+            print(f"cell {run.tags.get(schema.HASH, '?')}: took over stale run {run.run_id} ({reason})",
+                  file=sys.stderr)
+        self.delete(run.run_id)
+
+    def superseded(self, run_id: str) -> bool:
+        """True when another process took this run over (or it is gone); a failed call raises."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return True
+            raise
+        return (run.info.lifecycle_stage != "active" or run.info.status == "KILLED"
+                or schema.SUPERSEDED_BY in run.data.tags)
+
+    def heartbeat(self, run_id: str) -> Heartbeat:
+        """A (not yet started) heartbeat for ``run_id``; :meth:`claim` starts one for the run it wins,
+        and :meth:`finish` / :meth:`fail` stop it."""
+        return Heartbeat(self, run_id)
+
+    def release(self, run_id: str) -> bool:
+        """Stop the run's heartbeat; True when it had found the run taken over."""
+        beat = self._beats.pop(run_id, None)
+        if beat is None:
+            return False
+        beat.__exit__(None, None, None)
+        return beat.lost
 
     # ------------------------------------------------------------------ run lifecycle
     def start(self, experiment_id: str, run_name: str, tags: Mapping[str, Any]) -> str:
         """Create a RUNNING run with the given tags (``ptqbench.status`` = running; see :mod:`ptqbench.schema`)."""
         all_tags = {safe_key(k): truncate(str(v), MAX_TAG_VALUE) for k, v in tags.items()}
         all_tags[schema.STATUS] = schema.RUNNING
+        all_tags[schema.LEASE_OWNER] = self.owner
+        all_tags[schema.LEASE_UNTIL] = self.lease_until()
         run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         return run.info.run_id
 
     def finish(self, run_id: str) -> None:
+        """Mark a run FINISHED; LeaseLost when another process took it over meanwhile."""
+        if self.release(run_id) or self.superseded(run_id):
+            raise LeaseLost(f"run {run_id}: another process took this cell over (this process's lease expired)")
         self.client.set_tag(run_id, schema.STATUS, schema.FINISHED)
         self.client.set_terminated(run_id, "FINISHED")
 
     def fail(self, run_id: str, error: str, traceback_text: str = "") -> None:
-        """Mark a run FAILED with its error (tag) and traceback (artifact ``traceback.txt``)."""
+        """Mark a run FAILED with its error (tag) and traceback (artifact ``traceback.txt``); a run
+        another process took over is left as it is."""
+        if self.release(run_id) or self.superseded(run_id):
+            return
         self.client.set_tag(run_id, schema.ERROR, truncate(error, MAX_TAG_VALUE))
         self.client.set_tag(run_id, schema.STATUS, schema.FAILED)
         if traceback_text:
@@ -243,6 +491,10 @@ class Tracker:
         for info in self.client.list_artifacts(run_id, path):
             out.extend(self.artifacts(run_id, info.path) if info.is_dir else [info.path])
         return out
+
+
+def claim_name(experiment_id: str, cell_hash: str, gen: int) -> str:
+    return f"{schema.CLAIM_EXPERIMENT}{experiment_id}/{cell_hash}/{gen}"
 
 
 def _dirname(name: str) -> str:

@@ -1,7 +1,9 @@
-"""MLflow tracking: run lifecycle by cell hash, limits on keys and values, a real ``mlflow server``."""
+"""MLflow tracking: run lifecycle by cell hash, limits on keys and values, a real ``mlflow server``
+(the lease and concurrent claims: tests/test_concurrency.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,9 +72,9 @@ def test_flatten_and_limits() -> None:
 def test_cell_lifecycle(tracker: Tracker, tmp_path: Path) -> None:
     exp = tracker.experiment("suite-a", {"suite_file": "a.yaml"})
     assert tracker.experiment("suite-a") == exp
-    assert tracker.claim(exp, "abc123") is None  # nothing yet: run it
-
-    run = tracker.start(exp, "cell one", {"cell_hash": "abc123", "model": "m"})
+    claim = tracker.claim(exp, "abc123", "cell one", {"cell_hash": "abc123", "model": "m"})
+    assert claim.state == "won"  # nothing yet: run it
+    run = claim.run_id
     logged = tracker.log_params(run, {f"p{i}": i for i in range(250)} | {"long": "x" * 7000})
     assert len(logged) == 251 and logged["long"].endswith(TRUNCATED)
     tracker.log_metrics(run, {"psnr": 21.5, "psnr_n": 4, "fid": None})
@@ -87,12 +90,20 @@ def test_cell_lifecycle(tracker: Tracker, tmp_path: Path) -> None:
     assert tracker.artifacts(run) == ["config.yaml"]
     # artifacts of a local store go next to the database, not into the working directory
     assert (tmp_path / "mlartifacts").is_dir()
-    assert tracker.claim(exp, "abc123").run_id == run  # finished: skip
+    again = tracker.claim(exp, "abc123", "cell one", {"cell_hash": "abc123"})
+    assert again.state == "finished" and again.run.run_id == run  # finished: skip
+
+
+def expire(tracker: Tracker, run_id: str) -> None:
+    """Make a run look like that of a killed process: its lease ran out."""
+    tracker.release(run_id)
+    tracker.client.set_tag(run_id, "ptqbench.lease_until", str(time.time() - 1))
 
 
 def test_stale_and_failed_runs_are_replaced(tracker: Tracker) -> None:
     exp = tracker.experiment("suite-b")
     killed = tracker.start(exp, "c", {"cell_hash": "beef"})  # left RUNNING, as after SIGKILL
+    expire(tracker, killed)
     failed = tracker.start(exp, "c", {"cell_hash": "beef"})
     tracker.fail(failed, "RuntimeError: boom", "Traceback...\nRuntimeError: boom")
     runs = {r.run_id: r for r in tracker.find(exp, "beef")}
@@ -100,13 +111,18 @@ def test_stale_and_failed_runs_are_replaced(tracker: Tracker) -> None:
     assert runs[killed].status == "RUNNING"
     assert tracker.artifacts(failed) == ["traceback.txt"]
 
-    assert tracker.claim(exp, "beef") is None  # both deleted; the cell must run
-    assert tracker.find(exp, "beef") == []
-    fresh = tracker.start(exp, "c", {"cell_hash": "beef"})
+    claim = tracker.claim(exp, "beef", "c", {"cell_hash": "beef"})  # both retired; the cell must run
+    assert claim.state == "won"
+    fresh = claim.run_id
+    assert [r.run_id for r in tracker.find(exp, "beef")] == [fresh]
+    old = tracker.client.get_run(killed)  # marked before it was deleted (restorable)
+    assert old.info.status == "KILLED" and old.info.lifecycle_stage == "deleted"
+    assert old.data.tags["ptqbench.superseded_by"] == fresh and "lease" in old.data.tags["ptqbench.error"]
     tracker.finish(fresh)
-    extra = tracker.start(exp, "c", {"cell_hash": "beef"})  # a concurrent duplicate
-    tracker.finish(extra)
-    assert tracker.claim(exp, "beef").run_id == fresh
+    extra = tracker.start(exp, "c", {"cell_hash": "beef"})  # a duplicate (a lease lost while alive)
+    tracker.release(extra)
+    tracker.client.set_terminated(extra, "FINISHED")
+    assert tracker.claim(exp, "beef", "c", {}).run.run_id == fresh
     assert [r.run_id for r in tracker.find(exp, "beef")] == [fresh]
     with pytest.raises(ValueError):
         tracker.find(exp, "x' OR '1'='1")
@@ -134,22 +150,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path):
-    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, artifacts in tmp), killed at teardown."""
+@contextlib.contextmanager
+def served(folder: Path, deadline_s: float = 240.0) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (a free port; sqlite backend and artifacts in ``folder``),
+    its URL; stopped (SIGTERM, then SIGKILL) on exit. It can take a minute to start on a busy machine."""
     port = _free_port()
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    log = open(folder / "server.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
+            "--backend-store-uri", f"sqlite:///{folder}/server.db", "--artifacts-destination", str(folder / "art"),
         ],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "MLFLOW_TRACKING_URI": ""},
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + deadline_s
         while True:
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
@@ -159,7 +176,7 @@ def mlflow_server(tmp_path: Path):
                 pass
             if proc.poll() is not None or time.time() > deadline:
                 log.flush()
-                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+                pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
             time.sleep(0.3)
         yield url
     finally:
@@ -170,6 +187,12 @@ def mlflow_server(tmp_path: Path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    with served(tmp_path) as url:
+        yield url
 
 
 def test_real_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
@@ -184,8 +207,11 @@ def test_real_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
     tracker.log_artifacts(run, art)
     tracker.finish(run)
     stale = tracker.start(exp, "cell", {"cell_hash": "0a1c"})
-    assert tracker.claim(exp, "0a1c") is None and tracker.find(exp, "0a1c") == []
+    expire(tracker, stale)
+    claim = tracker.claim(exp, "0a1c", "cell", {"cell_hash": "0a1c"})
+    assert claim.state == "won" and [r.run_id for r in tracker.find(exp, "0a1c")] == [claim.run_id]
     assert stale not in [r.run_id for r in tracker.runs(exp)]
+    tracker.fail(claim.run_id, "RuntimeError: x")
 
     [found] = tracker.find(exp, "0a1b")
     assert found.status == "FINISHED"

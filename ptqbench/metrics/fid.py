@@ -147,18 +147,19 @@ def real_stats(path: Path, files: list[str], net: FeatureNet, cache: Cache) -> t
 
     key = cache_key("real_feature_stats", net.name, net.size, str(path.resolve()), _fingerprint(path, files))
     target = cache.path("real_feature_stats", key) / "stats.npz"
-    if cache.done("real_feature_stats", key):
-        with np.load(target) as z:
-            return z["mu"], z["sigma"]
-    feats = get_files_features(
-        files, model=net.model, num_workers=0 if len(files) < 256 else _workers(), batch_size=BATCH,
-        device=torch.device(net.device), mode="clean", custom_fn_resize=clean_resizer(net.size),
-        fdir=str(path), verbose=False,
-    )
-    mu, sigma = feature_stats(feats)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(target, mu=mu, sigma=sigma)
-    cache.mark_done("real_feature_stats", key)
+    with cache.lock("real_feature_stats", key):
+        if cache.done("real_feature_stats", key):
+            with np.load(target) as z:
+                return z["mu"], z["sigma"]
+        feats = get_files_features(
+            files, model=net.model, num_workers=0 if len(files) < 256 else _workers(), batch_size=BATCH,
+            device=torch.device(net.device), mode="clean", custom_fn_resize=clean_resizer(net.size),
+            fdir=str(path), verbose=False,
+        )
+        mu, sigma = feature_stats(feats)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(target, mu=mu, sigma=sigma)
+        cache.mark_done("real_feature_stats", key)
     return mu, sigma
 
 

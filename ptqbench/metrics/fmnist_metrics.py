@@ -76,13 +76,14 @@ def real_feature_stats(model: fmnist.FMNISTClassifier, digest: str, cache: Cache
             return z["mu"], z["sigma"]
     key = cache_key("fmnist-test-feature-stats", digest)
     file = cache.path("fmnist_stats", key) / STATS_FILE
-    if cache.done("fmnist_stats", key):
-        z = np.load(file)
-        return z["mu"], z["sigma"]
-    mu, sigma = compute_real_stats(model, data, device)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    save_stats(file, mu, sigma, digest)
-    cache.mark_done("fmnist_stats", key)
+    with cache.lock("fmnist_stats", key):
+        if cache.done("fmnist_stats", key):
+            z = np.load(file)
+            return z["mu"], z["sigma"]
+        mu, sigma = compute_real_stats(model, data, device)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        save_stats(file, mu, sigma, digest)
+        cache.mark_done("fmnist_stats", key)
     return mu, sigma
 
 
@@ -109,13 +110,14 @@ def real_features(model: fmnist.FMNISTClassifier, digest: str, cache: Cache, dat
     mean and covariance), cached under the classifier's digest; UserError when the test set is absent."""
     key = cache_key("fmnist-test-features", digest)
     file = cache.path("fmnist_features", key) / "features.npy"
-    if cache.done("fmnist_features", key):
-        return np.load(file)
-    images, _ = load_split("test", data)
-    feats = fmnist.classify(model, to_unit(images), device)[1].numpy()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    np.save(file, feats)
-    cache.mark_done("fmnist_features", key)
+    with cache.lock("fmnist_features", key):
+        if cache.done("fmnist_features", key):
+            return np.load(file)
+        images, _ = load_split("test", data)
+        feats = fmnist.classify(model, to_unit(images), device)[1].numpy()
+        file.parent.mkdir(parents=True, exist_ok=True)
+        np.save(file, feats)
+        cache.mark_done("fmnist_features", key)
     return feats
 
 

@@ -162,16 +162,17 @@ def real_features(path: Path, files: list[str], net: fid.FeatureNet, cache: Cach
 
     key = cache_key("real_features", net.name, net.size, str(path.resolve()), fid._fingerprint(path, files))
     target = cache.path("real_features", key) / "features.npy"
-    if cache.done("real_features", key):
-        return np.load(target)
-    feats = get_files_features(
-        files, model=net.model, num_workers=0 if len(files) < 256 else fid._workers(), batch_size=fid.BATCH,
-        device=torch.device(net.device), mode="clean", custom_fn_resize=fid.clean_resizer(net.size),
-        fdir=str(path), verbose=False,
-    ).astype(np.float64)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    np.save(target, feats)
-    cache.mark_done("real_features", key)
+    with cache.lock("real_features", key):
+        if cache.done("real_features", key):
+            return np.load(target)
+        feats = get_files_features(
+            files, model=net.model, num_workers=0 if len(files) < 256 else fid._workers(), batch_size=fid.BATCH,
+            device=torch.device(net.device), mode="clean", custom_fn_resize=fid.clean_resizer(net.size),
+            fdir=str(path), verbose=False,
+        ).astype(np.float64)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, feats)
+        cache.mark_done("real_features", key)
     return feats
 
 
