@@ -1,11 +1,15 @@
 """``ptqbench run SUITE``: expand a suite into cells and run each one into MLflow.
 
-Each cell is found again by its ``cell_hash`` tag: a finished cell is skipped, a failed or killed
-one runs again (its stale run deleted), so a suite can be interrupted and resumed at any point
-and never holds two runs of one cell. Each model is loaded once and serves all its cells
-(``evaluate`` restores the transformer). A crash inside a cell is recorded (FAILED, error tag,
-``traceback.txt``) and the suite goes on; the exit code is 1 if any cell failed. What a run
-carries is :mod:`ptqbench.schema`; the files it leaves are written by :mod:`ptqbench.artifacts`.
+Each cell is found again by its ``cell_hash`` tag: a finished cell is skipped (a metric the suite
+asks for and its run lacks is scored from its saved images, :mod:`ptqbench.scoring`), a failed or
+killed one runs again (its stale run deleted), so a suite can be interrupted and resumed at any
+point and never holds two runs of one cell. A cell's folder (``OUT/<cell hash>``) is kept across
+attempts: a resumed cell keeps the images it already wrote and its quantized layers
+(:mod:`ptqbench.imagestore`, :mod:`ptqbench.quantcache`) and generates only what is missing.
+Each model is loaded once and serves all its cells (``evaluate`` restores the transformer). A
+crash inside a cell is recorded (FAILED, error tag, ``traceback.txt``) and the suite goes on; the
+exit code is 1 if any cell failed. What a run carries is :mod:`ptqbench.schema`; the files it
+leaves are written by :mod:`ptqbench.artifacts`.
 """
 
 from __future__ import annotations
@@ -175,6 +179,7 @@ class Outcome:
     finished: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    rescored: list[str] = field(default_factory=list)
 
 
 class Runner:
@@ -197,9 +202,10 @@ class Runner:
     def run(self, cells: Sequence[Cell]) -> int:
         from tqdm.auto import tqdm
 
-        done = {r.tags.get(schema.HASH) for r in self.tracker.runs(self.experiment) if r.status == "FINISHED"}
+        done = {r.tags.get(schema.HASH): r for r in self.tracker.runs(self.experiment) if r.status == "FINISHED"}
         pending = [c for c in cells if c.hash not in done]
         self.outcome.skipped = [c.hash for c in cells if c.hash in done]
+        self.rescore([(c, done[c.hash]) for c in cells if c.hash in done])
         for cell in pending:  # missing prompt data fails here, before any cell runs
             self.prompt_set(cell)
             if "calibration" in cell.config:
@@ -216,10 +222,23 @@ class Runner:
         self._pipelines.clear()  # also those loaded only for their shapes
         o = self.outcome
         print(
-            f"{self.suite.name}: {len(o.finished)} finished, {len(o.skipped)} skipped, {len(o.failed)} failed",
+            f"{self.suite.name}: {len(o.finished)} finished, {len(o.skipped)} skipped, {len(o.failed)} failed"
+            + (f", {len(o.rescored)} scored from their images" if o.rescored else ""),
             file=sys.stderr,
         )
         return 1 if o.failed else 0
+
+    def rescore(self, finished: Sequence[tuple[Cell, Any]]) -> None:
+        """Score the suite's metrics that finished runs lack, from their saved images (no generation)."""
+        from ptqbench.scoring import score_run
+
+        for cell, run in finished:
+            have = schema.metric_names(run.metrics, run.tags)
+            missing = [m for m in cell.metrics if m not in have]
+            if missing:
+                score_run(self.tracker, run, missing, self.device)
+                self.outcome.rescored.append(cell.hash)
+                print(f"scored {', '.join(missing)} into finished cell {cell.label}", file=sys.stderr)
 
     def run_model(self, cells: Sequence[Cell], bar: Any) -> None:
         """Load the cells' model once and run them; a load crash fails each of them."""
@@ -271,6 +290,8 @@ class Runner:
 
     # ------------------------------------------------------------------ one cell
     def run_cell(self, cell: Cell, pipeline: Any) -> bool:
+        from ptqbench.quantcache import FOLDER
+
         if self.tracker.claim(self.experiment, cell.hash) is not None:  # finished meanwhile
             self.outcome.skipped.append(cell.hash)
             return True
@@ -279,13 +300,13 @@ class Runner:
         progress = TqdmProgress()
         try:
             self.tracker.log_params(run_id, self.params(cell))
-            out_dir = self.out / cell.hash
-            shutil.rmtree(out_dir, ignore_errors=True)
-            out_dir.mkdir(parents=True)
+            out_dir = self.out / cell.hash  # kept from a killed attempt: its images and layers are reused
+            out_dir.mkdir(parents=True, exist_ok=True)
             result = self.evaluate(cell, pipeline, out_dir, progress)
             progress.close()
             self.log_result(run_id, cell, result, out_dir, time.perf_counter() - start)
             self.tracker.finish(run_id)
+            shutil.rmtree(out_dir / FOLDER, ignore_errors=True)  # the images are what a finished cell keeps
         except KeyboardInterrupt:
             progress.close()
             self.tracker.fail(run_id, "KeyboardInterrupt: interrupted", traceback.format_exc())
@@ -341,6 +362,9 @@ class Runner:
             schema.FORMATS: formats_text(cell.method),
             schema.RANK: rank_text(cell.rank, cell.ranks),
         }
+        if cell.replicate_group:
+            tags[schema.REPLICATE] = str(cell.replicate)
+            tags[schema.REPLICATE_GROUP] = cell.replicate_group
         for name in cell.metrics:
             tags[schema.METRIC_DIRECTION + name] = schema.direction(get_metric(name).higher_is_better)
         return tags
@@ -352,10 +376,13 @@ class Runner:
         return {**cell.params(), **self._runtime, **runtime}
 
     def log_result(self, run_id: str, cell: Cell, result: Any, out_dir: Path, seconds: float) -> None:
+        from ptqbench.scoring import image_tags, score_tags
+
         metrics, tags = schema.result_metrics(result, seconds)
         self.tracker.log_metrics(run_id, metrics)
-        if tags:
-            self.tracker.set_tags(run_id, tags)
+        where = image_tags(result.images_dir, result.reference_dir,
+                           Path(cell.prompts.real) if cell.prompts.real else None)
+        self.tracker.set_tags(run_id, {**tags, **where, **score_tags(result.metrics, where)})
         self.tracker.log_artifacts(run_id, write_artifacts(cell, result, out_dir / "artifacts", self.params(cell)))
 
 

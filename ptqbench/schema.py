@@ -9,12 +9,17 @@ One experiment per suite, one run per cell. The names below are the whole contra
   ``is_reference`` (``true``/``false``), ``label``, ``formats``, ``rank``, ``ptqbench.status``
   (running / finished / failed), ``ptqbench.error``, ``metric_direction.<m>`` (higher / lower)
   and ``metric_status.<m>`` (``not_computed: <why>``, only for metrics without a value);
+  ``images_dir``, ``reference_dir`` and ``real_dir`` (where the run's images, its 16-bit reference
+  images and the real images are: what ``ptqbench score`` reads), ``score_key.<m>`` (the digest of
+  the images, the metric and its weights that ``<m>`` was computed from), and for replicated
+  cells ``replicate`` (0..k-1) and ``replicate_group`` (the hash of replicate 0, shared by all k);
 - **params**: the resolved configuration (generation settings as ``gen.<name>``, since a method
   may have a field of the same name), ``bits_per_weight``, ``model_bytes``, ``versions.<pkg>``,
   ``git_commit``, ``device``, ``threads`` and ``cell_hash``;
 - **metrics**: each computed quality metric ``<m>`` with its sample count ``<m>_n``;
   ``bits_per_weight``, ``model_bytes``, ``layer_rel_{weight,output}_error_{mean,max}`` and
-  ``seconds_<stage>`` as bookkeeping;
+  ``seconds_<stage>`` and ``images_generated`` (images this run generated; fewer than n when it
+  resumed a killed cell) as bookkeeping;
 - **artifacts**: ``config.yaml``, ``layer_errors.csv``, ``patch_report.json``, ``grid.png``,
   ``samples/`` (with ``samples/index.json``) and, for a failed run, ``traceback.txt``.
 """
@@ -47,6 +52,12 @@ ERROR = "ptqbench.error"
 METRIC_STATUS = "metric_status."
 METRIC_DIRECTION = "metric_direction."
 NOT_COMPUTED = "not_computed: "
+IMAGES_DIR = "images_dir"
+REFERENCE_DIR = "reference_dir"
+REAL_DIR = "real_dir"
+SCORE_KEY = "score_key."
+REPLICATE = "replicate"
+REPLICATE_GROUP = "replicate_group"
 EXPERIMENT_NOTE = "mlflow.note.content"  # the experiment's description, as MLflow shows it
 
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"
@@ -73,7 +84,8 @@ SETTING_PARAMS = {"n_prompts": N_PROMPTS, "steps": GEN + "steps", "guidance": GE
 # ----------------------------------------------------------------------------- metrics
 SECONDS = "seconds_"
 LAYER = "layer_"
-BOOKKEEPING_METRICS = (BITS_PER_WEIGHT, MODEL_BYTES)  # non-quality numbers logged as metrics
+IMAGES_GENERATED = "images_generated"
+BOOKKEEPING_METRICS = (BITS_PER_WEIGHT, MODEL_BYTES, IMAGES_GENERATED)  # non-quality numbers logged as metrics
 BOOKKEEPING_PREFIXES = (LAYER, SECONDS)
 LAYER_ERROR_COLUMNS = {"rel_weight_error": "weight", "rel_output_error": "output"}
 
@@ -118,7 +130,8 @@ def result_metrics(result: EvalResult, seconds: float) -> tuple[dict[str, float 
             metrics[n_metric(name)] = m.n
         else:
             tags[METRIC_STATUS + name] = f"{NOT_COMPUTED}{m.reason}"
-    metrics.update({BITS_PER_WEIGHT: result.bits_per_weight, MODEL_BYTES: result.model_bytes})
+    metrics.update({BITS_PER_WEIGHT: result.bits_per_weight, MODEL_BYTES: result.model_bytes,
+                    IMAGES_GENERATED: result.images_generated})
     metrics.update(layer_error_summary(result.layer_errors))
     for stage, value in result.timings.items():
         metrics[SECONDS + stage] = value
@@ -158,6 +171,7 @@ def metric_names(metrics: Mapping[str, float], tags: Mapping[str, str]) -> set[s
     """The quality metrics a run reports (computed or not)."""
     names = {k[len(METRIC_STATUS):] for k in tags if k.startswith(METRIC_STATUS)}
     names |= {k[len(METRIC_DIRECTION):] for k in tags if k.startswith(METRIC_DIRECTION)}
+    names |= {k[len(SCORE_KEY):] for k in tags if k.startswith(SCORE_KEY)}
     names |= {k[: -len(n_metric(""))] for k in metrics if k.endswith(n_metric(""))}
     return {n for n in names if n and n not in BOOKKEEPING_METRICS and not n.startswith(BOOKKEEPING_PREFIXES)}
 
@@ -219,6 +233,8 @@ class RunRecord:
     bits_per_weight: float
     model_bytes: float
     metric_names: tuple[str, ...]
+    replicate: int
+    replicate_group: str
     params: Mapping[str, str]
     metrics: Mapping[str, float]
     tags: Mapping[str, str]
@@ -252,6 +268,8 @@ class RunRecord:
             bits_per_weight=float(metrics.get(BITS_PER_WEIGHT, _number(params.get(BITS_PER_WEIGHT)))),
             model_bytes=float(metrics.get(MODEL_BYTES, _number(params.get(MODEL_BYTES)))),
             metric_names=tuple(sorted(metric_names(metrics, tags))),
+            replicate=int(tags.get(REPLICATE, "0") or 0),
+            replicate_group=tags.get(REPLICATE_GROUP) or tags.get(HASH) or params.get(HASH) or "",
             params=params,
             metrics=metrics,
             tags=tags,
