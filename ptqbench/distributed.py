@@ -17,7 +17,8 @@ from __future__ import annotations
 import datetime
 import io
 import os
-from collections.abc import Mapping, Sequence
+import pickle
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -183,3 +184,66 @@ def share_modules(local: Mapping[str, torch.nn.Module], device: torch.device | s
     for r, data in enumerate(all_gather_object(to_bytes(dict(local)))):
         out.update(local if r == _WORLD.rank else from_bytes(data, device))
     return out
+
+
+_SOLO = [False]  # rank 0 inside on_main: MainOnly calls go straight to the object
+
+
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` on rank 0 only; every rank returns its result, or raises its
+    exception (so all ranks take the same path). Collective; one process: a plain call."""
+    if _WORLD.size == 1 or _SOLO[0]:
+        return fn(*args, **kwargs)
+    outcome: tuple[str, Any] = ("ok", None)
+    if _WORLD.is_main:
+        _SOLO[0] = True
+        try:
+            outcome = ("ok", fn(*args, **kwargs))
+        except BaseException as exc:
+            outcome = ("error", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}"))
+        finally:
+            _SOLO[0] = False
+    kind, value = broadcast_object(outcome)
+    if kind == "error":
+        raise value
+    return value
+
+
+def _picklable(obj: object) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:
+        return False
+    return True
+
+
+class MainOnly:
+    """An object that lives on rank 0 (a tracker: only rank 0 talks to MLflow), reached from every
+    rank: each method call runs on rank 0 and returns its result on every rank (:func:`on_main`),
+    attributes are rank 0's values. Inside :func:`on_main`, rank 0 calls the object directly."""
+
+    def __init__(self, obj: Any):
+        self._obj = obj
+
+    def __getattr__(self, name: str) -> Any:
+        if _WORLD.size == 1 or _SOLO[0]:
+            return getattr(self._obj, name)
+        value = on_main(lambda: _Method if callable(getattr(self._obj, name)) else getattr(self._obj, name))
+        if value is not _Method:
+            return value
+        return lambda *args, **kwargs: on_main(lambda: getattr(self._obj, name)(*args, **kwargs))
+
+
+class _Method:
+    """Marker: the attribute is a method (called through :func:`on_main`)."""
+
+
+def main_only(factory: Callable[[], Any]) -> MainOnly:
+    """``factory()`` built on rank 0 only (its errors raised on every rank), as a :class:`MainOnly`."""
+    box: list[Any] = [None]
+
+    def make() -> None:
+        box[0] = factory()
+
+    on_main(make)
+    return MainOnly(box[0])

@@ -17,13 +17,14 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ptqbench import distributed as dist
 from ptqbench.analysis import layer_errors
 from ptqbench.cache import Cache
 from ptqbench.calibration import CalibConfig, calibrate, calibration_key
-from ptqbench.generation import NullProgress, StageProgress, generate_images, model_identity, reference_images
+from ptqbench.generation import NullProgress, StageProgress, generate_shared, model_identity, reference_images
 from ptqbench.memory import model_bits
 from ptqbench.method import Method
-from ptqbench.metrics.base import MetricInputs, MetricResult, get_metric
+from ptqbench.metrics.base import Metric, MetricInputs, MetricResult, get_metric
 from ptqbench.models.base import GenSettings, Pipeline
 from ptqbench.patching import LayerPlan, PatchReport, quantize_model, restore_model, select_layers
 from ptqbench.prompts import PromptSet
@@ -101,6 +102,25 @@ def _quantize(
     return quantize_model(transformer, method, moved, plan, ranks, progress=tick), seconds
 
 
+def _score(
+    scorers: Mapping[str, Metric], inputs: MetricInputs, is_reference: bool, progress: StageProgress
+) -> dict[str, MetricResult]:
+    """The metrics, computed once: by rank 0 when distributed (:mod:`ptqbench.distributed`); every
+    rank gets its results (or its error)."""
+
+    def score() -> dict[str, MetricResult]:
+        results: dict[str, MetricResult] = {}
+        for name, scorer in scorers.items():
+            if is_reference and "reference" in scorer.needs:
+                results[name] = MetricResult.missing(scorer, REFERENCE_ITSELF)
+            else:
+                results[name] = scorer(inputs)
+            progress.advance()
+        return results
+
+    return dist.on_main(score)
+
+
 def evaluate(
     pipeline: Pipeline,
     method: Method | None,
@@ -162,7 +182,7 @@ def evaluate(
             progress.stage("generate", len(prompts))
             images_dir = out_dir / "images"
             with _Timer(timings, "generate"):
-                images = generate_images(pipeline, prompts, settings, images_dir, progress)
+                images = generate_shared(pipeline, prompts, settings, images_dir, progress)
         finally:
             if report is not None:
                 restore_model(transformer, report)
@@ -171,15 +191,9 @@ def evaluate(
         quantized, skipped = list(report.quantized), dict(report.skipped)
 
     progress.stage("metrics", len(scorers))
-    results: dict[str, MetricResult] = {}
     with _Timer(timings, "metrics"):
-        inputs = MetricInputs(images, reference, list(prompts.prompts), real_dir, str(pipeline.device), cache)
-        for name, scorer in scorers.items():
-            if method is None and "reference" in scorer.needs:
-                results[name] = MetricResult.missing(scorer, REFERENCE_ITSELF)
-            else:
-                results[name] = scorer(inputs)
-            progress.advance()
+        inputs = MetricInputs(images, reference, list(prompts.prompts), real_dir, str(pipeline.device), cache=cache)
+        results = _score(scorers, inputs, method is None, progress)
     timings["total"] = time.perf_counter() - start
     return EvalResult(
         metrics=results,

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ptqbench import distributed as dist
 from ptqbench.cache import Cache, cache_key
 from ptqbench.cudagraph import cuda_graphs
 from ptqbench.imagestore import INDEX, ImageFolder, ImageWriter, load_images, read_index, write_index
@@ -26,8 +27,8 @@ from ptqbench.models.base import GenSettings, Pipeline
 from ptqbench.prompts import SEED_RULE, PromptSet
 
 __all__ = [
-    "INDEX", "ImageFolder", "NullProgress", "StageProgress", "generate_images", "load_images", "read_index",
-    "reference_images", "reference_key", "to_uint8", "write_index",
+    "INDEX", "ImageFolder", "NullProgress", "StageProgress", "generate_images", "generate_shared", "load_images",
+    "read_index", "reference_images", "reference_key", "to_uint8", "write_index",
 ]
 
 
@@ -100,6 +101,45 @@ def generate_images(
     return ImageFolder(out_dir, generated)
 
 
+class _EveryRank:
+    """A rank's progress counted for all ranks (shares are equal to within one batch)."""
+
+    def __init__(self, progress: StageProgress, size: int):
+        self.progress, self.size = progress, size
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        self.progress.stage(name, total)
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(n * self.size)
+
+
+def generate_shared(
+    pipeline: Pipeline,
+    prompts: PromptSet,
+    settings: GenSettings,
+    out_dir: str | Path,
+    progress: StageProgress | None = None,
+) -> ImageFolder:
+    """:func:`generate_images`, data-parallel over the ranks of :mod:`ptqbench.distributed`: each
+    rank generates its whole batches (:func:`~ptqbench.distributed.batch_share`, the batches one
+    process would run) into ``out_dir`` under its own index part; after a barrier rank 0 assembles
+    ``index.json``. Collective; one process: :func:`generate_images` itself."""
+    if dist.size() == 1:
+        folder = generate_images(pipeline, prompts, settings, out_dir, progress)
+        assert folder is not None
+        return folder
+    mine = dist.batch_share(len(prompts), settings.batch_size)
+    todo = len(ImageWriter(out_dir, prompts).missing(mine))
+    shared = _EveryRank(progress or NullProgress(), dist.size())
+    generate_images(pipeline, prompts, settings, out_dir, shared, indices=mine, part=str(dist.rank()), finalize=False)
+    generated = sum(dist.all_gather_object(todo))  # also the barrier: every share is written
+    if dist.is_main():
+        ImageWriter(out_dir, prompts).finalize()
+    dist.barrier()
+    return ImageFolder(out_dir, generated)
+
+
 def model_identity(pipeline: Pipeline) -> dict[str, Any]:
     """What identifies a pipeline's outputs: its info (weights, scheduler, dtype...) with the device type."""
     info = dict(pipeline.info())
@@ -133,15 +173,16 @@ def reference_images(
     """
     key = reference_key(pipeline, prompts, settings)
     folder = cache.path("reference", key)
-    if cache.done("reference", key):
+    if dist.broadcast_object(cache.done("reference", key)):
         progress = progress or NullProgress()
         progress.advance(len(prompts))
         return folder, ImageFolder(folder)
     if any(isinstance(m, QuantLinear) for m in pipeline.transformer.modules()):
         raise RuntimeError("reference images need the 16-bit transformer: restore_model() it first")
-    images = generate_images(pipeline, prompts, settings, folder, progress)
-    assert images is not None
-    meta = {"model": model_identity(pipeline), "settings": settings.__dict__, "prompt_set": prompts.name}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    cache.mark_done("reference", key)
+    images = generate_shared(pipeline, prompts, settings, folder, progress)
+    if dist.is_main():
+        meta = {"model": model_identity(pipeline), "settings": settings.__dict__, "prompt_set": prompts.name}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        cache.mark_done("reference", key)
+    dist.barrier()
     return folder, images

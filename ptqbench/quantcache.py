@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptqbench import distributed as dist
 from ptqbench.cache import cache_key
 from ptqbench.generation import StageProgress
 from ptqbench.method import Method
@@ -43,7 +44,7 @@ def quantize_cached(
 ) -> tuple[PatchReport, dict[str, float]]:
     """``quantize()`` (which patches ``transformer`` and returns its report and per-layer seconds),
     saved to ``path``; when ``path`` exists, its modules are patched in instead."""
-    if path.is_file():
+    if dist.broadcast_object(path.is_file()):  # one decision for every rank (quantizing is collective)
         saved = torch.load(path, map_location="cpu", weights_only=False)
         selection = select_layers(transformer, plan)
         device = next(transformer.parameters()).device
@@ -55,8 +56,9 @@ def quantize_cached(
             progress.advance()
         return PatchReport(quantized, selection.skipped, dict(selection.layers)), dict(saved["seconds"])
     report, seconds = quantize()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"quantized": report.quantized, "seconds": seconds}, tmp)
-    os.replace(tmp, path)
+    if dist.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"quantized": report.quantized, "seconds": seconds}, tmp)
+        os.replace(tmp, path)
     return report, seconds

@@ -30,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ptqbench import distributed as dist
 from ptqbench import schema
 from ptqbench.artifacts import write_artifacts
 from ptqbench.display import dry_run_lines
@@ -99,12 +100,18 @@ def main(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     set_threads(args.threads)
-    cache = Cache(args.cache_dir)
-    out = Path(args.out) if args.out else cache.root / "runs" / _safe(suite.name)
-    runner = Runner(suite, Tracker(args.tracking_uri), cache, out, device)
-    # models without a shipped config are loaded once, for their shapes and their cells
-    cells = _select(suite, expand(suite, ShapeCache(lambda entry: runner.load(entry).transformer)), args.only, shard)
-    return runner.run(cells)
+    dist.init(device)  # torchrun: every rank runs the suite cooperatively (ptqbench.distributed)
+    try:
+        cache = Cache(args.cache_dir)
+        out = Path(args.out) if args.out else cache.root / "runs" / _safe(suite.name)
+        tracker = dist.main_only(lambda: Tracker(args.tracking_uri))  # only rank 0 talks to MLflow
+        runner = Runner(suite, tracker, cache, out, device)
+        # models without a shipped config are loaded once, for their shapes and their cells
+        shapes = ShapeCache(lambda entry: runner.load(entry).transformer)
+        cells = _select(suite, expand(suite, shapes), args.only, shard)
+        return runner.run(cells)
+    finally:
+        dist.shutdown()
 
 
 def set_threads(n: int | None) -> None:
@@ -149,26 +156,72 @@ def _safe(name: str) -> str:
 
 
 class TqdmProgress:
-    """A :class:`~ptqbench.generation.StageProgress` on a second tqdm bar: ``stage(name, total)``, ``advance(n)``."""
+    """A :class:`~ptqbench.generation.StageProgress` on a second tqdm bar: ``stage(name, total)``, ``advance(n)``.
 
-    def __init__(self, position: int = 1):
+    Shown by rank 0 only (every rank's images are counted: :mod:`ptqbench.distributed`); image
+    stages show images per second and the stage's ETA, and the images of ``counted`` (the stage
+    that makes the cell's own images) also move ``suite``.
+    """
+
+    def __init__(self, position: int = 1, suite: SuiteBar | None = None, counted: str = "generate"):
         self.position = position
         self.bar: Any = None
+        self.suite, self.counted, self.name = suite, counted, ""
 
     def stage(self, name: str, total: int | None = None) -> None:
         from tqdm.auto import tqdm
 
         self.close()
-        self.bar = tqdm(total=total, desc=f"  {name}", position=self.position, leave=False, dynamic_ncols=True)
+        self.name = name
+        unit = "img" if name in IMAGE_STAGES else "it"
+        self.bar = tqdm(total=total, desc=f"  {name}", position=self.position, leave=False, dynamic_ncols=True,
+                        unit=unit, disable=not dist.is_main())
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
+        if self.suite is not None and self.name == self.counted:
+            self.suite.advance(n)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+IMAGE_STAGES = ("reference", "calibrate", "generate")
+
+
+class SuiteBar:
+    """The suite's bar (rank 0): the images its pending cells make, with images per second and the
+    suite's ETA; ``update(n)`` ends ``n`` cells (their images counted in full, run or not)."""
+
+    def __init__(self, images: Sequence[int]):
+        from tqdm.auto import tqdm
+
+        self.images, self.cell, self.counted = list(images), 0, 0
+        self.bar = tqdm(total=sum(self.images), desc="suite", unit="img", position=0, dynamic_ncols=True,
+                        disable=not dist.is_main())
+
+    def __enter__(self) -> SuiteBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def advance(self, n: int) -> None:
+        if self.cell < len(self.images):
+            n = min(n, self.images[self.cell] - self.counted)
+            self.counted += n
+            self.bar.update(n)
+
+    def update(self, cells: int = 1) -> None:
+        for _ in range(cells):
+            self.advance(self.images[self.cell] - self.counted if self.cell < len(self.images) else 0)
+            self.cell, self.counted = self.cell + 1, 0
+
+    def set_postfix_str(self, label: str) -> None:
+        self.bar.set_postfix_str(f"cell {self.cell + 1}/{len(self.images)} {label}")
 
 
 # ============================================================================ the runner
@@ -194,37 +247,36 @@ class Runner:
         tags = schema.experiment_tags(suite.file, suite.description or suite.name)
         self.experiment = tracker.experiment(suite.name, tags)
         self.outcome = Outcome()
+        self.suite_bar: SuiteBar | None = None
         self._prompts: dict[Any, Any] = {}
         self._pipelines: dict[tuple[Any, ...], Any] = {}
         self._runtime = runtime_params()
 
     # ------------------------------------------------------------------ suite level
     def run(self, cells: Sequence[Cell]) -> int:
-        from tqdm.auto import tqdm
-
         done = {r.tags.get(schema.HASH): r for r in self.tracker.runs(self.experiment) if r.status == "FINISHED"}
         pending = [c for c in cells if c.hash not in done]
         self.outcome.skipped = [c.hash for c in cells if c.hash in done]
-        self.rescore([(c, done[c.hash]) for c in cells if c.hash in done])
+        dist.on_main(self.rescore, [(c, done[c.hash]) for c in cells if c.hash in done])
         for cell in pending:  # missing prompt data fails here, before any cell runs
             self.prompt_set(cell)
             if "calibration" in cell.config:
                 c = cell.calibration
                 self._load_prompts((c.prompt_set, c.n_prompts, c.path), "calibration")
-        print(
+        uri, ranks = self.tracker.uri, f" x {dist.size()} ranks" if dist.size() > 1 else ""
+        _say(
             f"{self.suite.name}: {len(cells)} cells, {len(self.outcome.skipped)} already finished, "
-            f"{len(pending)} to run on {self.device} (tracking: {self.tracker.uri})",
-            file=sys.stderr,
+            f"{len(pending)} to run on {self.device}{ranks} (tracking: {uri})"
         )
-        with tqdm(total=len(pending), desc="cells", position=0, dynamic_ncols=True) as bar:
+        with SuiteBar([len(self.prompt_set(c)) for c in pending]) as bar:
+            self.suite_bar = bar
             for group in _by_model(pending):
                 self.run_model(group, bar)
         self._pipelines.clear()  # also those loaded only for their shapes
         o = self.outcome
-        print(
+        _say(
             f"{self.suite.name}: {len(o.finished)} finished, {len(o.skipped)} skipped, {len(o.failed)} failed"
-            + (f", {len(o.rescored)} scored from their images" if o.rescored else ""),
-            file=sys.stderr,
+            + (f", {len(o.rescored)} scored from their images" if o.rescored else "")
         )
         return 1 if o.failed else 0
 
@@ -297,14 +349,14 @@ class Runner:
             return True
         run_id = self.tracker.start(self.experiment, cell.label, self.tags(cell))
         start = time.perf_counter()
-        progress = TqdmProgress()
+        progress = TqdmProgress(suite=self.suite_bar, counted="reference" if cell.is_reference else "generate")
         try:
             self.tracker.log_params(run_id, self.params(cell))
             out_dir = self.out / cell.hash  # kept from a killed attempt: its images and layers are reused
             out_dir.mkdir(parents=True, exist_ok=True)
             result = self.evaluate(cell, pipeline, out_dir, progress)
             progress.close()
-            self.log_result(run_id, cell, result, out_dir, time.perf_counter() - start)
+            dist.on_main(self.log_result, run_id, cell, result, out_dir, time.perf_counter() - start)
             self.tracker.finish(run_id)
             shutil.rmtree(out_dir / FOLDER, ignore_errors=True)  # the images are what a finished cell keeps
         except KeyboardInterrupt:
@@ -399,6 +451,12 @@ def _by_model(cells: Sequence[Cell]) -> list[list[Cell]]:
     for cell in cells:
         groups.setdefault(_model_key(cell.model), []).append(cell)
     return list(groups.values())
+
+
+def _say(text: str) -> None:
+    """A line on stderr, from rank 0 only."""
+    if dist.is_main():
+        print(text, file=sys.stderr)
 
 
 def _error_text(exc: BaseException) -> str:
