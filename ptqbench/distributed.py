@@ -121,25 +121,33 @@ def all_gather_object(obj: T) -> list[T]:
     return out
 
 
+def _comm(t: torch.Tensor) -> torch.Tensor:
+    """``t`` where the backend reduces (NCCL: this rank's GPU), contiguous."""
+    if _WORLD.backend == "nccl":
+        return t.to(torch.device("cuda", _WORLD.local_rank)).contiguous()
+    return t.cpu().contiguous()
+
+
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    """Element-wise max over ranks (exact in any order), on every rank."""
+    """Element-wise max over ranks (exact in any order), on every rank, where ``t`` is."""
     if _WORLD.size == 1:
         return t
-    out = t.clone()
+    out = _comm(t).clone()
     td.all_reduce(out, op=td.ReduceOp.MAX)
-    return out
+    return out.to(t.device)
 
 
 def sum_in_rank_order(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, added in rank order (the same bits on every rank, every run)."""
+    """Sum over ranks, added in rank order (the same bits on every rank, every run), where ``t`` is."""
     if _WORLD.size == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(_WORLD.size)]
-    td.all_gather(parts, t.contiguous())
+    local = _comm(t)
+    parts = [torch.empty_like(local) for _ in range(_WORLD.size)]
+    td.all_gather(parts, local)
     total = parts[0].clone()
     for p in parts[1:]:
         total += p
-    return total
+    return total.to(t.device)
 
 
 def batch_share(n: int, batch_size: int, rank_: int | None = None, size_: int | None = None) -> list[int]:

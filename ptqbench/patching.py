@@ -194,7 +194,8 @@ def quantize_shared(
     if dist.size() == 1:
         return method.quantize_layers(layers, stats, progress)
     families = batch_families(layers)
-    rank = getattr(method, "rank", 0) or 0
+    rank = getattr(method, "rank", 0)
+    rank = rank if isinstance(rank, int) else 0
     costs = [sum(dense_weight(layers[n]).numel() for n in f) * (rank + 1) for f in families]
     owner = {n: r for f, r in zip(families, dist.assign(costs), strict=True) for n in f}
     mine = {n: layer for n, layer in layers.items() if owner[n] == dist.rank()}

@@ -9,7 +9,9 @@ attempts: a resumed cell keeps the images it already wrote and its quantized lay
 Each model is loaded once and serves all its cells (``evaluate`` restores the transformer). A
 crash inside a cell is recorded (FAILED, error tag, ``traceback.txt``) and the suite goes on; the
 exit code is 1 if any cell failed. What a run carries is :mod:`ptqbench.schema`; the files it
-leaves are written by :mod:`ptqbench.artifacts`.
+leaves are written by :mod:`ptqbench.artifacts`. Under ``torchrun --nproc-per-node N -m ptqbench run``
+every rank runs the same cells cooperatively (:mod:`ptqbench.distributed`: data-parallel generation
+and calibration, layer-parallel quantization); rank 0 alone scores, talks to MLflow and shows progress.
 """
 
 from __future__ import annotations
