@@ -27,7 +27,7 @@ from ptqbench.prompts import SEED_RULE, PromptSet
 
 __all__ = [
     "INDEX", "ImageFolder", "NullProgress", "StageProgress", "generate_images", "load_images", "read_index",
-    "reference_images", "reference_key", "to_uint8", "write_index",
+    "reference_images", "reference_key", "share", "to_uint8", "write_index",
 ]
 
 
@@ -53,6 +53,17 @@ class NullProgress:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """``[N, 3, H, W]`` in [0, 1] -> uint8 (round to nearest), as PNGs store them."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def share(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The prompt indices process ``rank`` of ``world`` generates: whole batches of ``batch_size``,
+    dealt round-robin, so every batch holds the same prompts as in one process (the images are
+    then the same whatever ``world``). Pass them as ``indices`` with ``part=f"rank{rank}"`` and
+    ``finalize=False``; once all ranks are done, one calls ``ImageWriter(folder, prompts).finalize()``."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    starts = range(rank * batch_size, n, world * batch_size)
+    return [i for start in starts for i in range(start, min(start + batch_size, n))]
 
 
 def generate_images(

@@ -174,3 +174,32 @@ def test_store_memory_does_not_grow_with_n() -> None:
     grown = large["all_images_uint8_mib"] - small["all_images_uint8_mib"]  # 4.5 MiB more images (13.5 as float)
     assert large["generate_peak_mib"] - small["generate_peak_mib"] < grown / 3, (small, large)
     assert large["score_peak_mib"] - small["score_peak_mib"] < grown / 3, (small, large)
+
+
+class _Noise:
+    """A pipeline stand-in: seeded noise images whose values depend on the whole batch (as batched
+    kernels may), so only the same batches give the same images."""
+
+    transformer = torch.nn.Linear(1, 1)
+
+    def generate(self, prompts, seeds, settings, progress=None):
+        batch = torch.stack([torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return (batch + 1e-3 * len(seeds)).clamp(0, 1)
+
+
+def test_ranks_fill_one_folder_like_one_process(tmp_path: Path) -> None:
+    from ptqbench.generation import generate_images, share
+    from ptqbench.models.base import GenSettings
+
+    prompts, settings = _prompts(7), GenSettings(steps=1, guidance=1.0, resolution=8, batch_size=2)
+    one = generate_images(_Noise(), prompts, settings, tmp_path / "one")
+    shares = [share(7, 2, r, 3) for r in range(3)]
+    assert shares == [[0, 1, 6], [2, 3], [4, 5]] and one.generated == 7
+    for r, indices in enumerate(shares):
+        assert generate_images(_Noise(), prompts, settings, tmp_path / "dp", indices=indices, part=f"rank{r}",
+                               finalize=False) is None
+    assert sorted(p.name for p in (tmp_path / "dp" / PARTS).iterdir()) == ["rank0.jsonl", "rank1.jsonl", "rank2.jsonl"]
+    ImageWriter(tmp_path / "dp", prompts).finalize()
+    assert (tmp_path / "dp" / "index.json").read_bytes() == (tmp_path / "one" / "index.json").read_bytes()
+    again = generate_images(_Noise(), prompts, settings, tmp_path / "dp")  # complete: nothing to generate
+    assert again.generated == 0 and torch.equal(again.load(), one.load())
