@@ -14,6 +14,7 @@ Peak RSS is read from ``/proc/self/status`` (VmHWM), reset between stages (``/pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -32,10 +33,8 @@ def _peak_kib() -> int:
 
 
 def _reset_peak() -> None:
-    try:
+    with contextlib.suppress(OSError):  # not every kernel lets a process reset its peak
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 class NoisePipeline:
@@ -82,7 +81,8 @@ def measure(n: int, resolution: int, batch_size: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--compare", type=int, nargs=2, metavar=("N1", "N2"), help="measure both, each in a fresh process")
+    parser.add_argument("--compare", type=int, nargs=2, metavar=("N1", "N2"),
+                        help="measure both, each in a fresh process")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()

@@ -28,7 +28,7 @@ from ptqbench.prompts import SEED_RULE, PromptSet
 
 __all__ = [
     "INDEX", "ImageFolder", "NullProgress", "StageProgress", "generate_images", "generate_shared", "load_images",
-    "read_index", "reference_images", "reference_key", "to_uint8", "write_index",
+    "read_index", "reference_images", "reference_key", "share", "to_uint8", "write_index",
 ]
 
 
@@ -54,6 +54,16 @@ class NullProgress:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """``[N, 3, H, W]`` in [0, 1] -> uint8 (round to nearest), as PNGs store them."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def share(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The prompt indices process ``rank`` of ``world`` generates: whole batches of ``batch_size``,
+    dealt round-robin, so every batch holds the same prompts as in one process (the images are
+    then the same whatever ``world``). Pass them as ``indices`` with ``part=f"rank{rank}"`` and
+    ``finalize=False``; once all ranks are done, one calls ``ImageWriter(folder, prompts).finalize()``."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    return dist.batch_share(n, batch_size, rank, world)
 
 
 def generate_images(
@@ -129,10 +139,11 @@ def generate_shared(
         folder = generate_images(pipeline, prompts, settings, out_dir, progress)
         assert folder is not None
         return folder
-    mine = dist.batch_share(len(prompts), settings.batch_size)
+    mine = share(len(prompts), settings.batch_size, dist.rank(), dist.size())
     todo = len(ImageWriter(out_dir, prompts).missing(mine))
     shared = _EveryRank(progress or NullProgress(), dist.size())
-    generate_images(pipeline, prompts, settings, out_dir, shared, indices=mine, part=str(dist.rank()), finalize=False)
+    generate_images(pipeline, prompts, settings, out_dir, shared, indices=mine, part=f"rank{dist.rank()}",
+                    finalize=False)
     generated = sum(dist.all_gather_object(todo))  # also the barrier: every share is written
     if dist.is_main():
         ImageWriter(out_dir, prompts).finalize()

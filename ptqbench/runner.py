@@ -289,10 +289,15 @@ class Runner:
         for cell, run in finished:
             have = schema.metric_names(run.metrics, run.tags)
             missing = [m for m in cell.metrics if m not in have]
-            if missing:
+            if not missing:
+                continue
+            try:
                 score_run(self.tracker, run, missing, self.device)
-                self.outcome.rescored.append(cell.hash)
-                print(f"scored {', '.join(missing)} into finished cell {cell.label}", file=sys.stderr)
+            except UserError as exc:  # e.g. its images were deleted: say so, the suite goes on
+                print(f"cannot score {', '.join(missing)} for {cell.label}: {exc}", file=sys.stderr)
+                continue
+            self.outcome.rescored.append(cell.hash)
+            print(f"scored {', '.join(missing)} into finished cell {cell.label}", file=sys.stderr)
 
     def run_model(self, cells: Sequence[Cell], bar: Any) -> None:
         """Load the cells' model once and run them; a load crash fails each of them."""
