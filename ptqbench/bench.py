@@ -5,11 +5,14 @@ Random weights from the real config (timing does not depend on values), bf16, 10
 targeted attention/FFN linear is replaced by a :class:`~ptqbench.layers.QuantLinear`; variants
 are timed in one process with CUDA events (median of ``--iters`` after warm-up) and reported as
 ratios to the bf16 forward, next to the memory-traffic floor of one extra pass per layer.
+``--model`` picks another registered config (e.g. ``sana-1.6b``); ``--small`` keeps 2 blocks at a
+quarter of the latent size (PixArt-Sigma: 256 px), a smoke run that also works on a CPU (float32).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 from collections.abc import Callable
@@ -55,31 +58,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=10, help="timed forwards per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, help="write the table as JSON here")
-    parser.add_argument("--small", action="store_true", help="a 2-layer transformer at 256px (smoke test, CPU ok)")
+    parser.add_argument(
+        "--small", action="store_true", help="2 blocks at a quarter of the latent size (smoke test, CPU ok)"
+    )
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timings")
 
 
 def build_transformer(model: str, small: bool, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The model's transformer from its config with random weights (no download)."""
-    from ptqbench.models.diffusers_models import build_transformer
+    """The model's transformer from its config with random weights (no download); ``small``: 2 blocks at a
+    quarter of the latent size."""
+    from ptqbench.models import diffusers_models as dm
 
-    overrides = {"num_layers": 2, "sample_size": 32} if small else {}
-    return build_transformer(model, device, dtype, **overrides).eval()
+    overrides = {}
+    if small and model in dm.TRANSFORMER_CONFIGS:
+        overrides = {"num_layers": 2, "sample_size": dm.TRANSFORMER_CONFIGS[model][1]["sample_size"] // 4}
+    return dm.build_transformer(model, device, dtype, **overrides).eval()
 
 
 def make_inputs(transformer: nn.Module, batch: int, tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Random latents and caption states of the config's shapes, timestep 500, for ``transformer(**inputs)``."""
     cfg = transformer.config
     g = torch.Generator(device=device).manual_seed(0)
     size = cfg.sample_size
-    return {
+    inputs = {
         "hidden_states": torch.randn(batch, cfg.in_channels, size, size, generator=g, device=device, dtype=dtype),
         "encoder_hidden_states": torch.randn(
             batch, tokens, cfg.caption_channels, generator=g, device=device, dtype=dtype
         ),
         "timestep": torch.full((batch,), 500, device=device, dtype=torch.long),
-        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
         "return_dict": False,
     }
+    if "added_cond_kwargs" in inspect.signature(transformer.forward).parameters:  # PixArt's, not SANA's
+        inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    return inputs
 
 
 def apply_variant(transformer: nn.Module, variant: Variant) -> PatchReport | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -19,7 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("ptqbench.runner", "run a suite of cells (or --dry-run to print the grid)"),
     "score": ("ptqbench.scoring", "score finished cells from their saved images (a suite, or --run RUN_ID)"),
     "report": ("ptqbench.report", "tables, plots and an HTML page from the tracked runs"),
-    "list": ("ptqbench.listing", "list methods, formats, models or metrics"),
+    "list": ("ptqbench.listing", "list methods, formats, models or metrics, or the layers of a model"),
     "layers": ("ptqbench.layerstudy", "per-layer error study of methods at equal memory"),
     "bench": ("ptqbench.bench", "forward-time benchmark of quantized transformers (GPU)"),
     "train-default": ("ptqbench.models.fmnist_train", "train the embedded Fashion-MNIST DiT and classifier"),
@@ -44,6 +45,8 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # MLflow's usage telemetry writes an id into ~/.config and calls home; off unless the user chose.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ptqbench.errors import UserError
@@ -24,9 +25,24 @@ from ptqbench.stats import LayerStats, StatsSpec
 METHODS: Registry[type[Method]] = Registry("method", group="ptqbench.methods", builtins=("ptqbench.methods",))
 
 
-def format_field(default: str) -> Any:
-    """A dataclass field holding a Format (given as a name, spec string, dict or Format)."""
-    return field(default=default, metadata={"format": True})
+# A branch format that is the layer's own 16-bit dtype, resolved per layer (SVDQuant's native branch).
+MODEL_DTYPE = "model"
+
+
+def format_field(default: str, model_dtype: bool = False) -> Any:
+    """A dataclass field holding a Format (given as a name, spec string, dict or Format);
+    ``model_dtype``: it may also be :data:`MODEL_DTYPE`, kept as that string."""
+    return field(default=default, metadata={"format": True, "model_dtype": model_dtype})
+
+
+def model_dtype_format(dtype: torch.dtype) -> Format:
+    """The cast format of a layer's own dtype when it is 16-bit (fp16, bf16), else bf16."""
+    return get_format("fp16" if dtype == torch.float16 else "bf16")
+
+
+def resolve_format(fmt: Format | str, dtype: torch.dtype) -> Format:
+    """``fmt``, with :data:`MODEL_DTYPE` resolved for a layer of ``dtype``."""
+    return model_dtype_format(dtype) if fmt == MODEL_DTYPE else fmt
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -55,6 +71,8 @@ class Method:
         for f in dataclasses.fields(self):
             if f.metadata.get("format"):
                 value = getattr(self, f.name)
+                if value == MODEL_DTYPE and f.metadata.get("model_dtype"):
+                    continue
                 if value is not None:
                     object.__setattr__(self, f.name, get_format(value))
 
@@ -106,6 +124,11 @@ class Method:
     def branch_bits(self, out_features: int, in_features: int) -> int:
         return 0
 
+    def shared_input_bits(self, in_features: int) -> int:
+        """Bits that layers reading one input (a :class:`~ptqbench.memory.LayerShape` group of
+        equal rank) share, stored once per group: 0 unless the method shares parts."""
+        return 0
+
     # ------------------------------------------------------------------ logging
     def params(self) -> dict[str, Any]:
         """Every field flattened for logging: formats as spec strings plus each of their fields."""
@@ -130,18 +153,33 @@ class LowRankMethod(Method):
     """A method with a low-rank branch of rank ``rank`` (factor format ``Q2``, input ``Qa2``)."""
 
     rank: int = 32
-    branch_format: Format = format_field("bf16")
-    branch_act_format: Format = format_field("bf16")
+    branch_format: Format | str = format_field("bf16", model_dtype=True)
+    branch_act_format: Format | str = format_field("bf16", model_dtype=True)
+    # Whether the method resolves MODEL_DTYPE branch formats per layer.
+    model_dtype_branch: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.rank < 0:
             raise UserError(f"{self.name}: rank must be >= 0, got {self.rank}")
+        uses = MODEL_DTYPE in (self.branch_format, self.branch_act_format)
+        if uses and not self.model_dtype_branch:
+            raise UserError(f"{self.name}: branch format {MODEL_DTYPE!r} (the layer's dtype) is not supported")
+
+    @property
+    def branch_storage(self) -> Format:
+        """The branch weight format as stored: :data:`MODEL_DTYPE` is 16 bits per element."""
+        return model_dtype_format(torch.bfloat16) if self.branch_format == MODEL_DTYPE else self.branch_format
 
     def branch_bits(self, out_features: int, in_features: int) -> int:
         if self.rank == 0:
             return 0
-        return self.branch_format.bits((self.rank, in_features)) + self.branch_format.bits((out_features, self.rank))
+        fmt = self.branch_storage
+        return fmt.bits((self.rank, in_features)) + fmt.bits((out_features, self.rank))
+
+    def down_bits(self, in_features: int) -> int:
+        """Bits of the down-projection ``R`` [rank, in]."""
+        return 0 if self.rank == 0 else self.branch_storage.bits((self.rank, in_features))
 
     def label(self) -> str:
         return f"{super().label()} r{self.rank} B:{self.branch_format}/{self.branch_act_format}"

@@ -1,51 +1,27 @@
 """Apply a method to a model's layers, chosen by module-name patterns.
 
 :func:`select_layers` walks any torch model and returns the Linear / 1x1 Conv2d layers to
-quantize and, for every other candidate, why it was skipped (an exclude pattern with its
-reason, or not a linear map). :func:`quantize_model` quantizes the selection and swaps the
-modules in place. Default skip lists for PixArt-Sigma and SANA follow deepcompressor.
+quantize, for every other candidate why it was skipped (an exclude pattern with its reason, or
+not a linear map), and which selected layers read one input (q/k/v of a self-attention).
+:func:`quantize_model` quantizes the selection and swaps the modules in place. The default skip
+list is the model adapter's (:mod:`ptqbench.models.adapters`, deepcompressor's lists).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from ptqbench.layers import QuantLinear, dense_weight, is_quantizable
-from ptqbench.memory import LayerShape
+from ptqbench.memory import LayerShape, qkv_group
 from ptqbench.method import Method
+from ptqbench.models.adapters import adapter_for
 from ptqbench.stats import LayerStats
-
-# pattern -> reason; patterns are fnmatch globs on the module's qualified name.
-PIXART_SKIPS: dict[str, str] = {
-    "pos_embed*": "patch embedding",
-    "adaln_single*": "timestep modulation (adaLN)",
-    "caption_projection*": "caption projection",
-    "proj_in*": "input projection",
-    "proj_out*": "output projection",
-}
-SANA_SKIPS: dict[str, str] = {
-    "patch_embed*": "patch embedding",
-    "time_embed*": "timestep modulation (adaLN)",
-    "caption_projection*": "caption projection",
-    "proj_in*": "input projection",
-    "proj_out*": "output projection",
-}
-DEFAULT_SKIPS: dict[str, dict[str, str]] = {"pixart": PIXART_SKIPS, "sana": SANA_SKIPS}
-
-
-def default_skips(model: nn.Module) -> dict[str, str]:
-    """The default skip list for a diffusers transformer, by its class (empty if unknown)."""
-    cls = type(model).__name__
-    if cls.startswith("PixArt"):
-        return PIXART_SKIPS
-    if cls.startswith("Sana"):
-        return SANA_SKIPS
-    return {}
 
 
 @dataclass(frozen=True)
@@ -57,8 +33,8 @@ class LayerPlan:
 
     @classmethod
     def for_model(cls, model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> LayerPlan:
-        """The model's default skips plus user patterns."""
-        skips = dict(default_skips(model))
+        """The default skips of the model's adapter plus user patterns."""
+        skips = dict(adapter_for(model).skips)
         skips.update({p: "excluded by pattern" for p in exclude})
         return cls(tuple(include), skips)
 
@@ -68,17 +44,37 @@ class LayerPlan:
 
 @dataclass
 class Selection:
-    """Layers chosen for quantization and the skipped ones with their reasons."""
+    """Layers chosen for quantization, the skipped ones with their reasons, and ``groups``:
+    selected layer -> its share group (:func:`~ptqbench.memory.qkv_group`) when at least one other
+    selected layer reads the same input."""
 
     layers: dict[str, nn.Module]
     skipped: dict[str, str]
+    groups: dict[str, str] = field(default_factory=dict)
 
     def shapes(self) -> list[LayerShape]:
         out = []
         for name, layer in self.layers.items():
             w = dense_weight(layer)
-            out.append(LayerShape(name, int(w.shape[0]), int(w.shape[1]), layer.bias is not None))
+            bias = layer.bias is not None
+            out.append(LayerShape(name, int(w.shape[0]), int(w.shape[1]), bias, self.groups.get(name)))
         return out
+
+
+def _reads_hidden_states_only(model: nn.Module, name: str) -> bool:
+    """False for a cross-attention's ``to_q``: it reads the image while its ``to_k`` / ``to_v`` read the text."""
+    parent, _, leaf = name.rpartition(".")
+    return not (leaf == "to_q" and getattr(model.get_submodule(parent), "is_cross_attention", False))
+
+
+def shared_inputs(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """Layer -> share group for the ``names`` that read one input together with another of ``names``."""
+    members: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        group = qkv_group(name)
+        if group is not None and _reads_hidden_states_only(model, name):
+            members[group].append(name)
+    return {n: g for g, ns in members.items() if len(ns) > 1 for n in ns}
 
 
 def _is_candidate(module: nn.Module) -> bool:
@@ -104,7 +100,7 @@ def select_layers(model: nn.Module, plan: LayerPlan | None = None) -> Selection:
             layers[name] = module
         else:
             skipped[name] = reason
-    return Selection(layers, skipped)
+    return Selection(layers, skipped, shared_inputs(model, list(layers)))
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -53,10 +53,6 @@ class PromptSet:
     def seeds(self) -> list[int]:
         return [seed_for(k) for k in self.keys]
 
-    def head(self, n: int) -> PromptSet:
-        """The first ``n`` prompts (same name)."""
-        return PromptSet(self.name, self.keys[:n], self.prompts[:n])
-
 
 # ----------------------------------------------------------------------------- sources
 

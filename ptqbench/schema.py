@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from ptqbench.evaluate import EvalResult
+    from ptqbench.metrics.base import MetricResult
 
 # ----------------------------------------------------------------------------- tags
 HASH = "cell_hash"
@@ -87,7 +88,13 @@ LAYER = "layer_"
 IMAGES_GENERATED = "images_generated"
 BOOKKEEPING_METRICS = (BITS_PER_WEIGHT, MODEL_BYTES, IMAGES_GENERATED)  # non-quality numbers logged as metrics
 BOOKKEEPING_PREFIXES = (LAYER, SECONDS)
-LAYER_ERROR_COLUMNS = {"rel_weight_error": "weight", "rel_output_error": "output"}
+# layer_errors.csv column -> the run metric summarizing it (``_mean``, ``_max``): ``rel_output_error``
+# is measured on held-out rows, ``insample_output_error`` on rows the method saw.
+LAYER_ERROR_COLUMNS = {
+    "rel_weight_error": f"{LAYER}rel_weight_error",
+    "rel_output_error": f"{LAYER}heldout_output_error",
+    "insample_output_error": f"{LAYER}insample_output_error",
+}
 
 # ----------------------------------------------------------------------------- artifacts
 CONFIG_FILE = "config.yaml"
@@ -122,14 +129,7 @@ def experiment_tags(suite_file: str, description: str) -> dict[str, str]:
 
 def result_metrics(result: EvalResult, seconds: float) -> tuple[dict[str, float | None], dict[str, str]]:
     """The metrics of a finished cell and the ``metric_status`` tags of those without a value."""
-    metrics: dict[str, float | None] = {}
-    tags: dict[str, str] = {}
-    for name, m in result.metrics.items():
-        if m.status == "ok" and m.value is not None:
-            metrics[name] = m.value
-            metrics[n_metric(name)] = m.n
-        else:
-            tags[METRIC_STATUS + name] = f"{NOT_COMPUTED}{m.reason}"
+    metrics, tags = score_values(result.metrics)
     metrics.update({BITS_PER_WEIGHT: result.bits_per_weight, MODEL_BYTES: result.model_bytes,
                     IMAGES_GENERATED: result.images_generated})
     metrics.update(layer_error_summary(result.layer_errors))
@@ -139,18 +139,33 @@ def result_metrics(result: EvalResult, seconds: float) -> tuple[dict[str, float 
     return metrics, tags
 
 
+def score_values(results: Mapping[str, MetricResult]) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Quality metrics as logged: ``<m>`` and ``<m>_n``, or a ``metric_status.<m>`` tag without a value."""
+    metrics: dict[str, float | None] = {}
+    tags: dict[str, str] = {}
+    for name, m in results.items():
+        if m.status == "ok" and m.value is not None:
+            metrics[name] = m.value
+            metrics[n_metric(name)] = m.n
+        else:
+            tags[METRIC_STATUS + name] = f"{NOT_COMPUTED}{m.reason}"
+    return metrics, tags
+
+
 def layer_error_summary(frame: pd.DataFrame | None) -> dict[str, float]:
-    """Mean and max of the per-layer relative errors (NaN-free; absent when nothing was measured)."""
+    """Model-wide mean and max of the per-layer errors, as run metrics: ``layer_rel_weight_error``,
+    ``layer_heldout_output_error`` (on held-out rows) and ``layer_insample_output_error`` (on rows
+    the method saw), each ``_mean`` and ``_max`` (NaN-free; absent when nothing was measured)."""
     out: dict[str, float] = {}
     if frame is None or len(frame) == 0:
         return out
-    for column, short in LAYER_ERROR_COLUMNS.items():
+    for column, metric in LAYER_ERROR_COLUMNS.items():
         if column not in frame:
             continue
         values = [float(v) for v in frame[column] if v is not None and not math.isnan(float(v))]
         if values:
-            out[f"{LAYER}rel_{short}_error_mean"] = sum(values) / len(values)
-            out[f"{LAYER}rel_{short}_error_max"] = max(values)
+            out[f"{metric}_mean"] = sum(values) / len(values)
+            out[f"{metric}_max"] = max(values)
     return out
 
 

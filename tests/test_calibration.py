@@ -113,6 +113,8 @@ def test_sdci_yaml(tmp_path, monkeypatch):
 
 
 def test_calibrate_collects_every_step_and_both_cfg_halves(pipe, layers, tmp_path):
+    kv = "transformer_blocks.1.attn2.to_k"  # skipped by default; here to count the caption tokens it reads
+    layers = {**layers, kv: pipe.transformer.get_submodule(kv)}
     spec = StatsSpec(absmax=True, rows=16, xtx="diag")
     stats = calibrate(pipe, layers, spec, CALIB, SETTINGS, Cache(tmp_path))
     assert set(stats) == set(layers)

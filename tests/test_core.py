@@ -16,7 +16,7 @@ from ptqbench import get_method
 from ptqbench.errors import UserError
 from ptqbench.formats import get_format
 from ptqbench.layers import LowRankBranch, QuantLinear
-from ptqbench.memory import LayerShape, bits_per_weight, model_bits, solve_rank
+from ptqbench.memory import LayerShape, bits_per_weight, model_bits, qkv_group, solve_rank
 from ptqbench.method import METHODS, LowRankMethod, Method
 from ptqbench.patching import LayerPlan, quantize_model, restore_model, select_layers
 from ptqbench.registry import Registry
@@ -124,7 +124,7 @@ class Block(nn.Module):
 class ToyPixArt(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.adaln_single = nn.Linear(8, 32)
+        self.adaln_single = nn.ModuleDict({"linear": nn.Linear(8, 32)})
         self.transformer_blocks = nn.ModuleList([Block(), Block()])
         self.proj_out = nn.Linear(32, 4)
 
@@ -136,7 +136,7 @@ class ToyPixArt(nn.Module):
         return self.proj_out(x)
 
 
-ToyPixArt.__name__ = "PixArtToy"  # picks the PixArt default skip list
+ToyPixArt.__name__ = "PixArtTransformer2DModel"  # picks the PixArt adapter's skip list
 
 
 def test_select_quantize_and_restore() -> None:
@@ -145,8 +145,8 @@ def test_select_quantize_and_restore() -> None:
     assert sorted(sel.layers) == sorted(
         f"transformer_blocks.{i}.{n}" for i in range(2) for n in ("attn1.to_q", "attn1.to_k", "ff.0", "ff.2")
     )
-    assert sel.skipped["adaln_single"] == "timestep modulation (adaLN)"
-    assert sel.skipped["proj_out"] == "output projection"
+    assert sel.skipped["adaln_single.linear"] == "adaLN modulation shared by all blocks (deepcompressor: embed)"
+    assert sel.skipped["proj_out"] == "output projection (deepcompressor: embed)"
     assert "conv is not a linear map" in sel.skipped["transformer_blocks.0.ff.1"]
     x = torch.randn(3, 4, 32)
     ref = model(x)
@@ -297,3 +297,51 @@ def test_equal_memory_per_layer_multiple_and_errors() -> None:
         solve_rank(Branchy(weight_format="mxfp4", rank=0), Branchy(weight_format="mxfp8_e4m3"), shapes)
     with pytest.raises(UserError, match="no low-rank branch"):
         solve_rank(ref, get_method("rtn"), shapes)
+
+
+class ToyAttention(nn.Module):
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        for leaf in ("to_q", "to_k", "to_v"):
+            setattr(self, leaf, nn.Linear(width, width))
+        self.to_out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_out(self.to_q(x) + self.to_k(x) * self.to_v(x))
+
+
+def test_deployed_bits_equal_accounted_bits_with_shared_qkv() -> None:
+    """Fused q/k/v store one smoothing vector and one down-projection: PatchReport.bits() (what the
+    built modules store) equals model_bits over LayerShapes grouped by qkv_group, shared or not."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": ToyAttention(), "b": ToyAttention()})
+    x = torch.randn(32, 32)  # small enough to stay below the CPU compile threshold of the formats
+    selection = select_layers(model)
+    collector = StatsCollector(selection.layers, StatsSpec(absmax=True, rows=32))
+    with collector, torch.no_grad():
+        model["a"](x)
+        model["b"](x * 3)
+    stats = collector.result()
+    shapes = [dataclasses.replace(s, group=qkv_group(s.name)) for s in selection.shapes()]
+    for share in (True, False):
+        method = get_method("svdquant", weight_format="mxfp4", act_format="mxfp4", rank=8, num_grids=2,
+                            num_iters=2, branch_format="mxfp8_e4m3", share_qkv=share)
+        report = quantize_model(model, method, stats)
+        assert report.bits() == model_bits(method, shapes), share
+        restore_model(model, report)
+    shared = model_bits(dataclasses.replace(method, share_qkv=True), shapes)
+    assert model_bits(method, shapes) - shared == 2 * 2 * (method.down_bits(32) + 16 * 32)
+    assert qkv_group("b.attn2.to_q", cross_attention=True) is None
+    assert qkv_group("b.attn2.to_k", cross_attention=True) == qkv_group("b.attn2.to_v", True) == "b.attn2.kv"
+
+
+def test_per_layer_ranks_are_solved_per_share_group() -> None:
+    ref = get_method("svdquant", weight_format="mxfp4", act_format="mxfp4", rank=32)
+    cand = Branchy(weight_format="mxfp4", branch_format="mxfp8_e4m3")
+    shapes = [LayerShape(f"a.{k}", 1152, 1152, False, "a.qkv") for k in ("to_q", "to_k", "to_v")]
+    shapes.append(LayerShape("a.to_out", 1152, 1152, True))
+    ranks = solve_rank(ref, cand, shapes, per_layer=True)
+    assert ranks[0] == ranks[1] == ranks[2] != ranks[3]
+    group_budget = model_bits(ref, shapes[:3])
+    assert model_bits(dataclasses.replace(cand, rank=ranks[0]), shapes[:3]) <= group_budget
+    assert model_bits(dataclasses.replace(cand, rank=ranks[0] + 1), shapes[:3]) > group_budget

@@ -69,7 +69,7 @@ def test_methods_file_random_inputs_and_labels(model_path, tmp_path, capsys):
     assert code == 0
     table = pd.read_csv(out)
     assert list(table["method"]) == [
-        "reference: svdquant W:int4_g64 A:int4_g64 r32 B:bf16/bf16 num_grids=2",
+        "reference: svdquant W:int4_g64 A:int4_g64 r32 B:model/model num_grids=2",
         "mine",
         "smoothquant W:int8_pc A:int8_pc alpha=0.6",
     ]

@@ -17,12 +17,12 @@ from ptqbench.analysis import relative_output_error, relative_weight_error
 from ptqbench.errors import UserError
 from ptqbench.formats import get_format
 from ptqbench.layers import QuantLinear
-from ptqbench.memory import LayerShape, solve_rank
+from ptqbench.lowrank import BranchSpec, Fitter, make_batches, make_units, truncated_svd
+from ptqbench.memory import LayerShape, model_bits, qkv_group, solve_rank
 from ptqbench.methods.loraq import Objective, is_int_format
-from ptqbench.methods.smoothquant import quantize_stack
-from ptqbench.methods.svdquant import BranchSpec, smoothing_grid, truncated_svd
 from ptqbench.rotation import get_rotation, hadamard_matrix, random_orthogonal, randomized_hadamard
-from ptqbench.stats import StatsSpec, collect_stats
+from ptqbench.smoothing import Rows, quantize_stack, smooth_scale, smoothing_grid, streamed_sq_error
+from ptqbench.stats import ALL_ROWS, StatsSpec, collect_stats
 
 CALIB = (
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -99,7 +99,7 @@ def _wave(layers, method, stats=None):
 # ----------------------------------------------------------------------------- rotations
 
 
-def test_rotations_are_orthogonal_seeded_and_record_fallback():
+def test_rotations_are_orthogonal_and_seeded():
     h = hadamard_matrix(8)
     assert torch.allclose(h @ h.T, torch.eye(8, dtype=torch.float64), atol=1e-12)
     assert set((h.abs() * 8**0.5).flatten().round(decimals=9).tolist()) == {1.0}
@@ -108,9 +108,7 @@ def test_rotations_are_orthogonal_seeded_and_record_fallback():
         assert torch.allclose(a @ a.T, torch.eye(16, dtype=torch.float64), atol=1e-12)
         assert torch.equal(a, b) and not torch.equal(a, c)
     assert get_rotation("hadamard", 64).label == "hadamard"
-    fallback = get_rotation("hadamard", 62, seed=5)
-    assert fallback.kind == "random" and "not a power of two" in fallback.label
-    assert torch.equal(fallback.matrix, random_orthogonal(62, 5))
+    assert get_rotation("hadamard", 62, seed=5).label == "hadamard[60+2]"  # tests/test_rotation.py: any rank
     assert torch.equal(get_rotation("identity", 5).matrix, torch.eye(5, dtype=torch.float64))
     with pytest.raises(UserError, match="valid: hadamard, random, identity"):
         get_rotation("cayley", 4)
@@ -304,7 +302,7 @@ def test_same_seed_same_result_and_batching_does_not_change_it(minilm, layers, c
         assert torch.allclose(alone.effective_weight(), a[QUERY].effective_weight(), atol=1e-5)
     other_seed = get_method("loraq", **MX, rank=24, steps=10, rotation="random", seed=4)
     assert not torch.equal(other_seed.quantize_layer(layers[QUERY]).branch.down, a[QUERY].branch.down)
-    assert "random" in get_method("loraq", **MX, rank=24, steps=0).quantize_layer(layers[QUERY]).branch.rotation
+    assert get_method("loraq", **MX, rank=24, steps=0).quantize_layer(layers[QUERY]).branch.rotation == "hadamard"
 
 
 def test_pointwise_conv_layers_match_their_linear_twins(layers, calib):
@@ -344,8 +342,133 @@ def test_shared_qkv_down_projection(layers, minilm):
         downs = [q.branch.down for q in out.values()]
         assert all(torch.equal(downs[0], d) for d in downs[1:])
         assert out["attn.to_k"].info["shared_with"] == list(named)
-    separate = get_method("svdquant", **MX, rank=16).quantize_layers(named)
+    separate = get_method("svdquant", **MX, rank=16, share_qkv=False).quantize_layers(named)
     assert not torch.equal(separate["attn.to_q"].branch.down, separate["attn.to_k"].branch.down)
+
+
+def _qkv(minilm):
+    model, _ = minilm
+    src = {"to_q": "query", "to_k": "key", "to_v": "value"}
+    return {f"attn.{leaf}": model.get_submodule(f"encoder.layer.0.attention.self.{s}") for leaf, s in src.items()}
+
+
+def test_svdquant_defaults_are_deepcompressors():
+    m = get_method("svdquant")
+    assert (m.share_qkv, m.svd, m.early_stop_rule, m.num_grids, m.num_iters, m.early_stop) == (
+        True, "exact", "<=", 20, 100, True)
+    assert m.branch_format == "model" and m.branch_act_format == "model" and m.params()["branch_format"] == "model"
+    assert m.branch_spec(torch.float16).weight_format == get_format("fp16")
+    assert m.branch_spec(torch.float32).weight_format == get_format("bf16")
+    assert m.branch_bits(64, 128) == 16 * 32 * (64 + 128)
+    assert get_method("svdquant", rows="all").rows == ALL_ROWS == get_method("svdquant", rows=-1).rows
+    assert get_method("svdquant", smoothing=False).stats_spec() == StatsSpec(rows=256)  # output-error refinement
+    with pytest.raises(UserError, match="unknown format 'model'"):
+        get_method("loraq", branch_format="model")
+    with pytest.raises(UserError, match="early_stop_rule"):
+        get_method("svdquant", early_stop_rule="<<")
+
+
+def test_shared_qkv_counts_smoothing_and_down_projection_once(minilm):
+    named = _qkv(minilm)
+    x = torch.randn(64, 384)
+    stats = collect_stats(named, StatsSpec(absmax=True, rows=64), lambda: [m(x) for m in named.values()])
+    method = get_method("svdquant", **MX, rank=16, num_grids=2, num_iters=2)
+    out = method.quantize_layers(named, stats)
+    shapes = [LayerShape(n, 384, 384, True, qkv_group(n)) for n in named]
+    alone = [dataclasses.replace(s, group=None) for s in shapes]
+    assert sum(q.bits() for q in out.values()) == model_bits(method, shapes)
+    shared = method.down_bits(384) + 16 * 384
+    assert model_bits(method, alone) - model_bits(method, shapes) == 2 * shared
+    assert out["attn.to_q"].bits() == method.layer_bits(384, 384, True)
+    assert out["attn.to_v"].bits() == method.layer_bits(384, 384, True) - shared
+    unshared = dataclasses.replace(method, share_qkv=False)
+    assert model_bits(unshared, shapes) == model_bits(unshared, alone)
+    # r = 32, 1152 wide: r (n + 3m) + n branch and smoothing elements, not 3 (r (n + m) + n) (1.51x)
+    wide = [LayerShape(f"a.{k}", 1152, 1152, False, "a.qkv") for k in ("to_q", "to_k", "to_v")]
+    ref = get_method("svdquant", **MX, rank=32)
+    main = model_bits(get_method("rtn", **MX), wide)
+    assert model_bits(ref, wide) - main == 16 * (32 * (1152 + 3 * 1152) + 1152)
+    over = (model_bits(ref, [dataclasses.replace(s, group=None) for s in wide]) - main) / (model_bits(ref, wide) - main)
+    assert over == pytest.approx(1.5116, abs=1e-4)
+
+
+class Scripted(Fitter):
+    """A Fitter whose refinement errors follow a script (to test the keep-best and stop rules)."""
+
+    script: tuple[float, ...] = ()
+
+    def error(self, batch, index, s, main_q, up_q, down_q):
+        self.calls.append(len(self.calls))
+        return torch.tensor([self.script[len(self.calls) - 1]], dtype=torch.float64)
+
+
+def test_refinement_keeps_ties_and_stops_at_the_first_worse_iterate(layers):
+    layer = {QUERY: layers[QUERY]}
+    batch = make_batches(make_units(layer, None), use_rows=False)[0]
+    spec = BranchSpec(8, get_format("bf16"), get_format("bf16"))
+    cases = (("<=", True, 3, 4, 5.0), ("<", True, 1, 2, 5.0), ("<=", False, 5, 6, 4.0), ("<", False, 5, 6, 4.0))
+    for rule, early, used, calls, best in cases:
+        fitter = Scripted(spec, get_format("mxfp4"), get_format("mxfp4"), "exact", 0, rule=rule)
+        object.__setattr__(fitter, "script", (5.0, 5.0, 5.0, 6.0, 4.0, 4.5))
+        object.__setattr__(fitter, "calls", [])
+        *_, err, it = fitter.refine(batch, batch.weight, torch.ones(1, 384), 6, early)
+        assert (int(it), len(fitter.calls), float(err)) == (used, calls, best), (rule, early)
+
+
+def test_nan_or_inf_scale_resets_the_whole_vector():
+    x = torch.tensor([[4.0, 1.0, 9.0]])
+    w = torch.tensor([[1.0, 0.0, 4.0]])  # a dead weight column: w^b = 0
+    assert torch.equal(smooth_scale(x, w, 0.5, 0.5, invalid="vector"), torch.ones(1, 3))
+    assert torch.equal(smooth_scale(x, w, 0.5, 0.5, invalid="channel"), torch.tensor([[2.0, 1.0, 1.5]]))
+    assert torch.equal(smooth_scale(x, w, 0.5, 0.0, invalid="vector"), torch.tensor([[2.0, 1.0, 3.0]]))
+
+
+def test_refinement_scores_the_output_error_without_smoothing(layers, calib):
+    layer, stats = layers[DOWN], calib[DOWN]
+    method = get_method("svdquant", **MX, smoothing=False, num_iters=4, early_stop=False)
+    q = method.quantize_layer(layer, stats)
+    assert q.smooth is None and q.info["smoothing"] == "off"
+    assert q.info["objective"] == f"output MSE on {len(stats.rows)} rows"
+    assert method.quantize_layer(layer).info["objective"] == "weight error (no rows)"
+    x = stats.rows
+    for k in range(1, 5):  # the kept iterate has the lowest output error of the first four
+        alone = dataclasses.replace(method, num_iters=k).quantize_layer(layer, stats)
+        assert relative_output_error(layer, q, x) <= relative_output_error(layer, alone, x) + 1e-6
+
+
+def test_all_rows_scoring_in_chunks_equals_one_chunk_and_a_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    b, m, n, rows = 3, 24, 64, 333
+    x = [torch.randn(rows, n, generator=g) * (1 + 20 * (torch.rand(n, generator=g) > 0.9)) for _ in range(b)]
+    w = torch.randn(b, m, n, generator=g)
+    index = torch.tensor([0, 2, 2, 1])
+    s = torch.rand(4, n, generator=g) + 0.5
+    fmt = get_format("mxfp4")
+    main_q = fmt.quantize(w[index] * s[:, None, :])
+    up, down = torch.randn(4, m, 4, generator=g), torch.randn(4, 4, n, generator=g)
+    branch = lambda xh: (xh @ down.mT) @ up.mT  # noqa: E731
+    whole = streamed_sq_error(Rows(x, torch.device("cpu")), index, w, s, main_q, fmt, branch)
+    pieces = streamed_sq_error(Rows(x, torch.device("cpu")), index, w, s, main_q, fmt, branch, chunk=37)
+    ref = []
+    for i, u in enumerate(index.tolist()):
+        xh = x[u].double() / s[i].double()
+        yq = fmt.quantize(xh.float()).double() @ main_q[i].double().T + (xh @ down[i].double().T) @ up[i].double().T
+        ref.append((x[u].double() @ w[u].double().T - yq).pow(2).sum())
+    assert torch.allclose(whole, torch.stack(ref), rtol=1e-5) and torch.allclose(pieces, whole, rtol=1e-6)
+    q, k, o = nn.Linear(n, m), nn.Linear(n, m), nn.Linear(n, m)
+    kept = collect_stats({"q": q, "k": k, "o": o}, StatsSpec(rows=ALL_ROWS), lambda: [(q(t), k(t), o(-t)) for t in x])
+    assert torch.equal(kept["q"].rows, torch.cat(x)) and kept["q"].count == b * rows
+    assert torch.equal(kept["o"].rows, -torch.cat(x))
+    assert kept["k"].rows is kept["q"].rows  # layers fed the same rows (fused q/k/v) hold one copy
+
+
+def test_svd_choice_is_logged(layers):
+    layer = layers[QUERY]
+    assert get_method("svdquant", **MX, num_iters=1).quantize_layer(layer).info["svd"] == "exact float64"
+    q = get_method("svdquant", **MX, num_iters=1, svd="randomized").quantize_layer(layer)
+    assert q.info["svd"] == "randomized float32" and q.info["branch_format"] == "bf16"
+    assert get_method("svdquant", **MX, num_iters=1, svd="auto").quantize_layer(layer).info["svd"] in (
+        "exact float32", "randomized float32")
 
 
 # ----------------------------------------------------------------------------- gradients and config
@@ -402,9 +525,9 @@ def test_bad_configs_are_user_errors(layers):
     with pytest.raises(UserError, match="exceeds min"):
         get_method("svdquant", rank=400).quantize_layer(layers[QUERY])
     assert is_int_format(get_format("mxint4")) and is_int_format(get_format("int4_g64"))
-    assert get_method("loraq", weight_format="int4_g64").learning_rate == 1e-4
-    assert get_method("loraq", weight_format="mxint4").learning_rate == 1e-4
-    assert get_method("loraq", weight_format="nvfp4").learning_rate == 1e-3
+    assert get_method("loraq", schedule="paper", weight_format="int4_g64").learning_rate == 1e-4
+    assert get_method("loraq", schedule="paper", weight_format="mxint4").learning_rate == 1e-4
+    assert get_method("loraq", schedule="paper", weight_format="nvfp4").learning_rate == 1e-3
     assert get_method("loraq", mid_format=None).mid_format is None
     assert get_method("loraq", branch_act_format="mxfp6_e2m3").mid_format == get_format("mxfp6_e2m3")
 
@@ -421,3 +544,19 @@ def test_gpu_benchmark_script_runs_small_on_cpu(tmp_path):
     assert report["layers"] == 20 and set(runs) == {"loraq", "loraq_init", "svdquant_search", "svdquant_datafree"}
     assert runs["loraq"]["rel_weight_error_mean"] < runs["loraq_init"]["rel_weight_error_mean"]
     assert all(r["seconds"] > 0 for r in runs.values())
+
+
+def test_svdquant_calibration_benchmark_runs_small_on_cpu(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_svdquant_calib.py"
+    spec = importlib.util.spec_from_file_location("bench_svdquant_calib", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "calib.json"
+    args = ["--small", "--device", "cpu", "--rows", "96", "--subsample", "32", "--layers", "8",
+            "--num-grids", "2", "--num-iters", "3", "--rank", "4", "--out", str(out)]
+    assert bench.main(args) == 0
+    report = json.loads(out.read_text())
+    native, sub = report["runs"]
+    assert report["layers"] == 8 and native["rows"] == 96 and sub["rows"] == 32
+    assert native["floor_flops"] > sub["floor_flops"] > 0 and native["seconds"] > 0
+    assert 0.0 <= sub["same_both"] <= min(sub["same_pair"], sub["same_iterate"]) <= 1.0

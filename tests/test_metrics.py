@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from PIL import Image
 
 from ptqbench.metrics import METRICS, MetricInputs, get_metric, lpips_metric
 from ptqbench.metrics import fid as fid_mod
-from ptqbench.metrics import image_reward as ir_mod
 from ptqbench.metrics import weights as weights_mod
 from ptqbench.metrics.frechet import feature_stats, frechet_distance, frechet_distance_from_stats
 from ptqbench.metrics.pixel import MAX_PSNR_DB, blur_valid_scipy, blur_valid_torch, ssim_per_image
@@ -23,7 +21,7 @@ from ptqbench.registry import describe
 
 WEIGHT_ENVS = (
     "PTQBENCH_WEIGHTS", "PTQBENCH_LPIPS_ALEX", "PTQBENCH_INCEPTION", "PTQBENCH_IMAGEREWARD",
-    "PTQBENCH_IMAGEREWARD_MED_CONFIG", "PTQBENCH_EFFNET_LITE0",
+    "PTQBENCH_BERT_TOKENIZER", "PTQBENCH_CLIP", "PTQBENCH_EFFNET_LITE0",
 )
 
 
@@ -67,7 +65,8 @@ def assert_not_computed(result, *fragments: str) -> None:
 def test_metrics_are_registered_with_direction_needs_and_description():
     names = METRICS.names()
     expected = {"psnr": True, "ssim": True, "lpips": False, "fid": False, "fid_ref": False,
-                "image_reward": True, "fd_effnet": False, "fd_effnet_ref": False}
+                "image_reward": True, "fd_effnet": False, "fd_effnet_ref": False, "kid": False, "kid_ref": False,
+                "kid_fmnist": False, "kid_fmnist_ref": False, "class_agreement": True}
     assert set(expected) <= set(names)
     for name, higher in expected.items():
         cls = METRICS.get(name)
@@ -335,17 +334,9 @@ def test_fd_effnet_with_the_real_pretrained_network():
 
 # ---- ImageReward ------------------------------------------------------------------------------
 
-def test_image_reward_without_the_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setitem(sys.modules, "ImageReward", None)
-    r = get_metric("image_reward")(MetricInputs(images(2), prompts=["a cat", "a dog"]))
-    assert_not_computed(r, "image-reward", "image-reward==1.5", "separate environment")
-    assert r.higher_is_better
-
-
 def test_image_reward_without_weights_names_files_and_places(no_weights: Path, monkeypatch: pytest.MonkeyPatch):
     import huggingface_hub.constants
 
-    monkeypatch.setattr(ir_mod, "import_image_reward", lambda: types.SimpleNamespace())
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(no_weights / "hf"))
     inputs = MetricInputs(images(2), prompts=["a cat", "a dog"])
     cache = no_weights / "home" / ".cache" / "ImageReward"
@@ -353,8 +344,182 @@ def test_image_reward_without_weights_names_files_and_places(no_weights: Path, m
                         "PTQBENCH_IMAGEREWARD")
     cache.mkdir(parents=True)
     (cache / "ImageReward.pt").touch()
-    assert_not_computed(get_metric("image_reward")(inputs), "med_config.json", str(cache / "med_config.json"))
-    (cache / "med_config.json").touch()
-    assert_not_computed(get_metric("image_reward")(inputs), "bert-base-uncased", str(no_weights / "hf"))
+    assert_not_computed(get_metric("image_reward")(inputs), "bert-base-uncased", "vocab.txt",
+                        "PTQBENCH_BERT_TOKENIZER", "huggingface-cli download bert-base-uncased")
+    bert = no_weights / "bert"
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    monkeypatch.setenv("PTQBENCH_BERT_TOKENIZER", str(bert))
+    assert_not_computed(get_metric("image_reward")(inputs), "did not load as the ImageReward-v1.0 checkpoint")
     r = get_metric("image_reward")(MetricInputs(images(2), prompts=["only one"]))
     assert_not_computed(r, "1 prompts for 2 images")
+
+
+# ---- per-image values, intervals, min_n, KID ------------------------------------------------------
+
+def test_per_image_values_are_kept_in_input_order_with_their_interval():
+    ref = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 0.5 + 0.25
+    img = ref.clone()
+    for i in range(5):
+        img[i] += 0.01 * (i + 1)  # MSE (0.01 (i+1))^2 -> 40 - 20 log10(i+1) dB
+    r = get_metric("psnr")(MetricInputs(img, ref))
+    expected = [40 - 20 * math.log10(i + 1) for i in range(5)]
+    assert r.per_image == pytest.approx(expected, abs=1e-4) and len(r.per_image) == r.n == 5
+    assert r.value == pytest.approx(sum(r.per_image) / 5, rel=1e-15)
+    assert r.lo < r.value < r.hi and r.level == 0.95
+    assert r.summary() == {"psnr": r.value, "psnr_n": 5.0, "psnr.lo": r.lo, "psnr.hi": r.hi}
+    assert get_metric("psnr")(MetricInputs(img, ref)) == r  # seeded: the same interval every time
+    bare = get_metric("psnr")(MetricInputs(img, ref, bootstrap=None))
+    assert bare.lo is None and bare.per_image == r.per_image and "psnr.lo" not in bare.summary()
+    ssim = get_metric("ssim")(MetricInputs(noisy(images(3, 32), 0.1), images(3, 32)))
+    assert len(ssim.per_image) == 3 and ssim.lo <= ssim.value <= ssim.hi
+    img[1, 0, 0, 0] = float("nan")
+    assert_not_computed(get_metric("psnr")(MetricInputs(img, ref)), "non-finite")
+
+
+def test_get_metric_passes_options_and_names_bad_ones():
+    from ptqbench.errors import UserError
+
+    assert get_metric("fid", min_n=50).min_n == 50
+    with pytest.raises(UserError, match="metric psnr: bad options"):
+        get_metric("psnr", min_n=3)
+
+
+def test_frechet_metrics_warn_or_refuse_below_min_n_and_carry_a_set_interval(monkeypatch: pytest.MonkeyPatch):
+    net = tiny_feature_net()  # 6-d features
+    monkeypatch.setattr(fid_mod, "load_inception", lambda device: net)
+    gen, ref = images(5, 32, seed=10), noisy(images(5, 32, seed=10), 0.2)
+    warned = get_metric("fid_ref")(MetricInputs(gen, reference=ref))
+    assert warned.status == "ok" and "below the feature dimension 6" in warned.warning
+    gen, ref = images(16, 32, seed=10), noisy(images(16, 32, seed=10), 0.2)
+    r = get_metric("fid_ref")(MetricInputs(gen, reference=ref))
+    direct = frechet_distance(fid_mod.tensor_features(gen, net), fid_mod.tensor_features(ref, net))
+    assert r.value == pytest.approx(direct, rel=1e-12) and not r.warning and not r.per_image
+    assert r.lo >= 0.0 and r.hi > r.lo and r.level == 0.95
+    assert get_metric("fid_ref")(MetricInputs(gen, reference=ref)) == r
+    refused = get_metric("fid_ref", min_n=20)(MetricInputs(gen, reference=ref))
+    assert_not_computed(refused, "needs at least 20 images, got 16", "min_n=20")
+    accepted = get_metric("fid_ref", min_n=3)(MetricInputs(gen[:5], reference=ref[:5]))
+    assert accepted.status == "ok" and not accepted.warning
+    unpaired = get_metric("fid_ref")(MetricInputs(gen, reference=ref[:10]))  # other counts: fixed statistics
+    ref_feats = fid_mod.tensor_features(ref[:10], net)
+    assert unpaired.value == pytest.approx(frechet_distance(fid_mod.tensor_features(gen, net), ref_feats), rel=1e-12)
+    assert unpaired.lo is not None
+
+
+def test_kid_metrics_on_inception_path_and_without_weights(no_weights: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path):
+    from ptqbench.metrics.kid import kernel_distance
+
+    r = get_metric("kid_ref")(MetricInputs(images(3), reference=images(3, seed=2)))
+    assert_not_computed(r, "inception-2015-12-05.pt", "PTQBENCH_INCEPTION")
+    net = tiny_feature_net()
+    monkeypatch.setattr(fid_mod, "load_inception", lambda device: net)
+    gen, ref = images(12, 32, seed=4), noisy(images(12, 32, seed=4), 0.3)
+    r = get_metric("kid_ref")(MetricInputs(gen, reference=ref))
+    expected = kernel_distance(fid_mod.tensor_features(gen, net), fid_mod.tensor_features(ref, net), paired=True)
+    assert r.status == "ok" and r.value == pytest.approx(expected, rel=1e-12) and r.n == 12 and not r.higher_is_better
+    assert r.lo < r.hi
+    real_dir = save_pngs(noisy(images(30, 32, seed=5), 0.05), tmp_path / "real")
+    real = get_metric("kid")(MetricInputs(gen, real_dir=real_dir))
+    assert real.status == "ok" and real.lo is not None
+    assert get_metric("kid")(MetricInputs(gen, real_dir=real_dir)).value == real.value  # cached real features
+
+
+def test_fmnist_kid_class_agreement_and_per_image_accuracy():
+    from ptqbench.metrics.fmnist_metrics import features, get_classifier
+    from ptqbench.metrics.kid import kernel_distance
+
+    g = torch.Generator().manual_seed(0)
+    ref = (torch.rand(12, 1, 32, 32, generator=g) * 255).round().to(torch.uint8)
+    gen = (ref.float() + 40 * torch.randn(ref.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
+    model, _ = get_classifier()
+    kid = get_metric("kid_fmnist_ref")(MetricInputs(gen, reference=ref))
+    expected = kernel_distance(features(model, gen, "cpu"), features(model, ref, "cpu"), paired=True)
+    assert kid.status == "ok" and kid.value == pytest.approx(expected, rel=1e-12) and kid.lo < kid.hi
+    assert kid.value > 0  # the paired estimate; clean-fid's formula is biased far below 0 on these pairs
+    assert kernel_distance(features(model, gen, "cpu"), features(model, ref, "cpu")) < -0.1
+    same = get_metric("class_agreement")(MetricInputs(ref.clone(), reference=ref))
+    assert same.value == 1.0 and same.per_image == (1.0,) * 12
+    agree = get_metric("class_agreement")(MetricInputs(gen, reference=ref))
+    assert set(agree.per_image) <= {0.0, 1.0} and agree.value == pytest.approx(sum(agree.per_image) / 12)
+    fd = get_metric("fd_fmnist_ref")(MetricInputs(gen, reference=ref))
+    assert fd.status == "ok" and "below the feature dimension 128" in fd.warning and fd.lo is not None
+    assert_not_computed(get_metric("fd_fmnist_ref", min_n=50)(MetricInputs(gen, reference=ref)), "min_n=50")
+
+
+# ---- FID on the evaluated keys' real images, the papers' metric set ------------------------------
+
+def save_keyed_pngs(x: torch.Tensor, folder: Path, keys: list[str]) -> None:
+    """MJHQ's layout: ``<category>/<key>.png``, categories alternating."""
+    u8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, (a, key) in enumerate(zip(u8, keys, strict=True)):
+        (folder / f"cat{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(folder / f"cat{i % 2}" / f"{key}.png")
+
+
+def test_fid_compares_with_the_real_images_of_the_evaluated_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    net = tiny_feature_net()
+    monkeypatch.setattr(fid_mod, "load_inception", lambda device: net)
+    real = noisy(images(12, 48, seed=21), 0.05)
+    real_keys = [f"k{i:02d}" for i in range(12)]
+    save_keyed_pngs(real, tmp_path / "real", real_keys)
+    gen, keys = images(6, 48, seed=20), ["k07", "k01", "k03", "k10", "k05", "k09"]
+    ours = get_metric("fid")(MetricInputs(gen, real_dir=tmp_path / "real", keys=keys))
+    chosen = torch.stack([real[real_keys.index(k)] for k in keys])
+    expected = frechet_distance(fid_mod.tensor_features(gen, net), fid_mod.tensor_features(chosen, net))
+    assert ours.status == "ok" and ours.value == pytest.approx(expected, rel=1e-9)
+    every = get_metric("fid")(MetricInputs(gen, real_dir=tmp_path / "real")).value  # no keys: the whole folder
+    assert every == pytest.approx(frechet_distance(fid_mod.tensor_features(gen, net),
+                                                   fid_mod.tensor_features(real, net)), rel=1e-9)
+    assert abs(every - ours.value) > 1e-6
+    other = ["k00", "k02", "k04", "k06", "k08", "k11"]  # other keys: other cached statistics
+    again = get_metric("fid")(MetricInputs(gen, real_dir=tmp_path / "real", keys=other)).value
+    expected_other = frechet_distance(fid_mod.tensor_features(gen, net), fid_mod.tensor_features(
+        torch.stack([real[real_keys.index(k)] for k in other]), net))
+    assert again == pytest.approx(expected_other, rel=1e-9)
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(tmp_path / "real" / "cat1" / "k07.png")  # new content
+    changed = get_metric("fid")(MetricInputs(gen, real_dir=tmp_path / "real", keys=keys)).value
+    assert abs(changed - ours.value) > 1e-6  # the cache key follows the selected files' content
+
+
+def test_fid_names_keys_without_or_with_two_real_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(fid_mod, "load_inception", lambda device: tiny_feature_net())
+    save_keyed_pngs(images(4, 32), tmp_path / "real", ["a", "b", "c", "d"])
+    r = get_metric("fid")(MetricInputs(images(3, 32), real_dir=tmp_path / "real", keys=["a", "zz", "b"]))
+    assert_not_computed(r, "1 of the 3 evaluated prompt keys have no real image", "'zz'", "matched by file name")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "real" / "cat1" / "a.jpg")
+    r = get_metric("fid")(MetricInputs(images(3, 32), real_dir=tmp_path / "real", keys=["a", "b", "c"]))
+    assert_not_computed(r, "more than one real image", "'a'")
+    with pytest.raises(ValueError, match="2 keys for 3 images"):
+        MetricInputs(images(3, 32), keys=["a", "b"])
+
+
+def test_papers_metric_set_is_registered_with_weights():
+    from ptqbench.listing import rows
+
+    for name, needs in {"clip_score": {"prompts"}, "clip_iqa": set(), "image_reward": {"prompts"}}.items():
+        cls = METRICS.get(name)
+        assert cls.higher_is_better and cls.needs == needs and cls.weight_files
+    assert weights_mod.CLIP_L14 in METRICS.get("clip_iqa").weight_files
+    assert METRICS.get("fid").weight_files == METRICS.get("fid_ref").weight_files == (weights_mod.INCEPTION,)
+    listed = dict(rows("metrics"))
+    assert "[weights " in listed["clip_score"] and "[weights " in listed["lpips"] and "[weights" not in listed["psnr"]
+
+
+def test_model_dir_lookup_order_and_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    spec = weights_mod.ModelDir("org/tiny-model", ("config.json", "model.safetensors"), "PTQBENCH_TEST_DIR", "a test")
+    monkeypatch.delenv("PTQBENCH_TEST_DIR", raising=False)
+    monkeypatch.setenv("PTQBENCH_WEIGHTS", str(tmp_path))
+    found = weights_mod.locate_dir(spec)
+    assert isinstance(found, weights_mod.Missing)
+    for fragment in (str(tmp_path / "tiny-model"), "no config.json, model.safetensors", "PTQBENCH_TEST_DIR",
+                     "huggingface-cli download org/tiny-model"):
+        assert fragment in found.reason
+    (tmp_path / "tiny-model").mkdir()
+    for f in spec.files:
+        (tmp_path / "tiny-model" / f).touch()
+    assert weights_mod.locate_dir(spec) == tmp_path / "tiny-model"
+    assert weights_mod.availability((spec,)) == "weights present"
+    monkeypatch.setenv("PTQBENCH_TEST_DIR", str(tmp_path / "nowhere"))  # explicit: only it is tried
+    assert weights_mod.availability((spec,)) == "weights missing: org/tiny-model"

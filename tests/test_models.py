@@ -1,18 +1,21 @@
-"""Models: registry entries, missing-weights message, real loaders on local folders, tiny pipelines,
-deterministic generation, and layer selection on the full PixArt-Sigma / SANA configs."""
+"""Models: registry entries and adapters, missing-weights message, real loaders on local folders, tiny
+pipelines (PixArt, SANA, FLUX), deterministic generation, and tiny FLUX quantized by every method.
+Layer selection on the full configs is in test_patching.py."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import pytest
 import torch
 
 from ptqbench.errors import UserError
+from ptqbench.method import get_method
 from ptqbench.models import GenSettings, get_model
+from ptqbench.models.adapters import FLUX, PIXART, SANA
 from ptqbench.models.diffusers_models import build_transformer, env_var
-from ptqbench.patching import select_layers
+from ptqbench.patching import quantize_model, restore_model, select_layers
+from ptqbench.stats import StatsCollector
 
 SETTINGS = GenSettings(steps=4, guidance=4.5, resolution=32, batch_size=4)
 PROMPTS = ["a red fox in the snow", "a lighthouse in a storm", "a bowl of ramen", "an astronaut riding a horse"]
@@ -32,13 +35,18 @@ def tiny_sana():
     return get_model("tiny-sana").load("cpu")
 
 
+@pytest.fixture(scope="module")
+def tiny_flux():
+    return get_model("tiny-flux").load("cpu")
+
+
 @pytest.fixture
 def empty_hub_cache(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for name in ("pixart-sigma", "pixart-sigma-512", "sana-1.6b", "sana-600m"):
+    for name in ("pixart-sigma", "pixart-sigma-512", "sana-1.6b", "sana-600m", "flux.1-dev"):
         monkeypatch.delenv(env_var(name), raising=False)
 
 
@@ -47,16 +55,19 @@ def empty_hub_cache(tmp_path, monkeypatch):
 
 def test_registered_models():
     expected = {
-        "pixart-sigma": ("pixart", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "fp16", 1024),
-        "pixart-sigma-512": ("pixart", "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", "fp16", 512),
-        "sana-1.6b": ("sana", "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", "bf16", 1024),
-        "sana-600m": ("sana", "Efficient-Large-Model/Sana_600M_1024px_diffusers", "bf16", 1024),
+        "pixart-sigma": (PIXART, "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "fp16", 1024),
+        "pixart-sigma-512": (PIXART, "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", "fp16", 512),
+        "sana-1.6b": (SANA, "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", "bf16", 1024),
+        "sana-600m": (SANA, "Efficient-Large-Model/Sana_600M_1024px_diffusers", "bf16", 1024),
     }
-    for name, (family, hub_id, dtype, res) in expected.items():
+    for name, (adapter, hub_id, dtype, res) in expected.items():
         spec = get_model(name)
-        assert (spec.family, spec.hub_id, spec.dtype, spec.defaults.resolution) == (family, hub_id, dtype, res)
+        assert (spec.adapter, spec.hub_id, spec.dtype, spec.defaults.resolution) == (adapter, hub_id, dtype, res)
         assert (spec.defaults.steps, spec.defaults.guidance) == (20, 4.5)
-    assert get_model("tiny-pixart").family == "pixart" and get_model("tiny-sana").family == "sana"
+    flux = get_model("flux.1-dev")  # deepcompressor's protocol fmeuler50-g3.5
+    assert (flux.adapter, flux.dtype, flux.defaults.steps, flux.defaults.guidance) == (FLUX, "bf16", 50, 3.5)
+    assert [get_model(f"tiny-{n}").adapter for n in ("pixart", "sana", "flux")] == [PIXART, SANA, FLUX]
+    assert get_model("fmnist-dit").adapter.layer_rules() == PIXART.layer_rules()
     assert get_model("pixart-sigma").torch_dtype("cpu") == torch.float32
     assert get_model("sana-1.6b").torch_dtype("cuda") == torch.bfloat16
 
@@ -69,7 +80,7 @@ def test_env_var_names():
 # ----------------------------------------------------------------------------- missing weights
 
 
-@pytest.mark.parametrize("name", ["pixart-sigma", "pixart-sigma-512", "sana-1.6b"])
+@pytest.mark.parametrize("name", ["pixart-sigma", "pixart-sigma-512", "sana-1.6b", "flux.1-dev"])
 def test_offline_message(name, empty_hub_cache):
     spec = get_model(name)
     with pytest.raises(UserError) as err:
@@ -119,7 +130,7 @@ def test_real_loaders_on_local_folders(tmp_path, monkeypatch, tiny_pixart, tiny_
 # ----------------------------------------------------------------------------- tiny pipelines
 
 
-@pytest.mark.parametrize("name", ["tiny-pixart", "tiny-sana"])
+@pytest.mark.parametrize("name", ["tiny-pixart", "tiny-sana", "tiny-flux"])
 def test_tiny_generation(name, request):
     pipe = request.getfixturevalue(name.replace("-", "_"))
     images = pipe.generate(PROMPTS, SEEDS, SETTINGS)
@@ -154,55 +165,53 @@ def test_noise_rule(tiny_pixart):
         tiny_pixart.noise(1, 30)
 
 
-# ----------------------------------------------------------------------------- full configs
+def test_flux_noise_is_packed(tiny_flux):
+    """FLUX latents: [1, C, h, w] drawn from the seed, packed 2x2 into tokens as diffusers packs them."""
+    from diffusers import FluxPipeline
+
+    noise = tiny_flux.noise(7, 32)
+    image = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    assert noise.shape == (1, 64, 16) and tiny_flux.downsample == 4
+    assert torch.equal(noise, FluxPipeline._pack_latents(image, 1, 4, 16, 16))
+    assert "use_resolution_binning" not in tiny_flux.call_kwargs  # FluxPipeline has no such argument
+    with pytest.raises(UserError, match="multiple of 4"):
+        tiny_flux.noise(1, 30)
 
 
-def _summary(model):
-    sel = select_layers(model)
-    shapes = collections.Counter(tuple(layer.weight.shape[:2]) for layer in sel.layers.values())
-    kinds = collections.Counter(type(layer).__name__ for layer in sel.layers.values())
-    return sel, shapes, kinds
+def test_flux_loader_on_a_local_folder(tmp_path, tiny_flux, empty_hub_cache):
+    """flux.1-dev loads a diffusers FluxPipeline folder through the adapter's pipeline class."""
+    tiny_flux.pipe.save_pretrained(tmp_path / "flux")
+    loaded = get_model("flux.1-dev").load("cpu", path=str(tmp_path / "flux"))
+    assert type(loaded.pipe).__name__ == "FluxPipeline" and loaded.max_sequence_length == 512
+    loaded.max_sequence_length = tiny_flux.max_sequence_length
+    torch.testing.assert_close(loaded.generate(PROMPTS[:1], SEEDS[:1], SETTINGS),
+                               tiny_flux.generate(PROMPTS[:1], SEEDS[:1], SETTINGS), atol=1e-5, rtol=0)
 
 
-def test_pixart_sigma_full_config_selection():
-    model = build_transformer("pixart-sigma")
-    assert next(model.parameters()).device.type == "meta"
-    assert sum(p.numel() for p in model.parameters()) == 610_856_096
-    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 286
-    sel, shapes, kinds = _summary(model)
-    assert len(sel.layers) == 280 and kinds == {"Linear": 280}
-    assert shapes == {(1152, 1152): 224, (4608, 1152): 28, (1152, 4608): 28}
-    assert all(".attn1." in n or ".attn2." in n or ".ff." in n for n in sel.layers)
-    assert sel.skipped == {
-        "pos_embed.proj": "patch embedding",
-        "adaln_single.emb.timestep_embedder.linear_1": "timestep modulation (adaLN)",
-        "adaln_single.emb.timestep_embedder.linear_2": "timestep modulation (adaLN)",
-        "adaln_single.linear": "timestep modulation (adaLN)",
-        "caption_projection.linear_1": "caption projection",
-        "caption_projection.linear_2": "caption projection",
-        "proj_out": "output projection",
-    }
-    sel512, shapes512, _ = _summary(build_transformer("pixart-sigma-512"))
-    assert len(sel512.layers) == 280 and shapes512 == shapes
-
-
-def test_sana_full_config_selection():
-    model = build_transformer("sana-1.6b")
-    assert sum(p.numel() for p in model.parameters()) == 1_604_462_752
-    sel, shapes, kinds = _summary(model)
-    assert len(sel.layers) == 200 and kinds == {"Linear": 160, "Conv2d": 40}
-    assert shapes == {(2240, 2240): 160, (11200, 2240): 20, (2240, 5600): 20}
-    convs = {n for n, layer in sel.layers.items() if isinstance(layer, torch.nn.Conv2d)}
-    assert convs == {f"transformer_blocks.{i}.ff.conv_{k}" for i in range(20) for k in ("inverted", "point")}
-    depthwise = {n: r for n, r in sel.skipped.items() if n.endswith("conv_depth")}
-    assert len(depthwise) == 20 and set(depthwise.values()) == {"depthwise 3x3 conv is not a linear map over channels"}
-    assert set(sel.skipped) - set(depthwise) == {
-        "patch_embed.proj", "time_embed.emb.timestep_embedder.linear_1", "time_embed.emb.timestep_embedder.linear_2",
-        "time_embed.linear", "caption_projection.linear_1", "caption_projection.linear_2", "proj_out",
-    }
-    sel600, shapes600, _ = _summary(build_transformer("sana-600m"))
-    assert len(sel600.layers) == 280
-    assert shapes600 == {(1152, 1152): 224, (5760, 1152): 28, (1152, 2880): 28}
+@pytest.mark.parametrize("method", [
+    get_method("rtn", weight_format="int4_g64", act_format="int4_g64"),
+    get_method("smoothquant", weight_format="mxfp4", act_format="mxfp4", alpha=0.5),
+    get_method("svdquant", weight_format="mxfp4", act_format="mxfp4", rank=8),
+    get_method("loraq", weight_format="mxfp4", act_format="mxfp4", rank=8, steps=5),
+], ids=lambda m: m.name)
+def test_tiny_flux_quantized_by_each_method(method, tiny_flux, monkeypatch):
+    """Calibrate, quantize every selected layer, sample two steps, restore: the FLUX plumbing end to end."""
+    monkeypatch.setenv("PTQBENCH_COMPILE", "0")  # eager formats: compiling them for these sizes costs ~30 s
+    settings = GenSettings(steps=2, guidance=3.5, resolution=32, batch_size=2)
+    transformer = tiny_flux.transformer
+    selection = select_layers(transformer)
+    spec = dataclasses.replace(method.stats_spec(), rows=32)
+    with StatsCollector(selection.layers, spec, seed=0) as collector:
+        ref = tiny_flux.generate(PROMPTS[:2], SEEDS[:2], settings)
+    report = quantize_model(transformer, method, collector.result())
+    try:
+        assert set(report.quantized) == set(selection.layers) and len(report.quantized) == 22
+        out = tiny_flux.generate(PROMPTS[:2], SEEDS[:2], settings)
+    finally:
+        restore_model(transformer, report)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert 0 < (out - ref).abs().mean() < 0.5
+    torch.testing.assert_close(tiny_flux.generate(PROMPTS[:2], SEEDS[:2], settings), ref, atol=1e-6, rtol=0)
 
 
 def test_unknown_full_config():

@@ -578,3 +578,80 @@ def test_artifacts_download_path_for_remote_stores(store: tuple[str, Path], tmp_
     local = artifacts.get(ref.info.run_id, "samples/001.png")
     assert local is not None and local.is_relative_to(tmp_path) and Image.open(local).size == (32, 32)
     assert artifacts.get(ref.info.run_id, "layer_errors.csv") is None and artifacts.notes == []
+
+
+# ----------------------------------------------------------------------------- intervals and the paired "best"
+
+
+def test_intervals_and_paired_best_marking(tmp_path: Path) -> None:
+    """psnr (per-image tables): bold = not significantly worse than the best by the paired test, though
+    all three intervals overlap; fid (intervals only): overlap with the best's; CSV lo/hi; warnings."""
+    from ptqbench.metrics.base import MetricResult, read_per_image, write_per_image
+    from ptqbench.report.tables import best_rows, bootstrap_config, table_frame
+
+    g = np.random.default_rng(0)
+    keys, seeds = [f"k{i:02d}" for i in range(24)], list(range(24))
+    prompt = g.normal(20.0, 4.0, 24)  # shared by every method: wide intervals, tight paired differences
+    psnr = {"a": prompt + 1.0 + g.normal(0, 0.2, 24), "c": prompt + g.normal(0, 0.2, 24)}
+    psnr["b"] = psnr["a"] + g.normal(0, 0.2, 24)
+    fid = {"a": (10.0, 8.0, 14.0), "b": (12.0, 10.0, 14.0), "c": (30.0, 25.0, 36.0)}
+    records = [RunRecord.from_run(fake_run("ref", "none", "2"), "e").row()]
+    for i, name in enumerate("abc"):
+        rec = RunRecord.from_run(fake_run(name, "smoothquant", "2", alpha=f"0.{i + 1}"), "e").row()
+        values = tuple(psnr[name].tolist())
+        res = MetricResult("psnr", float(np.mean(values)), 24, per_image=values)
+        path = write_per_image(tmp_path / name / "per_image.csv", keys[::-1], seeds[::-1],
+                               {"psnr": MetricResult("psnr", res.value, 24, per_image=values[::-1])})
+        rec["per_image"] = read_per_image(path)
+        lo, hi = float(np.quantile(values, 0.05)), float(np.quantile(values, 0.95))
+        rec["metrics"].update({"psnr": res.value, "psnr_n": 24.0, "psnr.lo": lo, "psnr.hi": hi,
+                               "fid": fid[name][0], "fid.lo": fid[name][1], "fid.hi": fid[name][2]})
+        rec["tags"]["metric_direction.psnr"] = "higher"
+        rec["metric_names"] = ("fid", "psnr")
+        records.append(rec)
+    records[3]["tags"]["metric_warning.fid"] = "n=24 is below the feature dimension 2048"
+    (group,) = make_groups(pd.DataFrame(records))
+    rows = {r["run_id"]: i for i, r in enumerate(group.rows)}
+    config = bootstrap_config(group.rows)
+    psnr_info, fid_info = (next(m for m in group.metrics if m.name == n) for n in ("psnr", "fid"))
+    assert best_rows(group, psnr_info, config) == ({rows["a"], rows["b"]}, "paired")
+    assert best_rows(group, fid_info, config) == ({rows["a"], rows["b"]}, "overlap")
+    table = build_table(group)
+    text = to_markdown(table)
+    col = {c.header.split()[0]: j for j, c in enumerate(table.columns)}
+    cells = {rid: table.rows[i] for rid, i in rows.items()}
+    assert cells["a"][col["psnr"]].bold and cells["b"][col["psnr"]].bold and not cells["c"][col["psnr"]].bold
+    assert "±" in cells["a"][col["psnr"]].text or "[" in cells["a"][col["psnr"]].text
+    assert cells["a"][col["fid"]].text == "10.0 [8.0, 14.0]"  # asymmetric intervals: [lo, hi]
+    assert cells["c"][col["fid"]].notes and "below the feature dimension" in text
+    assert "not significantly worse than the best quantized cell: paired bootstrap at the 95% level" in table.legend
+    assert "set metrics: 95% intervals overlap" in table.legend and "bootstrap interval" in table.legend
+    from ptqbench.report.html import table_html
+    from ptqbench.report.tables import to_latex
+
+    assert '<strong>10.0<span class="ci"> [8.0, 14.0]</span></strong>' in table_html(table)
+    assert r"\textbf{10.0 [8.0, 14.0]}" in to_latex(table)
+    frame = table_frame(group).set_index("run_id")
+    assert frame.loc["a", "fid_lo"] == 8.0 and frame.loc["a", "fid_hi"] == 14.0 and "fid.lo" not in frame.columns
+    assert frame.loc["ref", "psnr_lo"] == "" or pd.isna(frame.loc["ref", "psnr_lo"])
+    # an old run without intervals or per-image values: the plain best value, as before
+    old = [dict(r, per_image=None, metrics={k: v for k, v in r["metrics"].items() if "." not in k}) for r in records]
+    (plain,) = make_groups(pd.DataFrame(old))
+    top = max("abc", key=lambda k: float(np.mean(psnr[k])))
+    assert best_rows(plain, psnr_info, config) == ({rows[top]}, "value")
+    assert "±" not in to_markdown(build_table(plain)) and "the best shown value" in build_table(plain).legend
+
+
+def test_per_image_table_round_trips_exactly(tmp_path: Path) -> None:
+    from ptqbench.metrics.base import MetricResult, per_image_frame, read_per_image, write_per_image
+
+    values = (0.1 + 0.2, 1e-300, 123456.78901234567, 100.0)
+    results = {"psnr": MetricResult("psnr", 1.0, 4, per_image=values),
+               "fid": MetricResult("fid", 3.0, 4), "ssim": MetricResult("ssim", 0.5, 4, per_image=(1, 0, 0.5, 0.25))}
+    path = write_per_image(tmp_path / "per_image.csv", ["007", "a,b", "c", "d"], [1, 2, 3, 2**32 - 1], results)
+    back = read_per_image(path)
+    assert list(back.columns) == ["key", "seed", "psnr", "ssim"]  # set metrics have no per-image column
+    assert back["key"].tolist() == ["007", "a,b", "c", "d"] and back["seed"].tolist() == [1, 2, 3, 2**32 - 1]
+    assert tuple(back["psnr"]) == values
+    with pytest.raises(ValueError, match="3 per-image values for 4 images"):
+        per_image_frame(list("abcd"), [1, 2, 3, 4], {"x": MetricResult("x", 1.0, 3, per_image=(1.0, 2.0, 3.0))})

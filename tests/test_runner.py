@@ -195,7 +195,7 @@ def test_run_logs_every_cell_per_the_contract(clean_run: dict) -> None:
         (s["prompt"], s["seed"]) for s in json.loads((ref_local / "index.json").read_text())
     ]
     report = json.loads((local / "patch_report.json").read_text())
-    assert len(report["quantized"]) == 20 and "proj_out" in report["skipped"]
+    assert len(report["quantized"]) == 16 and "proj_out" in report["skipped"]
 
 
 def test_rerun_skips_every_cell(clean_run: dict, capsys: pytest.CaptureFixture[str]) -> None:
@@ -304,13 +304,13 @@ def test_smoke_suite_runs_and_reruns(tmp_path: Path, template_db: Path, capsys: 
     assert run(suite, uri, tmp_path / "cache", "--threads", "1") == 0
     first = time.perf_counter() - start
     runs = runs_by_hash(uri, "smoke")
-    assert len(runs) == 12 and all(len(rs) == 1 and rs[0].status == "FINISHED" for rs in runs.values())
+    assert len(runs) == 18 and all(len(rs) == 1 and rs[0].status == "FINISHED" for rs in runs.values())
     assert {rs[0].params["threads"] for rs in runs.values()} == {"1"}
     methods = {rs[0].tags["method"] for rs in runs.values()}
     assert methods == {"none", "rtn", "smoothquant", "svdquant", "loraq"}
     capsys.readouterr()
     assert run(suite, uri, tmp_path / "cache") == 0
-    assert "12 cells, 12 already finished, 0 to run" in capsys.readouterr().err
+    assert "18 cells, 18 already finished, 0 to run" in capsys.readouterr().err
     print(f"smoke suite: {first:.1f} s")
 
 

@@ -59,6 +59,7 @@ class LPIPS(Metric):
     name = "lpips"
     higher_is_better = False
     needs: ClassVar[frozenset[Need]] = frozenset({"reference"})
+    weight_files: ClassVar[tuple[weights.WeightSpec, ...]] = (weights.ALEXNET,)
 
     def __init__(self) -> None:
         self._nets: dict[str, lpips.LPIPS] = {}
@@ -89,5 +90,4 @@ class LPIPS(Metric):
                 a = image_floats(images[i : i + CHUNK], inputs.device)
                 b = image_floats(reference[i : i + CHUNK], inputs.device)
                 values.append(net(a, b, normalize=True).flatten().double().cpu())
-        per_image = torch.cat(values)
-        return MetricResult(self.name, float(per_image.mean()), int(per_image.numel()), higher_is_better=False)
+        return MetricResult.of_images(self, torch.cat(values))

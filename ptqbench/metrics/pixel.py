@@ -1,12 +1,12 @@
 """Paired pixel metrics against the 16-bit reference image with the same index (same prompt, same seed).
 
 Both are computed per image in float64 on ``MetricInputs.device``, in chunks, then averaged;
-``n`` is the number of image pairs. Images are ``[N, 3, H, W]`` in [0, 1] (data range 1).
+``n`` is the number of image pairs and the per-image values are kept (``MetricResult.per_image``).
+Images are ``[N, 3, H, W]`` in [0, 1] (data range 1).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
@@ -117,10 +117,7 @@ class _PairedMetric(Metric):
                 values = torch.cat([self.per_image(a, b).cpu() for a, b in _chunks(inputs)])
         except ValueError as err:
             return MetricResult.missing(self, f"{self.name}: {err}")
-        value = float(values.mean())
-        if not math.isfinite(value):
-            return MetricResult.missing(self, f"{self.name}: non-finite value (images hold NaN or inf)")
-        return MetricResult(self.name, value, int(values.numel()), higher_is_better=self.higher_is_better)
+        return MetricResult.of_images(self, values)
 
 
 @register_metric

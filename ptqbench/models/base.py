@@ -1,5 +1,8 @@
 """What a model is to ptqbench: a registered :class:`ModelSpec` that loads a :class:`Pipeline`.
 
+A spec carries its architecture's :class:`~ptqbench.models.adapters.ModelAdapter` (skip list,
+activation floors, pipeline call arguments, latent layout and dtype).
+
 A pipeline exposes the ``transformer`` to quantize and ``generate(prompts, seeds, settings)``,
 which returns images as a float32 tensor ``[N, 3, H, W]`` in [0, 1] on the CPU. Noise is drawn
 per prompt from its own seed on the CPU, so batching and device never change an image's noise
@@ -15,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptqbench.models.adapters import DTYPES, GENERIC, ModelAdapter
 from ptqbench.registry import Registry, _resolve
 
 MODELS: Registry[ModelSpec] = Registry(
     "model", group="ptqbench.models", builtins=("ptqbench.models.catalog",)
 )
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -35,24 +38,24 @@ class GenSettings:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: where its weights come from and how it samples by default."""
+    """A registered model: where its weights come from, how it samples by default, and its adapter."""
 
     name: str
     description: str
-    family: str  # selects the default skip list: "pixart", "sana", "dit"
     loader: str  # "module:function" with signature (spec, path, device, dtype) -> Pipeline
     hub_id: str | None = None
     dtype: str = "fp16"
     defaults: GenSettings = field(default_factory=GenSettings)
+    adapter: ModelAdapter = GENERIC
 
     def torch_dtype(self, device: str | torch.device) -> torch.dtype:
         """The spec's dtype on a GPU; float32 on the CPU (half matmuls are slow there)."""
-        return _DTYPES[self.dtype] if torch.device(device).type == "cuda" else torch.float32
+        return DTYPES[self.dtype] if torch.device(device).type == "cuda" else torch.float32
 
     def load(self, device: str = "cpu", path: str | None = None, dtype: str | None = None) -> Pipeline:
         """Load the pipeline (from ``path`` if given, else the hub id or built in-process)."""
         loader: Callable[..., Pipeline] = _resolve(self.loader)
-        torch_dtype = _DTYPES[dtype] if dtype else self.torch_dtype(device)
+        torch_dtype = DTYPES[dtype] if dtype else self.torch_dtype(device)
         return loader(self, path, torch.device(device), torch_dtype)
 
 

@@ -1,12 +1,13 @@
-"""PixArt-Sigma and SANA through diffusers: real loaders, tiny in-process pipelines, full configs.
+"""PixArt-Sigma, SANA and FLUX.1 through diffusers: real loaders, tiny in-process pipelines, full configs.
 
 Real weights come from a local diffusers folder (the loader's ``path`` or
 ``$PTQBENCH_MODEL_<NAME>``) or from the Hugging Face hub id of the spec; when neither is
 available the loader raises one :class:`UserError` that says how to provide them.
-``tiny-pixart`` / ``tiny-sana`` are whole diffusers pipelines with a few thousand random,
-seeded weights (tiny T5 / Gemma2, tiny VAE / DC-AE, a byte-level tokenizer built in code) that
-run end to end on a CPU. ``TRANSFORMER_CONFIGS`` hold the real transformers' configs, so
-:func:`build_transformer` gives shape-true models with random weights and no download.
+``tiny-pixart`` / ``tiny-sana`` / ``tiny-flux`` are whole diffusers pipelines with a few thousand
+random, seeded weights (tiny T5 / Gemma2 / CLIP, tiny VAE / DC-AE, a byte-level tokenizer built in
+code) that run end to end on a CPU. ``TRANSFORMER_CONFIGS`` hold the transformers' configs (the
+released ones and the tiny ones), so :func:`build_transformer` gives shape-true models with random
+weights and no download. What differs between architectures lives in the spec's adapter.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from ptqbench.cache import cache_key
 from ptqbench.errors import UserError
+from ptqbench.models.adapters import FLUX, PIXART, SANA
 from ptqbench.models.base import GenSettings, ModelSpec, Pipeline
 
 PIXART_SIGMA_1024: dict[str, Any] = {
@@ -75,22 +77,124 @@ SANA_600M = {
     "cross_attention_dim": 1152,
     "num_layers": 28,
 }
-# model name -> (diffusers transformer class, config of the released checkpoint)
-TRANSFORMER_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "pixart-sigma": ("PixArtTransformer2DModel", PIXART_SIGMA_1024),
-    "pixart-sigma-512": ("PixArtTransformer2DModel", PIXART_SIGMA_512),
-    "sana-1.6b": ("SanaTransformer2DModel", SANA_1600M),
-    "sana-600m": ("SanaTransformer2DModel", SANA_600M),
+FLUX_1_DEV: dict[str, Any] = {
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
 }
-MAX_SEQUENCE_LENGTH = 300  # T5 / Gemma tokens of the released pipelines
-# PixArt's caption cleaning depends on optional packages (bs4, ftfy); off, so images do not depend on them
-PIXART_CALL = {"clean_caption": False}
+
+TINY_PIXART: dict[str, dict[str, Any]] = {
+    "transformer": {
+        **PIXART_SIGMA_1024,
+        "sample_size": 16,
+        "num_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 4,
+        "caption_channels": 32,
+        "cross_attention_dim": 64,
+        "norm_num_groups": 8,
+        "interpolation_scale": 1,
+    },
+    "text_encoder": {
+        "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+        "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16,
+        "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+    },
+    "vae": {
+        "block_out_channels": [16, 32],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "latent_channels": 4, "norm_num_groups": 8, "layers_per_block": 1, "sample_size": 32,
+    },
+    "scheduler": {
+        "algorithm_type": "dpmsolver++", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+        "lower_order_final": True, "num_train_timesteps": 1000, "prediction_type": "epsilon", "solver_order": 2,
+        "solver_type": "midpoint", "timestep_spacing": "linspace",
+    },
+}
+TINY_SANA: dict[str, dict[str, Any]] = {
+    "transformer": {
+        **SANA_1600M,
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_layers": 2,
+        "num_attention_heads": 2,
+        "attention_head_dim": 32,
+        "num_cross_attention_heads": 2,
+        "cross_attention_head_dim": 32,
+        "cross_attention_dim": 64,
+        "caption_channels": 32,
+        "sample_size": 16,
+    },
+    "text_encoder": {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 256,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+    },
+    "vae": {
+        "in_channels": 3, "latent_channels": 4, "attention_head_dim": 4,
+        "encoder_block_types": ["ResBlock", "EfficientViTBlock"],
+        "decoder_block_types": ["ResBlock", "EfficientViTBlock"],
+        "encoder_block_out_channels": [16, 16], "decoder_block_out_channels": [16, 16],
+        "encoder_qkv_multiscales": [[], [5]], "decoder_qkv_multiscales": [[], [5]],
+        "encoder_layers_per_block": [1, 1], "decoder_layers_per_block": [1, 1],
+        "downsample_block_type": "conv", "upsample_block_type": "interpolate",
+        "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu", "scaling_factor": 0.41407,
+    },
+    "scheduler": {"flow_shift": 3.0, "use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+}
+
+
+TINY_FLUX: dict[str, dict[str, Any]] = {
+    "transformer": {
+        **FLUX_1_DEV,
+        "in_channels": 16,  # 4 latent channels packed 2x2
+        "num_layers": 1,
+        "num_single_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 4,
+        "axes_dims_rope": [4, 6, 6],
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 32,
+    },
+    "text_encoder": {  # CLIP: the pooled prompt (its eos token is the tokenizer's </s>, id 1)
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "projection_dim": 32, "max_position_embeddings": 128, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+    },
+    "text_encoder_2": TINY_PIXART["text_encoder"],  # T5: the prompt tokens
+    "vae": {**TINY_PIXART["vae"], "scaling_factor": 0.3611, "shift_factor": 0.1159,
+            "use_quant_conv": False, "use_post_quant_conv": False},
+    "scheduler": {  # FLUX.1-dev's
+        "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+        "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+    },
+}
+# model name -> (diffusers transformer class, config): the released checkpoints and the tiny pipelines
+TRANSFORMER_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pixart-sigma": (PIXART.transformer_class, PIXART_SIGMA_1024),
+    "pixart-sigma-512": (PIXART.transformer_class, PIXART_SIGMA_512),
+    "sana-1.6b": (SANA.transformer_class, SANA_1600M),
+    "sana-600m": (SANA.transformer_class, SANA_600M),
+    "flux.1-dev": (FLUX.transformer_class, FLUX_1_DEV),
+    "tiny-pixart": (PIXART.transformer_class, TINY_PIXART["transformer"]),
+    "tiny-sana": (SANA.transformer_class, TINY_SANA["transformer"]),
+    "tiny-flux": (FLUX.transformer_class, TINY_FLUX["transformer"]),
+}
 
 
 def build_transformer(
-    name: str, device: str | torch.device = "meta", dtype: torch.dtype | None = None, seed: int = 0
+    name: str, device: str | torch.device = "meta", dtype: torch.dtype | None = None, seed: int = 0,
+    **overrides: Any,
 ) -> nn.Module:
-    """The transformer of model ``name`` from its config with random weights (no download).
+    """The transformer of model ``name`` from its config (keys in ``overrides`` replaced) with random
+    weights (no download).
 
     On ``"meta"`` it is instant and holds no memory (for layer selection and accounting).
     """
@@ -102,7 +206,7 @@ def build_transformer(
     cls = getattr(diffusers, cls_name)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = cls.from_config(config)
+        model = cls.from_config({**config, **overrides})
     return model.to(dtype) if dtype is not None else model
 
 
@@ -110,11 +214,12 @@ def build_transformer(
 
 
 class DiffusersPipeline(Pipeline):
-    """A diffusers text-to-image pipeline (PixArt-Sigma or SANA) behind :meth:`generate`.
+    """A diffusers text-to-image pipeline (PixArt-Sigma, SANA, FLUX.1) behind :meth:`generate`.
 
     Each image's initial noise is drawn on the CPU from ``torch.Generator().manual_seed(seed)``
-    in float32 and passed to diffusers as ``latents``, so neither batching nor the device changes
-    an image's noise (batched kernels may still round differently, ~1e-7 on a CPU).
+    in float32 (the spec's adapter gives its layout) and passed to diffusers as ``latents``, so
+    neither batching nor the device changes an image's noise (batched kernels may still round
+    differently, ~1e-7 on a CPU). The call arguments are the adapter's plus ``call_kwargs``.
     """
 
     def __init__(
@@ -125,14 +230,14 @@ class DiffusersPipeline(Pipeline):
         dtype: torch.dtype,
         *,
         weights: str,
-        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        max_sequence_length: int | None = None,
         call_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__(spec, pipe.transformer, device, dtype)
         self.pipe = pipe
         self.weights = weights
-        self.max_sequence_length = max_sequence_length
-        self.call_kwargs = dict(call_kwargs or {})
+        self.max_sequence_length = max_sequence_length or spec.adapter.max_sequence_length
+        self.call_kwargs = {**spec.adapter.call_kwargs, **(call_kwargs or {})}
         pipe.set_progress_bar_config(disable=True)
         for module in pipe.components.values():
             if isinstance(module, nn.Module):
@@ -140,22 +245,21 @@ class DiffusersPipeline(Pipeline):
 
     @property
     def latent_channels(self) -> int:
-        return int(self.transformer.config.in_channels)
+        return self.spec.adapter.latent_channels(self.transformer)
 
     @property
     def downsample(self) -> int:
-        """Pixels per latent-grid cell times the patch size: the resolution must be a multiple."""
-        return int(self.pipe.vae_scale_factor) * int(self.transformer.config.patch_size)
+        """Pixels per transformer token along a side: the resolution must be a multiple."""
+        return self.spec.adapter.downsample(self.transformer, self.pipe.vae_scale_factor)
 
     def noise(self, seed: int, resolution: int) -> torch.Tensor:
-        """The initial latent noise ``[1, C, h, w]`` (float32, CPU) of one image."""
+        """The initial latents of one image (float32, CPU; ``[1, C, h, w]`` unless the adapter packs them)."""
         if resolution % self.downsample:
             raise UserError(
                 f"resolution {resolution}: must be a multiple of {self.downsample} for model {self.spec.name}"
             )
         side = resolution // int(self.pipe.vae_scale_factor)
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        return torch.randn(1, self.latent_channels, side, side, generator=gen, dtype=torch.float32)
+        return self.spec.adapter.noise(seed, self.latent_channels, side)
 
     @torch.no_grad()
     def generate(
@@ -169,7 +273,7 @@ class DiffusersPipeline(Pipeline):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if settings.batch_size < 1:
             raise UserError(f"batch_size: must be >= 1, got {settings.batch_size}")
-        latent_dtype = torch.float32 if self.spec.family == "sana" else self.dtype
+        latent_dtype = self.spec.adapter.torch_latent_dtype(self.dtype)
         out = []
         for start in range(0, len(prompts), settings.batch_size):
             batch = list(prompts[start : start + settings.batch_size])
@@ -182,7 +286,6 @@ class DiffusersPipeline(Pipeline):
                 height=settings.resolution,
                 width=settings.resolution,
                 output_type="pt",
-                use_resolution_binning=False,
                 max_sequence_length=self.max_sequence_length,
                 **self.call_kwargs,
             ).images
@@ -280,14 +383,16 @@ def _weights_id(spec: ModelSpec, source: str, local: str | None, marker: str = "
     return local or f"{source}@{_hub_revision(source, marker) or 'hub'}"
 
 
-def load_pixart_sigma(spec: ModelSpec, path: str | None, device: torch.device, dtype: torch.dtype) -> Pipeline:
-    """PixArt-Sigma (PixArtSigmaPipeline: T5-XXL, SDXL VAE, DPM-Solver) from a folder or the hub."""
+def load_diffusers(spec: ModelSpec, path: str | None, device: torch.device, dtype: torch.dtype) -> Pipeline:
+    """The adapter's diffusers pipeline (e.g. PixArtSigmaPipeline, SanaPipeline, FluxPipeline) from a
+    folder or the hub."""
     source, local = resolve_source(spec, path)  # before importing diffusers: a missing model fails fast
-    from diffusers import PixArtSigmaPipeline
+    import diffusers
 
-    pipe = _from_pretrained(spec, lambda: PixArtSigmaPipeline.from_pretrained(source, dtype=dtype), source)
+    cls = getattr(diffusers, spec.adapter.pipeline_class)
+    pipe = _from_pretrained(spec, lambda: cls.from_pretrained(source, dtype=dtype), source)
     weights = _weights_id(spec, source, local)
-    return DiffusersPipeline(spec, pipe.to(device), device, dtype, weights=weights, call_kwargs=PIXART_CALL)
+    return DiffusersPipeline(spec, pipe.to(device), device, dtype, weights=weights)
 
 
 PIXART_BASE = "pixart-sigma"  # whose T5, VAE and scheduler a transformer-only PixArt checkpoint uses
@@ -302,7 +407,7 @@ def load_pixart_transformer_only(
 
     source, local = resolve_source(spec, path, marker="transformer/config.json")
     if Path(source).is_dir() and (Path(source) / "model_index.json").is_file():
-        return load_pixart_sigma(spec, source, device, dtype)
+        return load_diffusers(spec, source, device, dtype)
     base = get_model(PIXART_BASE)
     base_source, base_local = resolve_source(base, None)
     from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
@@ -318,16 +423,7 @@ def load_pixart_transformer_only(
     )
     own = _weights_id(spec, source, local, "transformer/config.json")
     weights = f"{own}+{_weights_id(base, base_source, base_local)}"
-    return DiffusersPipeline(spec, pipe.to(device), device, dtype, weights=weights, call_kwargs=PIXART_CALL)
-
-
-def load_sana(spec: ModelSpec, path: str | None, device: torch.device, dtype: torch.dtype) -> Pipeline:
-    """SANA (SanaPipeline: Gemma-2-2B, DC-AE, flow DPM-Solver) from a folder or the hub."""
-    source, local = resolve_source(spec, path)
-    from diffusers import SanaPipeline
-
-    pipe = _from_pretrained(spec, lambda: SanaPipeline.from_pretrained(source, dtype=dtype), source)
-    return DiffusersPipeline(spec, pipe.to(device), device, dtype, weights=_weights_id(spec, source, local))
+    return DiffusersPipeline(spec, pipe.to(device), device, dtype, weights=weights)
 
 
 # ----------------------------------------------------------------------------- tiny pipelines
@@ -358,68 +454,6 @@ def tiny_tokenizer(kind: str) -> Any:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
     )
-
-
-TINY_PIXART: dict[str, dict[str, Any]] = {
-    "transformer": {
-        **PIXART_SIGMA_1024,
-        "sample_size": 16,
-        "num_layers": 2,
-        "attention_head_dim": 16,
-        "num_attention_heads": 4,
-        "caption_channels": 32,
-        "cross_attention_dim": 64,
-        "norm_num_groups": 8,
-        "interpolation_scale": 1,
-    },
-    "text_encoder": {
-        "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
-        "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16,
-        "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
-    },
-    "vae": {
-        "block_out_channels": [16, 32],
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        "latent_channels": 4, "norm_num_groups": 8, "layers_per_block": 1, "sample_size": 32,
-    },
-    "scheduler": {
-        "algorithm_type": "dpmsolver++", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
-        "lower_order_final": True, "num_train_timesteps": 1000, "prediction_type": "epsilon", "solver_order": 2,
-        "solver_type": "midpoint", "timestep_spacing": "linspace",
-    },
-}
-TINY_SANA: dict[str, dict[str, Any]] = {
-    "transformer": {
-        **SANA_1600M,
-        "in_channels": 4,
-        "out_channels": 4,
-        "num_layers": 2,
-        "num_attention_heads": 2,
-        "attention_head_dim": 32,
-        "num_cross_attention_heads": 2,
-        "cross_attention_head_dim": 32,
-        "cross_attention_dim": 64,
-        "caption_channels": 32,
-        "sample_size": 16,
-    },
-    "text_encoder": {
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 256,
-        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
-    },
-    "vae": {
-        "in_channels": 3, "latent_channels": 4, "attention_head_dim": 4,
-        "encoder_block_types": ["ResBlock", "EfficientViTBlock"],
-        "decoder_block_types": ["ResBlock", "EfficientViTBlock"],
-        "encoder_block_out_channels": [16, 16], "decoder_block_out_channels": [16, 16],
-        "encoder_qkv_multiscales": [[], [5]], "decoder_qkv_multiscales": [[], [5]],
-        "encoder_layers_per_block": [1, 1], "decoder_layers_per_block": [1, 1],
-        "downsample_block_type": "conv", "upsample_block_type": "interpolate",
-        "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu", "scaling_factor": 0.41407,
-    },
-    "scheduler": {"flow_shift": 3.0, "use_flow_sigmas": True, "prediction_type": "flow_prediction"},
-}
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -471,7 +505,7 @@ def load_tiny_pixart(spec: ModelSpec, path: str | None, device: torch.device, dt
     _place(pipe, device, dtype)
     return DiffusersPipeline(
         spec, pipe, device, dtype, weights=_tiny_weights(spec.name, c),
-        max_sequence_length=TINY_SEQUENCE_LENGTH, call_kwargs=PIXART_CALL,
+        max_sequence_length=TINY_SEQUENCE_LENGTH,
     )
 
 
@@ -500,4 +534,36 @@ def load_tiny_sana(spec: ModelSpec, path: str | None, device: torch.device, dtyp
     return DiffusersPipeline(
         spec, pipe, device, dtype, weights=_tiny_weights(spec.name, c),
         max_sequence_length=TINY_SEQUENCE_LENGTH, call_kwargs={"complex_human_instruction": None},
+    )
+
+
+def load_tiny_flux(spec: ModelSpec, path: str | None, device: torch.device, dtype: torch.dtype) -> Pipeline:
+    """A tiny FLUX.1 pipeline with seeded random weights (tiny CLIP + T5, tiny AutoencoderKL, flow Euler)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    _no_path(spec, path)
+    c = TINY_FLUX
+    tokenizer, tokenizer_2 = tiny_tokenizer("t5"), tiny_tokenizer("t5")
+    tokenizer.model_max_length = c["text_encoder"]["max_position_embeddings"]  # FluxPipeline pads CLIP to it
+    text_encoder = _seeded(
+        TINY_SEED, lambda: CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **c["text_encoder"]))
+    )
+    text_encoder_2 = _seeded(
+        TINY_SEED + 3, lambda: T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), **c["text_encoder_2"]))
+    )
+    transformer = _seeded(TINY_SEED + 1, lambda: FluxTransformer2DModel.from_config(c["transformer"]))
+    vae = _seeded(TINY_SEED + 2, lambda: AutoencoderKL(**c["vae"]))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**c["scheduler"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    _place(pipe, device, dtype)
+    return DiffusersPipeline(
+        spec, pipe, device, dtype, weights=_tiny_weights(spec.name, c), max_sequence_length=TINY_SEQUENCE_LENGTH
     )

@@ -1,7 +1,7 @@
 """``fmnist-dit``: a small, real, trained diffusion transformer shipped with ptqbench.
 
-The transformer is a diffusers ``PixArtTransformer2DModel`` (so the PixArt layer plan and skip
-list apply unchanged) trained with a rectified-flow objective in pixel space on Fashion-MNIST:
+The transformer is a diffusers ``PixArtTransformer2DModel`` (so the PixArt adapter's skip list
+and activation floors apply unchanged) trained with a rectified-flow objective in pixel space on Fashion-MNIST:
 images ``[1, 32, 32]`` in [-1, 1] (28x28 padded with black), the class as 4 caption tokens from
 a learned table of 11 entries (10 classes + a null class for classifier-free guidance).
 Sampling: ``FlowMatchEulerDiscreteScheduler`` (Euler), guidance with the null class.
@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ptqbench.errors import UserError
+from ptqbench.models.adapters import PIXART
 from ptqbench.models.base import MODELS, GenSettings, ModelSpec, Pipeline
 from ptqbench.models.fmnist_data import FMNIST_CLASSES, PIXEL_MEAN, PIXEL_STD, class_index
 
@@ -312,7 +313,7 @@ def classify(model: FMNISTClassifier, images: torch.Tensor, device: str | torch.
 SPEC = ModelSpec(
     name="fmnist-dit",
     description="PixArt-architecture DiT (6.95M params) trained on Fashion-MNIST; runs offline on a CPU",
-    family="dit",
+    adapter=PIXART,  # a PixArtTransformer2DModel: PixArt's layer rules (its own Pipeline samples)
     loader="ptqbench.models.fmnist:load_pipeline",
     dtype="bf16",
     defaults=GenSettings(steps=20, guidance=2.0, resolution=32, batch_size=64),

@@ -6,6 +6,7 @@ No scripts, fonts or links to other files, so the page reads the same offline an
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
@@ -29,6 +30,7 @@ figure{margin:1.2rem 0}figure img{max-width:100%;height:auto;border:1px solid #e
 figcaption{font-size:.8rem;color:#555}
 details{margin:.5rem 0;font-size:.8rem}pre{background:#f6f6f6;padding:.6rem;overflow-x:auto}
 nav ul{columns:2;font-size:.9rem}.notes li{font-size:.85rem;color:#6a4b00}
+.ci{color:#666;font-size:.9em}
 """
 
 
@@ -42,8 +44,20 @@ class Section:
     plots: Sequence[Plot]
 
 
-def _cell(cell: Cell, align: str, slug: str) -> str:
-    text = escape(cell.text)
+_INTERVAL = re.compile(r"^(\S+)( (?:± \S+|\[[^\]]*\]))(.*)$")
+
+
+def _metric_text(text: str) -> str:
+    """A metric cell's text with its interval (``± h`` or ``[lo, hi]``) in a lighter span."""
+    found = _INTERVAL.match(text)
+    if not found:
+        return escape(text)
+    value, interval, rest = found.groups()
+    return f'{escape(value)}<span class="ci">{escape(interval)}</span>{escape(rest)}'
+
+
+def _cell(cell: Cell, align: str, slug: str, metric: bool = False) -> str:
+    text = _metric_text(cell.text) if metric else escape(cell.text)
     if cell.bold:
         text = f"<strong>{text}</strong>"
     text += "".join(f'<sup><a href="#fn-{escape(slug)}-{n}">{n}</a></sup>' for n in cell.notes)
@@ -61,7 +75,7 @@ def table_html(table: Table) -> str:
     for i, row in enumerate(table.rows):
         status = row[table.status_column].text
         cls = "ref" if i < table.reference_rows and status == "finished" else ("" if status == "finished" else status)
-        cells = "".join(_cell(c, col.align, table.slug) for c, col in zip(row, table.columns, strict=True))
+        cells = "".join(_cell(c, col.align, table.slug, col.metric) for c, col in zip(row, table.columns, strict=True))
         body.append(f'<tr class="{cls}">{cells}</tr>' if cls else f"<tr>{cells}</tr>")
     notes = "".join(f'<li id="fn-{escape(table.slug)}-{i}">{escape(t)}</li>' for i, t in enumerate(table.footnotes, 1))
     return (

@@ -1,9 +1,17 @@
 """Tables per (experiment, model, prompt set, settings): rows = method x formats x branch, columns = metrics.
 
 A :class:`Group` holds the sorted runs of one comparison; :func:`build_table` turns it into a
-:class:`Table` of display cells (best value per metric in bold, ``n/c`` and failures as
-footnotes), which :func:`to_markdown`, :func:`to_latex` and the HTML page render. The CSV holds
-the raw numbers. Everything is sorted, so the same runs always give the same bytes.
+:class:`Table` of display cells (``value ± half-width`` of the logged interval, or ``value [lo, hi]``
+where a column's intervals are asymmetric; in bold every cell not significantly worse than the
+best, see :func:`best_rows`; ``n/c``, warnings and failures as footnotes), which
+:func:`to_markdown`, :func:`to_latex` and the HTML page render. The CSV holds the raw numbers
+(value, lo, hi). Everything is sorted, and the paired tests are seeded, so the same runs always
+give the same bytes.
+
+What a run row may carry beyond the loader's identity columns: metrics ``<m>``, ``<m>_n``,
+``<m>.lo``, ``<m>.hi``; params ``ci.level`` / ``ci.resamples`` / ``ci.seed``; tags
+``metric_warning.<m>``; and ``row["per_image"]``, the run's per-image table
+(:func:`ptqbench.metrics.base.read_per_image`) or None.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ptqbench.labels import REFERENCE as REFERENCE_LABEL
@@ -22,6 +31,7 @@ from ptqbench.labels import config_text
 from ptqbench.schema import GEN, SETTING_PARAMS, SETTINGS
 from ptqbench.schema import METRIC_DIRECTION as DIRECTION_PREFIX
 from ptqbench.schema import METRIC_STATUS as STATUS_PREFIX
+from ptqbench.uncertainty import Bootstrap, Interval, not_worse_than_best, overlaps_best
 
 METHOD_ORDER = {"none": 0, "rtn": 1, "smoothquant": 2, "svdquant": 3, "loraq": 4}
 DASH = "—"
@@ -36,6 +46,7 @@ _IDENTITY = {
 }
 _IDENTITY_PREFIXES = ("versions.", "weight_format.", "act_format.", "branch_format.", "branch_act_format.", GEN)
 _SETTING_PARAMS = set(SETTING_PARAMS.values())
+WARNING_PREFIX = "metric_warning."
 
 
 # ----------------------------------------------------------------------------- groups
@@ -311,9 +322,91 @@ class _Notes:
         return self.texts.index(text) + 1
 
 
-def _metric_cells(group: Group, info: MetricInfo, notes_for: list[_Notes | None]) -> tuple[list[Cell], str]:
+def metric_interval(row: dict[str, Any], name: str) -> tuple[float, float] | None:
+    """The run's logged interval ``(<name>.lo, <name>.hi)``, or None (old runs, or not computed)."""
+    lo, hi = row["metrics"].get(f"{name}.lo"), row["metrics"].get(f"{name}.hi")
+    if lo is None or hi is None or not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        return None
+    return float(lo), float(hi)
+
+
+def bootstrap_config(rows: Iterable[dict[str, Any]]) -> Bootstrap:
+    """The interval settings the runs logged (params ``ci.level``, ``ci.resamples``, ``ci.seed``), else defaults."""
+    params = [r["params"] for r in rows]
+    found = {k: sorted({p[f"ci.{k}"] for p in params if f"ci.{k}" in p}) for k in ("level", "resamples", "seed")}
+    kwargs: dict[str, Any] = {}
+    if len(found["level"]) == 1:
+        kwargs["level"] = float(found["level"][0])
+    if len(found["resamples"]) == 1:
+        kwargs["resamples"] = int(float(found["resamples"][0]))
+    if len(found["seed"]) == 1:
+        kwargs["seed"] = int(float(found["seed"][0]))
+    return Bootstrap(**kwargs)
+
+
+def _paired_samples(rows: list[dict[str, Any]], name: str) -> dict[str, np.ndarray] | None:
+    """Per-image values of ``name`` of each row (``row["per_image"]``: key, seed, a column per metric),
+    aligned by key; None unless every row has them for the same keys and seeds."""
+    tables = [r.get("per_image") for r in rows]
+    if not tables or any(t is None or name not in t.columns for t in tables):
+        return None
+    aligned = [t[["key", "seed", name]].dropna().sort_values("key", kind="stable") for t in tables]
+    first = aligned[0]
+    if any(len(a) != len(first) or not (a["key"].to_numpy() == first["key"].to_numpy()).all()
+           or not (a["seed"].to_numpy() == first["seed"].to_numpy()).all() for a in aligned):
+        return None
+    return {str(i): a[name].to_numpy(dtype=np.float64) for i, a in enumerate(aligned)}
+
+
+def best_rows(group: Group, info: MetricInfo, config: Bootstrap) -> tuple[set[int], str]:
+    """Indices of the finished quantized rows marked best on a metric, and the rule used: ``paired``
+    (not significantly worse than the best mean, paired test on per-image values), ``overlap``
+    (intervals reach the best's: set metrics), ``value`` (the best shown value: runs without intervals)."""
+    if info.higher_is_better is None:
+        return set(), ""
+    cands = [i for i, r in enumerate(group.rows) if r["status"] == "finished" and not r["is_reference"]
+             and metric_value(r, info.name) is not None and not math.isnan(metric_value(r, info.name))]
+    if len(cands) < 2:
+        return set(), ""
+    rows = [group.rows[i] for i in cands]
+    samples = _paired_samples(rows, info.name)
+    if samples is not None and len(next(iter(samples.values()))) >= 2:
+        keep = not_worse_than_best(samples, info.higher_is_better, config)
+        return {cands[int(k)] for k in keep}, "paired"
+    intervals = [metric_interval(r, info.name) for r in rows]
+    if all(iv is not None for iv in intervals):
+        ivs = {str(i): Interval(metric_value(r, info.name), iv[0], iv[1], config.level)  # type: ignore[arg-type,index]
+               for i, (r, iv) in enumerate(zip(rows, intervals, strict=True))}
+        return {cands[int(k)] for k in overlaps_best(ivs, info.higher_is_better)}, "overlap"
+    finished = (metric_value(r, info.name) for r in group.rows if r["status"] == "finished")
+    places = decimals(v for v in finished if v is not None)  # as the column shows them
+    shown = [float(fmt_number(metric_value(r, info.name), places)) for r in rows]  # type: ignore[arg-type]
+    best = max(shown) if info.higher_is_better else min(shown)
+    return {i for i, v in zip(cands, shown, strict=True) if v == best}, "value"
+
+
+def _symmetric(value: float, interval: tuple[float, float]) -> bool:
+    lo, hi = interval
+    return abs((hi - value) - (value - lo)) <= 0.2 * max(hi - lo, 1e-300)
+
+
+def interval_text(value: float, interval: tuple[float, float] | None, places: int, plus_minus: bool) -> str:
+    """``v ± h`` (h the half-width) or ``v [lo, hi]``; the bare value without an interval."""
+    text = fmt_number(value, places)
+    if interval is None:
+        return text
+    lo, hi = interval
+    if plus_minus:
+        return f"{text} ± {fmt_number((hi - lo) / 2, places)}"
+    return f"{text} [{fmt_number(lo, places)}, {fmt_number(hi, places)}]"
+
+
+def _metric_cells(
+    group: Group, info: MetricInfo, notes_for: list[_Notes | None], config: Bootstrap
+) -> tuple[list[Cell], str, str]:
     rows = group.rows
     values = [metric_value(r, info.name) if r["status"] == "finished" else None for r in rows]
+    intervals = [metric_interval(r, info.name) if v is not None else None for r, v in zip(rows, values, strict=True)]
     places = decimals(v for v in values if v is not None)
     ns = {
         int(r["metrics"][f"{info.name}_n"])
@@ -322,16 +415,10 @@ def _metric_cells(group: Group, info: MetricInfo, notes_for: list[_Notes | None]
     }
     uniform = len(ns) <= 1
     sub = f"n={next(iter(ns))}" if len(ns) == 1 else ("n varies" if ns else "")
-    candidates = [
-        float(fmt_number(v, places))
-        for r, v in zip(rows, values, strict=True)
-        if v is not None and not r["is_reference"] and not math.isnan(v)
-    ]
-    best = None
-    if info.higher_is_better is not None and len(candidates) >= 2:
-        best = max(candidates) if info.higher_is_better else min(candidates)
+    plus_minus = all(_symmetric(v, iv) for v, iv in zip(values, intervals, strict=True) if v is not None and iv)
+    best, rule = best_rows(group, info, config)
     cells = []
-    for r, v, notes in zip(rows, values, notes_for, strict=True):
+    for i, (r, v, notes) in enumerate(zip(rows, values, notes_for, strict=True)):
         if r["status"] != "finished":
             cells.append(Cell(DASH))
         elif v is None:
@@ -339,12 +426,15 @@ def _metric_cells(group: Group, info: MetricInfo, notes_for: list[_Notes | None]
             n = notes.add(f"{info.name} not computed: {one_line(metric_reason(r, info.name))}")
             cells.append(Cell(NOT_COMPUTED, notes=[n]))
         else:
-            text = fmt_number(v, places)
+            text = interval_text(v, intervals[i], places, plus_minus)
             if not uniform and f"{info.name}_n" in r["metrics"]:
                 text += f" (n={int(r['metrics'][info.name + '_n'])})"
-            shown = float(fmt_number(v, places))
-            cells.append(Cell(text, bold=best is not None and not r["is_reference"] and shown == best))
-    return cells, sub
+            cell = Cell(text, bold=i in best)
+            warning = r["tags"].get(WARNING_PREFIX + info.name, "")
+            if warning and notes is not None:
+                cell.notes.append(notes.add(f"{info.name}: {one_line(warning)}"))
+            cells.append(cell)
+    return cells, sub, rule
 
 
 def build_table(group: Group) -> Table:
@@ -380,9 +470,14 @@ def build_table(group: Group) -> Table:
     # collect per-row notes first, then merge row by row.
     per_row_notes = [_Notes() if r["status"] == "finished" else None for r in rows]
     metric_cols = []
+    config = bootstrap_config(rows)
+    rules: set[str] = set()
+    any_interval = False
     for info in group.metrics:
-        cells, sub = _metric_cells(group, info, per_row_notes)
+        cells, sub, rule = _metric_cells(group, info, per_row_notes, config)
         metric_cols.append(cells)
+        rules.add(rule)
+        any_interval |= any(metric_interval(r, info.name) for r in rows if r["status"] == "finished")
         columns.append(Column(info.header, "r", sub, metric=True))
     columns.append(Column("Status", "l"))
     for i, r in enumerate(rows):
@@ -397,8 +492,9 @@ def build_table(group: Group) -> Table:
             status.notes = [notes.add(f"{r['row_label']} {r['status']}: {one_line(reason)}")]
         table_rows[i].append(status)
     has_dir = any(m.higher_is_better is not None for m in group.metrics)
-    legend = "↑ higher is better, ↓ lower is better; best finished quantized value per metric in bold"
-    legend = legend if has_dir else ""
+    legend = "↑ higher is better, ↓ lower is better; " + best_legend(rules - {""}, config.level) if has_dir else ""
+    if any_interval:
+        legend += ("; " if legend else "") + interval_legend(config)
     legend += ("; " if legend else "") + f"{NOT_COMPUTED} = not computed; {DASH} = no value (run not finished)"
     if group.reference is None:
         legend += "; no finished 16-bit reference run in this group"
@@ -412,6 +508,24 @@ def build_table(group: Group) -> Table:
         legend=legend,
         status_column=len(columns) - 1,
     )
+
+
+def best_legend(rules: set[str], level: float) -> str:
+    """What the bold marking means, for the rules used in the table (see :func:`best_rows`)."""
+    parts = []
+    if "paired" in rules:
+        parts.append(f"paired bootstrap at the {level:.0%} level on per-image differences (same prompts and seeds)")
+    if "overlap" in rules:
+        parts.append(f"set metrics: {level:.0%} intervals overlap")
+    if "value" in rules or not parts:
+        parts.append("without intervals: the best shown value")
+    return "bold = not significantly worse than the best quantized cell: " + "; ".join(parts)
+
+
+def interval_legend(config: Bootstrap) -> str:
+    method = "BCa" if config.method == "bca" else "percentile"
+    return (f"± half-width or [lo, hi] of the {config.level:.0%} bootstrap interval ({method} over prompts for "
+            "per-image metrics, basic over the image set for set metrics)")
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -520,8 +634,8 @@ def _csv_value(value: Any) -> Any:
 
 def table_frame(group: Group) -> pd.DataFrame:
     """The raw numbers of a group, one row per run, in table order."""
-    other = sorted({k for r in group.rows for k in r["metrics"]} - {m.name for m in group.metrics}
-                   - {f"{m.name}_n" for m in group.metrics} - {"bits_per_weight", "model_bytes"})
+    own = {f"{m.name}{suffix}" for m in group.metrics for suffix in ("", "_n", ".lo", ".hi")}
+    other = sorted({k for r in group.rows for k in r["metrics"]} - own - {"bits_per_weight", "model_bytes"})
     records = []
     for r in group.rows:
         rec: dict[str, Any] = {
@@ -535,7 +649,9 @@ def table_frame(group: Group) -> pd.DataFrame:
         }
         for m in group.metrics:
             value = metric_value(r, m.name)
+            interval = metric_interval(r, m.name) if value is not None else None
             rec[m.name] = value
+            rec[f"{m.name}_lo"], rec[f"{m.name}_hi"] = interval if interval else (None, None)
             rec[f"{m.name}_n"] = r["metrics"].get(f"{m.name}_n")
             status = ("ok" if value is not None else "not_computed") if r["status"] == "finished" else ""
             rec[f"{m.name}_status"] = status
