@@ -30,9 +30,9 @@ import pandas as pd
 import torch
 
 from ptqbench import get_method
+from ptqbench.lowrank import BranchSpec, make_batches, make_units
 from ptqbench.memory import LayerShape, solve_rank
 from ptqbench.methods.loraq import CHECK_EVERY, LoRaQ, Objective, converged, optimize
-from ptqbench.methods.svdquant import BranchSpec, make_batches, make_units
 from ptqbench.report.plots import loss_curve_plot
 from ptqbench.rotation import get_rotation, hadamard_matrix, random_orthogonal
 

@@ -8,6 +8,7 @@ calibration rows, :attr:`ptqbench.stats.StatsSpec.heldout`); the runner also rec
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import pandas as pd
@@ -46,7 +47,8 @@ def layer_errors(
 ) -> pd.DataFrame:
     """One row per quantized layer: shape, bits, bits per weight, relative weight error,
     relative output error on the held-out rows ``inputs`` (NaN where a layer has none), seconds
-    spent quantizing; with ``insample`` (rows the method saw), an ``insample_output_error`` column."""
+    spent quantizing, ``info`` (what the method decided, as JSON: chosen smoothing, SVD, LoRaQ loss
+    curve, ...); with ``insample`` (rows the method saw), an ``insample_output_error`` column."""
     rows = []
     for name, q in quantized.items():
         layer = originals[name]
@@ -61,6 +63,7 @@ def layer_errors(
             "rel_weight_error": relative_weight_error(layer, q),
             "rel_output_error": float("nan") if x is None else relative_output_error(layer, q, x),
             "seconds": float("nan") if seconds is None else seconds.get(name, float("nan")),
+            "info": json.dumps(getattr(q, "info", {}), default=str),  # what the method decided (JSON)
         }
         if insample is not None:
             seen = _nonempty(insample, name)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -35,12 +36,14 @@ from ptqbench.prompts import PromptSet, get_prompt_set
 from ptqbench.quantcache import FOLDER, quantize_cached, quantized_key
 from ptqbench.shapes import model_bytes, other_elements
 from ptqbench.stats import LayerStats, StatsSpec
+from ptqbench.uncertainty import DEFAULT as DEFAULT_BOOTSTRAP
+from ptqbench.uncertainty import Bootstrap
 
 __all__ = ["EvalResult", "evaluate"]
 
 LAYER_ERROR_COLUMNS = (
     "layer", "out_features", "in_features", "rank", "bits", "bits_per_weight",
-    "rel_weight_error", "rel_output_error", "seconds", "insample_output_error",
+    "rel_weight_error", "rel_output_error", "seconds", "info", "insample_output_error",
 )
 HELDOUT_ROWS = 256  # held-out calibration rows per layer: rel_output_error (the method never saw them)
 SAMPLE_ROWS = 64  # of the method's calibration rows: insample_output_error (methods that use rows)
@@ -152,16 +155,21 @@ def evaluate(
     ranks: dict[str, int] | None = None,
     progress: StageProgress | None = None,
     real_dir: Path | None = None,
+    bootstrap: Bootstrap | None = DEFAULT_BOOTSTRAP,
+    metric_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> EvalResult:
     """Run one cell; ``method=None`` is the 16-bit reference (its images are the cached reference).
 
     Quantized images go to ``out_dir/images``; ``real_dir`` (real images, for FID) is passed to
-    the metrics. Timings (seconds): reference, calibrate, quantize, generate, metrics, total.
+    the metrics, ``bootstrap`` how they compute intervals (None: none) and ``metric_options``
+    the options of each metric by name (e.g. ``{"fid": {"min_n": 1000}}``). Timings (seconds):
+    reference, calibrate, quantize, generate, metrics, total.
     """
     progress = progress or NullProgress()
     start = time.perf_counter()
     timings = {"reference": 0.0, "calibrate": 0.0, "quantize": 0.0, "generate": 0.0, "metrics": 0.0}
-    scorers = {name: get_metric(name) for name in metrics}  # unknown names fail before any work
+    options = metric_options or {}
+    scorers = {name: get_metric(name, **options.get(name, {})) for name in metrics}  # unknown names fail first
     transformer = pipeline.transformer
     plan = plan or LayerPlan.for_model(transformer)
     out_dir = Path(out_dir)
@@ -212,7 +220,7 @@ def evaluate(
     results: dict[str, MetricResult] = {}
     with _Timer(timings, "metrics"):
         inputs = MetricInputs(images, reference, list(prompts.prompts), real_dir, str(pipeline.device),
-                              cache=cache, keys=prompts.keys)
+                              bootstrap=bootstrap, cache=cache, keys=prompts.keys)
         for name, scorer in scorers.items():
             if method is None and "reference" in scorer.needs:
                 results[name] = MetricResult.missing(scorer, REFERENCE_ITSELF)

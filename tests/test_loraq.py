@@ -14,8 +14,8 @@ from torch import nn
 from ptqbench import get_method
 from ptqbench.errors import UserError
 from ptqbench.formats import get_format
+from ptqbench.lowrank import BranchSpec, truncated_svd
 from ptqbench.methods.loraq import CHECK_EVERY, SCHEDULES, Objective, Trace, converged, optimize
-from ptqbench.methods.svdquant import BranchSpec, truncated_svd
 from ptqbench.report.plots import loraq_curve_plot, loss_curve_plot, run_loss_curves
 from ptqbench.report.tables import Group
 from ptqbench.rotation import get_rotation
