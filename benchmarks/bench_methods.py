@@ -147,13 +147,14 @@ def main(argv: list[str] | None = None) -> int:
           "branch_act_format": "mxfp8_e4m3"}
     int4 = {"weight_format": "int4_g64", "act_format": "int4_g64"}
     runs = [
-        ("loraq", get_method("loraq", **mx, rank=lowrank["loraq"], steps=args.steps), None),
+        ("loraq", get_method("loraq", **mx, rank=lowrank["loraq"], steps=args.steps, patience=0), None),
         ("loraq_init", get_method("loraq", **mx, rank=lowrank["loraq"], steps=0), None),
         ("svdquant_search", get_method("svdquant", **int4, rank=lowrank["svdquant"], rows=args.rows), stats),
         ("svdquant_datafree", get_method("svdquant", **int4, rank=lowrank["svdquant"]), None),
     ]
     if args.all:
-        runs.append(("loraq_smoothed", get_method("loraq", **mx, rank=lowrank["loraq"], steps=args.steps), stats))
+        runs.append(("loraq_smoothed", get_method("loraq", **mx, rank=lowrank["loraq"], steps=args.steps, patience=0),
+                     stats))
 
     warm = dict(list(layers.items())[:3])
     for _, method, st in runs:  # warm-up: kernels, cuBLAS/cuSOLVER handles, allocator

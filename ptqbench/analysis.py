@@ -1,7 +1,14 @@
-"""Per-layer error analysis shared by the runner and ``ptqbench layers``."""
+"""Per-layer error analysis shared by the runner and ``ptqbench layers``.
+
+The relative output error ``rel_output_error`` is measured on held-out input rows, which the
+method never saw (``ptqbench layers``: the evaluation half of its texts; the runner: the held-out
+calibration rows, :attr:`ptqbench.stats.StatsSpec.heldout`); the runner also records
+``insample_output_error`` on rows the method was calibrated on, for methods that used rows.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import pandas as pd
@@ -36,24 +43,35 @@ def layer_errors(
     quantized: Mapping[str, QuantLinear],
     inputs: Mapping[str, torch.Tensor] | None = None,
     seconds: Mapping[str, float] | None = None,
+    insample: Mapping[str, torch.Tensor] | None = None,
 ) -> pd.DataFrame:
-    """One row per quantized layer: shape, bits, bits per weight, relative weight error and
-    (where sample inputs are given) relative output error, seconds spent quantizing."""
+    """One row per quantized layer: shape, bits, bits per weight, relative weight error,
+    relative output error on the held-out rows ``inputs`` (NaN where a layer has none), seconds
+    spent quantizing, ``info`` (what the method decided, as JSON: chosen smoothing, SVD, LoRaQ loss
+    curve, ...); with ``insample`` (rows the method saw), an ``insample_output_error`` column."""
     rows = []
     for name, q in quantized.items():
         layer = originals[name]
-        x = None if inputs is None else inputs.get(name)
-        rows.append(
-            {
-                "layer": name,
-                "out_features": q.out_features,
-                "in_features": q.in_features,
-                "rank": q.branch.rank if q.branch is not None else 0,
-                "bits": q.bits(),
-                "bits_per_weight": q.bits() / (q.out_features * q.in_features),
-                "rel_weight_error": relative_weight_error(layer, q),
-                "rel_output_error": float("nan") if x is None else relative_output_error(layer, q, x),
-                "seconds": float("nan") if seconds is None else seconds.get(name, float("nan")),
-            }
-        )
+        x = _nonempty(inputs, name)
+        row = {
+            "layer": name,
+            "out_features": q.out_features,
+            "in_features": q.in_features,
+            "rank": q.branch.rank if q.branch is not None else 0,
+            "bits": q.bits(),
+            "bits_per_weight": q.bits() / (q.out_features * q.in_features),
+            "rel_weight_error": relative_weight_error(layer, q),
+            "rel_output_error": float("nan") if x is None else relative_output_error(layer, q, x),
+            "seconds": float("nan") if seconds is None else seconds.get(name, float("nan")),
+            "info": json.dumps(getattr(q, "info", {}), default=str),  # what the method decided (JSON)
+        }
+        if insample is not None:
+            seen = _nonempty(insample, name)
+            row["insample_output_error"] = float("nan") if seen is None else relative_output_error(layer, q, seen)
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _nonempty(inputs: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:
+    x = None if inputs is None else inputs.get(name)
+    return x if x is not None and x.shape[0] > 0 else None

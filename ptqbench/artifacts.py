@@ -1,5 +1,6 @@
-"""What a finished cell leaves as MLflow artifacts: its resolved configuration, per-layer errors,
-what was patched, a few sample images and a captioned grid of them (names in :mod:`ptqbench.schema`)."""
+"""What a finished cell leaves as MLflow artifacts: its resolved configuration, its per-image
+scores, per-layer errors, what was patched, a few sample images and a captioned grid of them
+(names in :mod:`ptqbench.schema`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ptqbench.generation import INDEX
 
 if TYPE_CHECKING:
     from ptqbench.evaluate import EvalResult
+    from ptqbench.prompts import PromptSet
     from ptqbench.suite import Cell
 
 SAMPLES = 8  # images logged per cell (the same prompts and seeds in every cell of a model)
@@ -54,6 +56,13 @@ def write_artifacts(cell: Cell, result: EvalResult, folder: Path, params: Mappin
             folder / schema.GRID_FILE
         )
     return folder
+
+
+def write_scores(folder: Path, prompts: PromptSet, result: EvalResult) -> Path:
+    """``per_image.csv`` in ``folder``: one row per image (prompt key, seed), a column per per-image metric."""
+    from ptqbench.metrics.base import write_per_image
+
+    return write_per_image(folder / schema.PER_IMAGE_FILE, prompts.keys, prompts.seeds(), result.metrics)
 
 
 def _samples(images_dir: Path, target: Path) -> list[dict[str, Any]]:

@@ -1,17 +1,22 @@
 """Evaluate one (pipeline, method) cell: calibrate, quantize, generate, score, restore.
 
-:func:`evaluate` calibrates when the method uses statistics, quantizes the transformer's selected
-layers in place, records per-layer errors, generates images with the prompts' fixed seeds,
+:func:`evaluate` calibrates (always: besides what the method uses, calibration draws held-out rows
+per layer, never given to the method, on which every method's per-layer output error is measured),
+quantizes the transformer's selected layers in place, records per-layer errors (see
+:mod:`ptqbench.analysis`), generates images with the prompts' fixed seeds,
 scores the metrics against the cached 16-bit reference images and always restores the
 transformer, so one loaded pipeline serves many cells. ``method=None`` is the 16-bit reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -21,26 +26,32 @@ from ptqbench import distributed as dist
 from ptqbench.analysis import layer_errors
 from ptqbench.cache import Cache
 from ptqbench.calibration import CalibConfig, calibrate, calibration_key
+from ptqbench.errors import UserError
 from ptqbench.generation import NullProgress, StageProgress, generate_shared, model_identity, reference_images
 from ptqbench.memory import model_bits
 from ptqbench.method import Method
 from ptqbench.metrics.base import Metric, MetricInputs, MetricResult, get_metric
 from ptqbench.models.base import GenSettings, Pipeline
 from ptqbench.patching import LayerPlan, PatchReport, quantize_model, restore_model, select_layers
-from ptqbench.prompts import PromptSet
+from ptqbench.prompts import PromptSet, get_prompt_set
 from ptqbench.quantcache import FOLDER, quantize_cached, quantized_key
 from ptqbench.shapes import model_bytes, other_elements
-from ptqbench.stats import LayerStats
+from ptqbench.stats import LayerStats, StatsSpec
+from ptqbench.uncertainty import DEFAULT as DEFAULT_BOOTSTRAP
+from ptqbench.uncertainty import Bootstrap
 
 __all__ = ["EvalResult", "evaluate"]
 
 LAYER_ERROR_COLUMNS = (
     "layer", "out_features", "in_features", "rank", "bits", "bits_per_weight",
-    "rel_weight_error", "rel_output_error", "seconds",
+    "rel_weight_error", "rel_output_error", "seconds", "info", "insample_output_error",
 )
-SAMPLE_ROWS = 64  # calibration rows per layer used for the relative output error
+HELDOUT_ROWS = 256  # held-out calibration rows per layer: rel_output_error (the method never saw them)
+SAMPLE_ROWS = 64  # of the method's calibration rows: insample_output_error (methods that use rows)
 
 REFERENCE_ITSELF = "the 16-bit reference is not compared with itself"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,11 +72,40 @@ class EvalResult:
     reference_dir: Path | None = None  # the 16-bit reference images
 
 
-def _sample_inputs(stats: Mapping[str, LayerStats] | None) -> dict[str, torch.Tensor] | None:
-    if not stats:
-        return None
-    out = {name: st.rows[:SAMPLE_ROWS] for name, st in stats.items() if st.rows is not None}
-    return out or None
+def _calibrate(
+    pipeline: Pipeline,
+    layers: Mapping[str, nn.Module],
+    spec: StatsSpec,
+    calibration: CalibConfig,
+    settings: GenSettings,
+    cache: Cache,
+    progress: StageProgress,
+) -> dict[str, LayerStats]:
+    """The method's statistics plus HELDOUT_ROWS held-out rows per layer. For a method that uses no
+    statistics the held-out rows only serve the per-layer output error: its calibration prompts are
+    capped at the set's size, and a set that cannot be loaded leaves the layers without (logged)."""
+    collect = spec | StatsSpec(heldout=HELDOUT_ROWS)
+    if spec.empty:
+        try:
+            available = len(get_prompt_set(calibration.prompt_set, path=calibration.path))
+        except UserError as exc:
+            log.warning("no held-out rows for the per-layer output errors: %s", exc)
+            return {}
+        calibration = dataclasses.replace(calibration, n_prompts=min(calibration.n_prompts, available))
+    progress.stage("calibrate", calibration.n_prompts)
+    return calibrate(pipeline, layers, collect, calibration, settings, cache, progress)
+
+
+def heldout_inputs(stats: Mapping[str, LayerStats]) -> dict[str, torch.Tensor]:
+    """The held-out rows of each layer (those calibration drew besides the method's sample)."""
+    return {name: st.heldout for name, st in stats.items() if st.heldout is not None}
+
+
+def insample_inputs(stats: Mapping[str, LayerStats] | None, spec: StatsSpec) -> dict[str, torch.Tensor]:
+    """Up to SAMPLE_ROWS of the rows a method was given, for methods that use rows (else none)."""
+    if not stats or spec.rows == 0:
+        return {}
+    return {name: st.rows[:SAMPLE_ROWS] for name, st in stats.items() if st.rows is not None}
 
 
 class _Timer:
@@ -135,16 +175,21 @@ def evaluate(
     ranks: dict[str, int] | None = None,
     progress: StageProgress | None = None,
     real_dir: Path | None = None,
+    bootstrap: Bootstrap | None = DEFAULT_BOOTSTRAP,
+    metric_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> EvalResult:
     """Run one cell; ``method=None`` is the 16-bit reference (its images are the cached reference).
 
     Quantized images go to ``out_dir/images``; ``real_dir`` (real images, for FID) is passed to
-    the metrics. Timings (seconds): reference, calibrate, quantize, generate, metrics, total.
+    the metrics, ``bootstrap`` how they compute intervals (None: none) and ``metric_options``
+    the options of each metric by name (e.g. ``{"fid": {"min_n": 1000}}``). Timings (seconds):
+    reference, calibrate, quantize, generate, metrics, total.
     """
     progress = progress or NullProgress()
     start = time.perf_counter()
     timings = {"reference": 0.0, "calibrate": 0.0, "quantize": 0.0, "generate": 0.0, "metrics": 0.0}
-    scorers = {name: get_metric(name) for name in metrics}  # unknown names fail before any work
+    options = metric_options or {}
+    scorers = {name: get_metric(name, **options.get(name, {})) for name in metrics}  # unknown names fail first
     transformer = pipeline.transformer
     plan = plan or LayerPlan.for_model(transformer)
     out_dir = Path(out_dir)
@@ -162,13 +207,12 @@ def evaluate(
         errors = pd.DataFrame(columns=list(LAYER_ERROR_COLUMNS))
         images, images_dir, quantized, skipped = reference, ref_dir, [], dict(selection.skipped)
     else:
-        stats, calib_key = None, None
         spec = method.stats_spec()
-        if not spec.empty:
-            calib_key = calibration_key(pipeline, list(selection.layers), spec, calibration, settings)
-            progress.stage("calibrate", calibration.n_prompts)
-            with _Timer(timings, "calibrate"):
-                stats = calibrate(pipeline, selection.layers, spec, calibration, settings, cache, progress)
+        with _Timer(timings, "calibrate"):
+            stats = _calibrate(pipeline, selection.layers, spec, calibration, settings, cache, progress)
+        given = None if spec.empty else {name: st.without_heldout() for name, st in stats.items()}
+        calib_key = None if spec.empty else calibration_key(pipeline, list(selection.layers), spec, calibration,
+                                                            settings)
         report = None
         try:
             progress.stage("quantize", len(selection.layers))
@@ -176,9 +220,11 @@ def evaluate(
                 key = quantized_key(model_identity(pipeline), method, plan, ranks, calib_key)
                 report, seconds = quantize_cached(
                     out_dir / FOLDER / f"{key}.pt", transformer, plan, progress,
-                    lambda: _quantize(transformer, method, stats, plan, ranks, progress),
+                    lambda: _quantize(transformer, method, given, plan, ranks, progress),
                 )
-            errors = layer_errors(report.originals, report.quantized, _sample_inputs(stats), seconds)
+            errors = layer_errors(
+                report.originals, report.quantized, heldout_inputs(stats), seconds, insample_inputs(given, spec)
+            )
             progress.stage("generate", len(prompts))
             images_dir = out_dir / "images"
             with _Timer(timings, "generate"):
@@ -192,7 +238,8 @@ def evaluate(
 
     progress.stage("metrics", len(scorers))
     with _Timer(timings, "metrics"):
-        inputs = MetricInputs(images, reference, list(prompts.prompts), real_dir, str(pipeline.device), cache=cache)
+        inputs = MetricInputs(images, reference, list(prompts.prompts), real_dir, str(pipeline.device),
+                              bootstrap=bootstrap, cache=cache, keys=prompts.keys)
         results = _score(scorers, inputs, method is None, progress)
     timings["total"] = time.perf_counter() - start
     return EvalResult(

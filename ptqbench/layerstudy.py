@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import re
 import time
@@ -425,7 +424,6 @@ def main(args: argparse.Namespace) -> int:
         with torch.no_grad():
             frame = layer_errors(study.layers, quantized, inputs, seconds)
         frame.insert(0, "method", label)
-        frame["info"] = [json.dumps(getattr(quantized[n], "info", {}), default=str) for n in frame["layer"]]
         frames.append(frame)
         del quantized
     table = pd.concat(frames, ignore_index=True)

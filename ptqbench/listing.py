@@ -41,9 +41,11 @@ def rows(kind: str) -> list[tuple[str, str]]:
 
         return [(name, spec.description) for name, spec in MODELS.items()]
     from ptqbench.metrics import METRICS
+    from ptqbench.metrics.weights import availability
 
     return [
-        (name, f"{'higher' if cls.higher_is_better else 'lower'} is better; {describe(cls)}")
+        (name, f"{'higher' if cls.higher_is_better else 'lower'} is better; {describe(cls)}"
+               + (f" [{availability(cls.weight_files)}]" if cls.weight_files else ""))
         for name, cls in METRICS.items()
     ]
 

@@ -44,21 +44,28 @@ class Registry(Generic[T]):
     def register(self, name: str, obj: T | str | None = None) -> Any:
         """Register ``obj`` (or a ``"module:object"`` string) under ``name``.
 
-        Without ``obj`` it returns a decorator. The built-ins are loaded first, so a name they hold
-        is a duplicate even before the registry's first lookup.
+        Without ``obj`` it returns a decorator. For a registration from outside the built-ins'
+        package the built-ins are loaded first, so a name they hold is a duplicate even before the
+        registry's first lookup (a built-in's own registration does not load the others: it may run
+        while they are being imported).
         """
         if obj is None:
             def decorator(target: T) -> T:
                 self.register(name, target)
                 return target
             return decorator
-        self._load()
+        if not self._is_builtin(obj):
+            self._load()
         current = self._entries.get(name)
         # A lazy entry (entry point) may be replaced by the registration its import performs.
         if current is not None and not (isinstance(current, str) and not isinstance(obj, str)):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = obj
         return obj
+
+    def _is_builtin(self, obj: object) -> bool:
+        module = getattr(obj, "__module__", None) or ""
+        return module.partition(".")[0] in {b.partition(".")[0] for b in self._builtins}
 
     def unregister(self, name: str) -> None:
         self._entries.pop(name, None)

@@ -34,7 +34,7 @@ from typing import Any
 
 from ptqbench import distributed as dist
 from ptqbench import schema
-from ptqbench.artifacts import write_artifacts
+from ptqbench.artifacts import write_artifacts, write_scores
 from ptqbench.display import dry_run_lines
 from ptqbench.errors import UserError
 from ptqbench.labels import formats_text, rank_text
@@ -403,6 +403,8 @@ class Runner:
             ranks=dict(cell.ranks) if cell.ranks else None,
             progress=progress,
             real_dir=Path(cell.prompts.real) if cell.prompts.real else None,
+            bootstrap=self.suite.uncertainty,
+            metric_options=self.suite.metric_options,
         )
 
     # ------------------------------------------------------------------ what is logged
@@ -442,7 +444,11 @@ class Runner:
         where = image_tags(result.images_dir, result.reference_dir,
                            Path(cell.prompts.real) if cell.prompts.real else None)
         self.tracker.set_tags(run_id, {**tags, **where, **score_tags(result.metrics, where)})
-        self.tracker.log_artifacts(run_id, write_artifacts(cell, result, out_dir / "artifacts", self.params(cell)))
+        options = {schema.METRIC_OPTIONS: self.suite.metric_options} if self.suite.metric_options else {}
+        self.tracker.log_params(run_id, {**schema.interval_params(self.suite.uncertainty), **options})
+        folder = write_artifacts(cell, result, out_dir / "artifacts", self.params(cell))
+        write_scores(folder, self.prompt_set(cell), result)
+        self.tracker.log_artifacts(run_id, folder)
 
 
 # ============================================================================ helpers

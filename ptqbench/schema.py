@@ -7,20 +7,27 @@ One experiment per suite, one run per cell. The names below are the whole contra
 - **tags**: ``cell_hash`` (the content hash of the cell's resolved configuration), ``suite``,
   ``suite_file``, ``model``, ``method`` (``none`` for the 16-bit reference), ``prompt_set``,
   ``is_reference`` (``true``/``false``), ``label``, ``formats``, ``rank``, ``ptqbench.status``
-  (running / finished / failed), ``ptqbench.error``, ``metric_direction.<m>`` (higher / lower)
-  and ``metric_status.<m>`` (``not_computed: <why>``, only for metrics without a value);
+  (running / finished / failed), ``ptqbench.error``, ``metric_direction.<m>`` (higher / lower),
+  ``metric_status.<m>`` (``not_computed: <why>``, only for metrics without a value),
+  ``metric_warning.<m>`` (a caveat of a computed value, e.g. a Frechet distance at small n);
   ``images_dir``, ``reference_dir`` and ``real_dir`` (where the run's images, its 16-bit reference
   images and the real images are: what ``ptqbench score`` reads), ``score_key.<m>`` (the digest of
   the images, the metric and its weights that ``<m>`` was computed from), and for replicated
   cells ``replicate`` (0..k-1) and ``replicate_group`` (the hash of replicate 0, shared by all k);
 - **params**: the resolved configuration (generation settings as ``gen.<name>``, since a method
   may have a field of the same name), ``bits_per_weight``, ``model_bytes``, ``versions.<pkg>``,
-  ``git_commit``, ``device``, ``threads`` and ``cell_hash``;
-- **metrics**: each computed quality metric ``<m>`` with its sample count ``<m>_n``;
+  ``git_commit``, ``device``, ``threads``, ``cell_hash`` and how intervals were computed:
+  ``ci.level``, ``ci.resamples``, ``ci.set_resamples``, ``ci.seed``, ``ci.method``, ``ci.test``
+  (:class:`ptqbench.uncertainty.Bootstrap`) and ``metric_options.<m>.<option>`` (a suite's
+  ``{name: m, option: value}``, e.g. ``metric_options.fid.min_n``);
+- **metrics**: each computed quality metric ``<m>`` with its sample count ``<m>_n`` and, where it
+  has one, its confidence interval ``<m>.lo`` / ``<m>.hi``;
   ``bits_per_weight``, ``model_bytes``, ``layer_rel_{weight,output}_error_{mean,max}`` and
   ``seconds_<stage>`` and ``images_generated`` (images this run generated; fewer than n when it
   resumed a killed cell) as bookkeeping;
-- **artifacts**: ``config.yaml``, ``layer_errors.csv``, ``patch_report.json``, ``grid.png``,
+- **artifacts**: ``config.yaml``, ``per_image.csv`` (one row per image: ``key``, ``seed``, a
+  column per per-image metric; :func:`ptqbench.metrics.base.read_per_image`),
+  ``layer_errors.csv``, ``patch_report.json``, ``grid.png``,
   ``samples/`` (with ``samples/index.json``) and, for a failed run, ``traceback.txt``.
 """
 
@@ -35,6 +42,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from ptqbench.evaluate import EvalResult
+    from ptqbench.metrics.base import MetricResult
+    from ptqbench.uncertainty import Bootstrap
 
 # ----------------------------------------------------------------------------- tags
 HASH = "cell_hash"
@@ -51,6 +60,7 @@ STATUS = "ptqbench.status"
 ERROR = "ptqbench.error"
 METRIC_STATUS = "metric_status."
 METRIC_DIRECTION = "metric_direction."
+METRIC_WARNING = "metric_warning."
 NOT_COMPUTED = "not_computed: "
 IMAGES_DIR = "images_dir"
 REFERENCE_DIR = "reference_dir"
@@ -75,6 +85,9 @@ GIT_COMMIT = "git_commit"
 DEVICE = "device"
 THREADS = "threads"
 FORMAT_FIELDS = ("weight_format", "act_format", "branch_format", "branch_act_format")
+CI = "ci."  # the interval settings: ci.level, ci.resamples, ... (the fields of uncertainty.Bootstrap)
+CI_FIELDS = ("level", "resamples", "set_resamples", "seed", "method", "test")
+METRIC_OPTIONS = "metric_options"  # metric_options.<m>.<option>: a suite's {name: m, option: value}
 
 # The settings a report table compares within (same reference images, same n), and their params.
 SETTINGS = ("n_prompts", "steps", "guidance", "resolution", "dtype")
@@ -87,10 +100,17 @@ LAYER = "layer_"
 IMAGES_GENERATED = "images_generated"
 BOOKKEEPING_METRICS = (BITS_PER_WEIGHT, MODEL_BYTES, IMAGES_GENERATED)  # non-quality numbers logged as metrics
 BOOKKEEPING_PREFIXES = (LAYER, SECONDS)
-LAYER_ERROR_COLUMNS = {"rel_weight_error": "weight", "rel_output_error": "output"}
+# layer_errors.csv column -> the run metric summarizing it (``_mean``, ``_max``): ``rel_output_error``
+# is measured on held-out rows, ``insample_output_error`` on rows the method saw.
+LAYER_ERROR_COLUMNS = {
+    "rel_weight_error": f"{LAYER}rel_weight_error",
+    "rel_output_error": f"{LAYER}heldout_output_error",
+    "insample_output_error": f"{LAYER}insample_output_error",
+}
 
 # ----------------------------------------------------------------------------- artifacts
 CONFIG_FILE = "config.yaml"
+PER_IMAGE_FILE = "per_image.csv"
 LAYER_ERRORS_FILE = "layer_errors.csv"
 PATCH_REPORT_FILE = "patch_report.json"
 GRID_FILE = "grid.png"
@@ -121,15 +141,8 @@ def experiment_tags(suite_file: str, description: str) -> dict[str, str]:
 
 
 def result_metrics(result: EvalResult, seconds: float) -> tuple[dict[str, float | None], dict[str, str]]:
-    """The metrics of a finished cell and the ``metric_status`` tags of those without a value."""
-    metrics: dict[str, float | None] = {}
-    tags: dict[str, str] = {}
-    for name, m in result.metrics.items():
-        if m.status == "ok" and m.value is not None:
-            metrics[name] = m.value
-            metrics[n_metric(name)] = m.n
-        else:
-            tags[METRIC_STATUS + name] = f"{NOT_COMPUTED}{m.reason}"
+    """The metrics of a finished cell (:func:`score_values` of its metrics, then the bookkeeping)."""
+    metrics, tags = score_values(result.metrics)
     metrics.update({BITS_PER_WEIGHT: result.bits_per_weight, MODEL_BYTES: result.model_bytes,
                     IMAGES_GENERATED: result.images_generated})
     metrics.update(layer_error_summary(result.layer_errors))
@@ -139,18 +152,47 @@ def result_metrics(result: EvalResult, seconds: float) -> tuple[dict[str, float 
     return metrics, tags
 
 
+def score_values(results: Mapping[str, MetricResult]) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Quality metrics as logged: each computed one's :meth:`~ptqbench.metrics.base.MetricResult.summary`
+    (value, ``_n``, ``.lo``/``.hi``), ``metric_warning`` tags of those with a caveat and
+    ``metric_status`` tags of those without a value."""
+    metrics: dict[str, float | None] = {}
+    tags: dict[str, str] = {}
+    for name, m in results.items():
+        summary = m.summary()
+        if summary:
+            metrics.update(summary)
+            if m.warning:
+                tags[METRIC_WARNING + name] = m.warning
+        else:
+            tags[METRIC_STATUS + name] = f"{NOT_COMPUTED}{m.reason}"
+    return metrics, tags
+
+
+def interval_params(config: Bootstrap | None) -> dict[str, str | float | int]:
+    """The ``ci.*`` params of a run's interval settings (none when intervals are off)."""
+    return {} if config is None else {CI + f: getattr(config, f) for f in CI_FIELDS}
+
+
+def interval_settings(params: Mapping[str, str]) -> dict[str, str]:
+    """The logged ``ci.*`` params of a run, by field (``level`` -> ``"0.95"``), for ``Bootstrap``."""
+    return {f: params[CI + f] for f in CI_FIELDS if CI + f in params}
+
+
 def layer_error_summary(frame: pd.DataFrame | None) -> dict[str, float]:
-    """Mean and max of the per-layer relative errors (NaN-free; absent when nothing was measured)."""
+    """Model-wide mean and max of the per-layer errors, as run metrics: ``layer_rel_weight_error``,
+    ``layer_heldout_output_error`` (on held-out rows) and ``layer_insample_output_error`` (on rows
+    the method saw), each ``_mean`` and ``_max`` (NaN-free; absent when nothing was measured)."""
     out: dict[str, float] = {}
     if frame is None or len(frame) == 0:
         return out
-    for column, short in LAYER_ERROR_COLUMNS.items():
+    for column, metric in LAYER_ERROR_COLUMNS.items():
         if column not in frame:
             continue
         values = [float(v) for v in frame[column] if v is not None and not math.isnan(float(v))]
         if values:
-            out[f"{LAYER}rel_{short}_error_mean"] = sum(values) / len(values)
-            out[f"{LAYER}rel_{short}_error_max"] = max(values)
+            out[f"{metric}_mean"] = sum(values) / len(values)
+            out[f"{metric}_max"] = max(values)
     return out
 
 

@@ -121,18 +121,14 @@ def score_run(tracker: Any, run: Any, names: Sequence[str] | None = None, device
 def log_scores(
     tracker: Any, run_id: str, results: Mapping[str, MetricResult], keys: Mapping[str, str], tags: Mapping[str, str]
 ) -> None:
-    """Log scores into a run: values (``<m>``, ``<m>_n``) or ``metric_status.<m>``, and their keys."""
-    values: dict[str, float | None] = {}
-    new_tags = dict(keys)
-    for name, m in results.items():
-        if m.status == "ok" and m.value is not None:
-            values[name], values[schema.n_metric(name)] = m.value, m.n
-            if schema.METRIC_STATUS + name in tags:
-                tracker.client.delete_tag(run_id, schema.METRIC_STATUS + name)
-        else:
-            new_tags[schema.METRIC_STATUS + name] = f"{schema.NOT_COMPUTED}{m.reason}"
+    """Log scores into a run (:func:`ptqbench.schema.score_values`) with their keys; a metric that
+    now has a value loses its old ``metric_status`` tag."""
+    values, status = schema.score_values(results)
+    for name in results:
+        if name in values and schema.METRIC_STATUS + name in tags:
+            tracker.client.delete_tag(run_id, schema.METRIC_STATUS + name)
     tracker.log_metrics(run_id, values)
-    tracker.set_tags(run_id, new_tags)
+    tracker.set_tags(run_id, {**keys, **status})
 
 
 # ============================================================================ the command

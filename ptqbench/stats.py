@@ -2,11 +2,12 @@
 
 A method declares what it needs (:class:`StatsSpec`); :class:`StatsCollector` hooks the
 selected layers, accumulates per-channel abs-max, a bounded uniform sample of input rows
-(bottom-k reservoir with a seeded generator) or every row (``rows=-1``, :data:`ALL_ROWS`) and
-optionally ``X^T X`` (full or diagonal), and returns one :class:`LayerStats` per layer. With a
-sample, memory is bounded by ``rows`` x ``in_features`` (+ ``in_features^2`` for a full ``X^T X``)
-per layer, whatever the number of forwards; all rows cost 4 bytes per row and input channel
-(kept on the CPU; methods stream them to the device in chunks).
+(bottom-k reservoir with a seeded generator) or every row (``rows=-1``, :data:`ALL_ROWS`),
+optionally a held-out sample disjoint from the reservoir sample, and optionally ``X^T X`` (full or
+diagonal), and returns one :class:`LayerStats` per layer. With a sample, memory is bounded by
+``rows + heldout`` x ``in_features`` (+ ``in_features^2`` for a full ``X^T X``) per layer, whatever
+the number of forwards; all rows cost 4 bytes per row and input channel (kept on the CPU; methods
+stream them to the device in chunks), and leave no rows to hold out.
 
 The statistics do not depend on how the forwards are split across processes: each input row has
 a position (batch, the layer's call within the batch, row) and a sampling key drawn from a
@@ -40,11 +41,18 @@ def merge_rows(a: int, b: int) -> int:
 
 @dataclass(frozen=True)
 class StatsSpec:
-    """What a method needs: per-channel abs-max, ``rows`` sampled input rows (-1: all), ``X^T X``."""
+    """What a method needs: per-channel abs-max, ``rows`` sampled input rows (-1: all), ``X^T X``;
+    and ``heldout`` rows for measuring a quantized layer on inputs its method never saw.
+
+    The held-out rows are the ``heldout`` rows ranked next after the ``rows`` sample by the same
+    random keys: a uniform sample of the rows outside it, so disjoint from it, and the ``rows``
+    sample is the same with or without them (none with all rows).
+    """
 
     absmax: bool = False
     rows: int = 0
     xtx: XtX = "none"
+    heldout: int = 0
 
     def __or__(self, other: StatsSpec) -> StatsSpec:
         order = ("none", "diag", "full")
@@ -52,37 +60,46 @@ class StatsSpec:
             self.absmax or other.absmax,
             merge_rows(self.rows, other.rows),
             order[max(order.index(self.xtx), order.index(other.xtx))],
+            max(self.heldout, other.heldout),
         )
 
     @property
     def empty(self) -> bool:
-        return not self.absmax and self.rows == 0 and self.xtx == "none"
+        return not self.absmax and self.rows == 0 and self.xtx == "none" and self.heldout == 0
 
 
 @dataclass
 class LayerStats:
-    """Statistics of one layer's input ``X`` [tokens, in_features] (float32, on CPU)."""
+    """Statistics of one layer's input ``X`` [tokens, in_features] (float32, on CPU); ``heldout``
+    rows are not part of what a method is given (see :class:`StatsSpec`)."""
 
     absmax: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     xtx: torch.Tensor | None = None
     count: int = 0
+    heldout: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> LayerStats:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return LayerStats(move(self.absmax), move(self.rows), move(self.xtx), self.count)
+        return LayerStats(move(self.absmax), move(self.rows), move(self.xtx), self.count, move(self.heldout))
+
+    def without_heldout(self) -> LayerStats:
+        """These statistics as a method gets them (no held-out rows)."""
+        return LayerStats(self.absmax, self.rows, self.xtx, self.count)
 
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors for saving (safetensors); ``from_state`` rebuilds."""
         out = {"count": torch.tensor(self.count)}
-        for name in ("absmax", "rows", "xtx"):
+        for name in ("absmax", "rows", "xtx", "heldout"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name).contiguous()
         return out
 
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor]) -> LayerStats:
-        return cls(state.get("absmax"), state.get("rows"), state.get("xtx"), int(state["count"]))
+        return cls(
+            state.get("absmax"), state.get("rows"), state.get("xtx"), int(state["count"]), state.get("heldout")
+        )
 
 
 def as_rows(x: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -144,14 +161,18 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b.to(a.device)])
 
 
-def _merge_sampled(ps: Sequence[Partial], k: int) -> torch.Tensor | None:
+def _merge_sampled(ps: Sequence[Partial], spec: StatsSpec) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(sample, held-out rows): the ``rows`` smallest keys, then the ``heldout`` next, each in position order."""
     sampled = [p for p in ps if p.keys is not None]
     if not sampled:
-        return None
+        return None, None
     cat = lambda get: torch.cat([get(p).cpu() for p in sampled])  # noqa: E731
-    merged = Partial(keys=cat(lambda p: p.keys), pos=cat(lambda p: p.pos), rows=cat(lambda p: p.rows))
-    _keep_smallest(merged, k)
-    return merged.rows
+    keys, pos, rows = cat(lambda p: p.keys), cat(lambda p: p.pos), cat(lambda p: p.rows)
+    by_pos = torch.argsort(pos, stable=True)
+    ranked = by_pos[torch.argsort(keys[by_pos], stable=True)][: spec.rows + spec.heldout]
+    first, rest = ranked[: spec.rows], ranked[spec.rows :]
+    pick = lambda idx: rows[idx[torch.argsort(pos[idx])]]  # noqa: E731
+    return (pick(first) if spec.rows else None), (pick(rest) if spec.heldout else None)
 
 
 def _merge_sums(ps: Sequence[Partial]) -> LayerStats:
@@ -183,8 +204,8 @@ def merge_partials(
             if parts and key not in joined:
                 joined[key] = parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts])
             st.rows = joined.get(key) if parts else None
-        elif spec.rows:
-            st.rows = _merge_sampled(ps, spec.rows)
+        elif spec.rows or spec.heldout:
+            st.rows, st.heldout = _merge_sampled(ps, spec)
         out[name] = st.to(device)
     return out
 
@@ -244,12 +265,12 @@ class StatsCollector:
             p.xtx = part if p.xtx is None else p.xtx + part.to(p.xtx.device)
         if spec.rows == ALL_ROWS:
             p.parts.append((self.batch, self._keep(x)))
-        elif spec.rows:
+        elif spec.rows or spec.heldout:
             n = x.shape[0]
             p.keys = _cat(p.keys, row_keys(self.seed, name, self.batch, call, n).to(x.device))
             p.pos = _cat(p.pos, row_positions(self.batch, call, n).to(x.device))
             p.rows = _cat(p.rows, x.to(torch.float32, copy=True))  # never a view of the layer input
-            _keep_smallest(p, spec.rows)
+            _keep_smallest(p, spec.rows + spec.heldout)
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         """A float32 CPU copy of ``x``; layers fed the same rows in a row (fused q/k/v) share one."""

@@ -10,7 +10,8 @@ Schema (``suites/*.yaml`` are commented examples)::
       - {name: sana-1.6b, path: /local/diffusers/folder, dtype: bf16, steps: 20, resolution: 1024}
     prompts: {set: mjhq, n: 5000, path: meta_data.json, real: ${MJHQ_IMAGES}}   # or a list of them
     calibration: {set: mjhq-calib, n: 64, steps, guidance, resolution, seed: 0, rows: 256, path}
-    metrics: [fid, image_reward, lpips, psnr]   # not in the cell hash: scored from the saved images
+    metrics: [fid, image_reward, lpips, psnr]   # or {name: fid, min_n: 1000}; not in the cell hash
+    uncertainty: {level: 0.95, resamples: 2000, set_resamples: 200, seed: 0, method: bca, test: bootstrap}
     replicates: 3                   # re-draw the method's seeds k times (also per method entry)
     layers: {include: ["*"], exclude: ["*.ff.net.2"]}   # on top of each model's default skips
     budget:                         # for `rank: budget` (equal memory)
@@ -33,7 +34,9 @@ Paths are relative to the suite file; ``~`` and ``$VAR`` expand (``real`` naming
 means no real images: metrics that need them are recorded as not computed). Each model gets a
 16-bit reference cell per prompt set, and every cell a hash (:func:`ptqbench.cache.cache_key`) of
 what changes its images (model, method, formats, rank, layers, prompts, sampling, calibration;
-not the metric list nor the batch size, :data:`NOT_HASHED`). ``replicates: k`` (top level or per
+not the metric list nor the batch size, :data:`NOT_HASHED`). Metric options and ``uncertainty``
+(how confidence intervals and paired tests are computed: :class:`ptqbench.uncertainty.Bootstrap`)
+do not change the images either, so they are not in the hash. ``replicates: k`` (top level or per
 method entry) re-draws the stochastic parts of a method k times, each replicate a cell of its own:
 replicate ``r`` adds ``r`` to the method's ``seed`` (random rotation, randomized SVD) and to the
 calibration's ``seed`` (sampled rows and calibration noise) when the method calibrates; replicate 0
@@ -67,6 +70,8 @@ from ptqbench.method import METHODS, LowRankMethod, Method
 from ptqbench.models.base import GenSettings, ModelSpec
 from ptqbench.patching import LayerPlan
 from ptqbench.shapes import ModelShapes, ShapeCache, ShapesFn
+from ptqbench.uncertainty import DEFAULT as DEFAULT_BOOTSTRAP
+from ptqbench.uncertainty import Bootstrap
 
 YamlPath = tuple[str | int, ...]
 BUDGET = "budget"
@@ -371,6 +376,8 @@ class Suite:
     grid: tuple[GridPoint, ...]
     budget: Budget | None = None
     replicates: int = 1
+    uncertainty: Bootstrap = DEFAULT_BOOTSTRAP  # intervals and paired tests (not in any cell hash)
+    metric_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # by name, for get_metric
 
     @property
     def file(self) -> str:
@@ -380,6 +387,7 @@ class Suite:
 TOP_KEYS = (
     "name", "description", "defaults", "models", "prompts", "calibration", "metrics", "layers", "methods", "budget",
     "replicates",
+    "uncertainty",
 )
 
 
@@ -391,7 +399,7 @@ def load_suite(path: str | Path) -> Suite:
     models = _models(src, data["models"], _defaults(src, data.get("defaults", {})))
     prompts = _prompts(src, data.get("prompts", {"set": "builtin"}))
     calibration = _calibration(src, data.get("calibration", {}))
-    metrics = _metrics(src, data.get("metrics", []))
+    metrics, metric_options = _metrics(src, data.get("metrics", []))
     layers = _layers(src, ("layers",), data.get("layers", {}))
     budget = _budget(src, data["budget"]) if data.get("budget") is not None else None
     return Suite(
@@ -406,6 +414,8 @@ def load_suite(path: str | Path) -> Suite:
         grid=_grid(src, data["methods"], layers, budget),
         budget=budget,
         replicates=_int(src, ("replicates",), data["replicates"], low=1) if "replicates" in data else 1,
+        uncertainty=_uncertainty(src, data.get("uncertainty") or {}),
+        metric_options=metric_options,
     )
 
 
@@ -501,16 +511,57 @@ def _calibration(src: Source, value: Any) -> CalibConfig:
     return CalibConfig(**{CALIBRATION_KEYS[k]: v for k, v in out.items()})
 
 
-def _metrics(src: Source, value: Any) -> tuple[str, ...]:
-    from ptqbench.metrics.base import METRICS
+def _metrics(src: Source, value: Any) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
+    """Metric names, and the options of those given as ``{name: fid, min_n: 1000}`` (checked by building them)."""
+    from ptqbench.metrics.base import METRICS, get_metric
 
-    names = _str_list(src, ("metrics",), value)
-    for i, name in enumerate(names):
+    items = [value] if isinstance(value, (str, dict)) else value
+    if not isinstance(items, list):
+        raise src.error(("metrics",), f"expected a list of metric names or {{name: ..., option: ...}}, "
+                        f"got {_type_name(value)}")
+    names: list[str] = []
+    options: dict[str, dict[str, Any]] = {}
+    for i, item in enumerate(items):
+        path: YamlPath = ("metrics", i)
+        opts = {}
+        if isinstance(item, dict):
+            if "name" not in item:
+                raise src.error(path, "a metric with options needs its name, e.g. {name: fid, min_n: 1000}")
+            opts = {k: v for k, v in item.items() if k != "name"}
+            item = item["name"]
+        name = _str(src, path, item)
         if name not in METRICS:
-            raise src.error(("metrics", i), str(METRICS.unknown(name)))
+            raise src.error(path, str(METRICS.unknown(name)))
+        if opts:
+            try:
+                get_metric(name, **opts)
+            except UserError as exc:
+                raise src.error(path, str(exc)) from None
+            options[name] = opts
+        names.append(name)
     if len(set(names)) != len(names):
         raise src.error(("metrics",), "a metric is listed twice")
-    return names
+    return tuple(names), options
+
+
+def _uncertainty(src: Source, value: Any) -> Bootstrap:
+    """The ``uncertainty`` block: how intervals and paired tests are computed (defaults for what it omits)."""
+    block = _mapping(src, ("uncertainty",), value, [f.name for f in dataclasses.fields(Bootstrap)])
+    out: dict[str, Any] = {}
+    for key, v in block.items():
+        path = ("uncertainty", key)
+        if key == "level":
+            level = _float(src, path, v, low=0.5)
+            if level >= 1:
+                raise src.error(path, f"{v} is out of range (valid: 0.5 <= level < 1, e.g. 0.95)")
+            out[key] = level
+        elif key in ("resamples", "set_resamples"):
+            out[key] = _int(src, path, v, low=20, high=1_000_000)
+        elif key == "seed":
+            out[key] = _int(src, path, v, low=0)
+        else:
+            out[key] = _str(src, path, v, {"method": ("bca", "percentile"), "test": ("bootstrap", "wilcoxon")}[key])
+    return Bootstrap(**out)
 
 
 def _layers(src: Source, path: YamlPath, value: Any) -> LayerPlan:

@@ -93,15 +93,16 @@ def _shares(spec: StatsSpec, size: int, inputs: list[list[torch.Tensor]]) -> lis
 @pytest.mark.parametrize("xtx", ["full", "diag"])
 def test_statistics_do_not_depend_on_the_number_of_ranks(xtx: str) -> None:
     inputs = _inputs()
-    spec = StatsSpec(absmax=True, rows=7, xtx=xtx)
+    spec = StatsSpec(absmax=True, rows=7, xtx=xtx, heldout=4)
     results = [merge_partials(_shares(spec, size, inputs), spec) for size in (1, 2, 3)]
     for other in results[1:]:
         for name in ("a", "b"):
             one, st = results[0][name], other[name]
             assert st.count == one.count == 6 * 3 * 5
-            for field in ("absmax", "rows", "xtx"):
+            for field in ("absmax", "rows", "xtx", "heldout"):
                 assert torch.equal(getattr(st, field), getattr(one, field)), (name, field)
     # against an independent float64 re-derivation
+    assert results[0]["a"].heldout.shape == (4, 4)
     rows = torch.cat([x for xs in inputs for x in xs]).double()
     assert torch.equal(results[0]["a"].absmax, rows.abs().amax(0).float())
     want = rows.T @ rows if xtx == "full" else (rows * rows).sum(0)

@@ -1,5 +1,6 @@
 """evaluate() end to end on the tiny pipelines: 16-bit identity, W4A4 below W8A8, cached references,
-calibration for methods with statistics, memory accounting, restore, metrics and progress."""
+calibration for methods with statistics, held-out per-layer output errors, memory accounting,
+restore, metrics and progress."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from ptqbench.cache import Cache
 from ptqbench.calibration import CalibConfig
 from ptqbench.errors import UserError
-from ptqbench.evaluate import EvalResult, evaluate
+from ptqbench.evaluate import HELDOUT_ROWS, EvalResult, evaluate
 from ptqbench.generation import generate_images, load_images, read_index, reference_key
 from ptqbench.layers import QuantLinear
 from ptqbench.method import get_method
@@ -26,8 +27,9 @@ from ptqbench.models import GenSettings, get_model
 from ptqbench.models.diffusers_models import build_transformer
 from ptqbench.patching import select_layers
 from ptqbench.prompts import get_prompt_set, seed_for
+from ptqbench.schema import layer_error_summary
 from ptqbench.shapes import model_bytes, other_elements
-from ptqbench.stats import LayerStats, StatsSpec
+from ptqbench.stats import LayerStats, StatsCollector, StatsSpec
 
 SETTINGS = GenSettings(steps=4, guidance=4.5, resolution=32, batch_size=4)
 PROMPTS = get_prompt_set("builtin", 6)
@@ -104,7 +106,15 @@ def test_w4a4_is_worse_than_w8a8(pixart, cache, tmp_path):
     assert math.isfinite(p8) and math.isfinite(p4) and 20 < p4 < p8
     assert w4.bits_per_weight < w8.bits_per_weight < 16
     assert w4.layer_errors.rel_weight_error.mean() > w8.layer_errors.rel_weight_error.mean() > 0
-    assert w4.layer_errors.rel_output_error.isna().all()  # RTN uses no statistics: no sample inputs
+    # RTN uses no statistics, yet gets its output error on the held-out calibration rows; no in-sample one
+    errors = w4.layer_errors
+    assert errors.rel_output_error.notna().all() and (errors.rel_output_error > 0).all()
+    assert errors.insample_output_error.isna().all()
+    assert (w8.layer_errors.rel_output_error < errors.rel_output_error).all()
+    summary = layer_error_summary(errors)
+    assert summary["layer_heldout_output_error_mean"] == pytest.approx(errors.rel_output_error.mean())
+    assert summary["layer_heldout_output_error_max"] == errors.rel_output_error.max()
+    assert "layer_insample_output_error_mean" not in summary and "layer_rel_output_error_mean" not in summary
     # model bytes: the quantized layers at their exact bits, everything else at 16 bits
     layers = select_layers(pixart.transformer).layers
     method = get_method("rtn", weight_format="int4_g64", act_format="int4_g64")
@@ -121,7 +131,9 @@ def test_reference_images_are_generated_once(pixart, cache, tmp_path, monkeypatc
     original = pixart.generate
     monkeypatch.setattr(pixart, "generate", lambda *a, **k: calls.append(len(a[0])) or original(*a, **k))
     again = run(pixart, get_method("rtn", weight_format="int8_pc", act_format="int8_pc"), cache, tmp_path / "b")
-    assert calls == [4, 2]  # only the quantized images (batches of 4), the reference came from the cache
+    # only the quantized images (batches of 4), the reference came from the cache; the calibration run for
+    # RTN's held-out rows (2 prompts) too, unless an earlier test cached it
+    assert calls in ([4, 2], [2, 4, 2])
     assert again.timings["reference"] < again.timings["generate"]
     other = reference_key(pixart, get_prompt_set("builtin", 5), SETTINGS)
     assert other != reference_key(pixart, PROMPTS, SETTINGS)
@@ -152,9 +164,66 @@ def test_method_with_statistics_is_calibrated(pixart, cache, tmp_path):
         got = StatsRTN.seen[id(layer)]
         assert got is not None and got.absmax.shape == (layer.in_features,)
         assert got.rows.shape[0] == 32  # calibration rows (32) >= the method's 8
+        assert got.heldout is None  # held-out rows never reach the method
     errors = result.layer_errors
     assert errors.rel_output_error.notna().all() and (errors.rel_output_error > 0).all()
+    assert errors.insample_output_error.notna().all() and (errors.insample_output_error > 0).all()
     assert (errors.seconds >= 0).all() and result.timings["calibrate"] > 0
+
+
+def test_heldout_rows_are_disjoint_and_leave_the_sample_unchanged():
+    """The held-out rows rank next after the method's sample by the same keys: the sample is the one
+    drawn without them, the two are disjoint, and together they are a uniform sample of the input."""
+    layer = torch.nn.Linear(8, 4)
+    batches = [torch.randn(n, 8) for n in (50, 7, 120, 33)]  # distinct rows (continuous values)
+    got = {}
+    for heldout in (0, 40):
+        with StatsCollector({"l": layer}, StatsSpec(absmax=True, rows=16, heldout=heldout), seed=3) as c:
+            for x in batches:
+                c.update("l", x)
+        got[heldout] = c.result()["l"]
+    plain, split = got[0], got[40]
+    assert plain.heldout is None and torch.equal(split.rows, plain.rows) and split.heldout.shape == (40, 8)
+    everything = torch.cat(batches)
+    index = {tuple(r.tolist()): i for i, r in enumerate(everything)}
+    taken = [index[tuple(r.tolist())] for r in split.rows]
+    held = [index[tuple(r.tolist())] for r in split.heldout]
+    assert not set(taken) & set(held) and held == sorted(held)  # disjoint, in arrival order
+    assert split.count == plain.count == everything.shape[0]
+    assert torch.equal(split.without_heldout().rows, split.rows) and split.without_heldout().heldout is None
+    back = LayerStats.from_state(split.state())
+    assert torch.equal(back.heldout, split.heldout) and torch.equal(back.rows, split.rows)
+    assert StatsSpec(rows=8) | StatsSpec(heldout=5) == StatsSpec(rows=8, heldout=5)
+    assert not StatsSpec(heldout=5).empty
+
+
+def test_stats_free_method_heldout_rows_from_any_calibration_config(pixart, cache, tmp_path):
+    """RTN needs no calibration: more prompts than the set has are capped, and a set that cannot be
+    loaded (MJHQ offline) leaves its layers without held-out errors instead of failing the cell."""
+    rtn = get_method("rtn", weight_format="int8_pc", act_format="int8_pc")
+    many = evaluate(pixart, rtn, PROMPTS, metrics=[], settings=SETTINGS, cache=cache, out_dir=tmp_path / "a",
+                    calibration=CalibConfig(n_prompts=64, rows=32))  # builtin-calib has 24
+    assert many.layer_errors.rel_output_error.notna().all()
+    none = evaluate(pixart, rtn, PROMPTS, metrics=[], settings=SETTINGS, cache=cache, out_dir=tmp_path / "b",
+                    calibration=CalibConfig(prompt_set="mjhq-calib", path=str(tmp_path / "missing")))
+    assert none.layer_errors.rel_output_error.isna().all() and none.layer_errors.rel_weight_error.notna().all()
+    with pytest.raises(UserError, match="MJHQ"):
+        evaluate(pixart, StatsRTN(), PROMPTS, metrics=[], settings=SETTINGS, cache=cache, out_dir=tmp_path / "c",
+                 calibration=CalibConfig(prompt_set="mjhq-calib", path=str(tmp_path / "missing")))
+
+
+def test_searched_method_heldout_error_differs_from_insample(pixart, cache, tmp_path):
+    """SVDQuant chose its smoothing and iterate on its calibration rows: its error there is not the
+    held-out one, which every method gets on the same rows (cached calibration gives the same)."""
+    svdq = get_method("svdquant", weight_format="int4_g64", act_format="int4_g64", rank=4, num_grids=4, num_iters=3)
+    first = run(pixart, svdq, cache, tmp_path / "a").layer_errors
+    assert first.rel_output_error.notna().all() and first.insample_output_error.notna().all()
+    assert not (first.rel_output_error == first.insample_output_error).any()
+    again = run(pixart, svdq, cache, tmp_path / "b").layer_errors  # statistics from the cache
+    assert again.rel_output_error.tolist() == first.rel_output_error.tolist()
+    summary = layer_error_summary(first)
+    assert summary["layer_insample_output_error_mean"] != summary["layer_heldout_output_error_mean"]
+    assert HELDOUT_ROWS > 0
 
 
 def test_restored_even_when_generation_fails(pixart, cache, tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from PIL import Image
 
 from ptqbench.metrics import METRICS, MetricInputs, get_metric, lpips_metric
 from ptqbench.metrics import fid as fid_mod
-from ptqbench.metrics import image_reward as ir_mod
 from ptqbench.metrics import weights as weights_mod
 from ptqbench.metrics.frechet import feature_stats, frechet_distance, frechet_distance_from_stats
 from ptqbench.metrics.pixel import MAX_PSNR_DB, blur_valid_scipy, blur_valid_torch, ssim_per_image
@@ -23,7 +21,7 @@ from ptqbench.registry import describe
 
 WEIGHT_ENVS = (
     "PTQBENCH_WEIGHTS", "PTQBENCH_LPIPS_ALEX", "PTQBENCH_INCEPTION", "PTQBENCH_IMAGEREWARD",
-    "PTQBENCH_IMAGEREWARD_MED_CONFIG", "PTQBENCH_EFFNET_LITE0",
+    "PTQBENCH_BERT_TOKENIZER", "PTQBENCH_CLIP", "PTQBENCH_EFFNET_LITE0",
 )
 
 
@@ -336,17 +334,9 @@ def test_fd_effnet_with_the_real_pretrained_network():
 
 # ---- ImageReward ------------------------------------------------------------------------------
 
-def test_image_reward_without_the_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setitem(sys.modules, "ImageReward", None)
-    r = get_metric("image_reward")(MetricInputs(images(2), prompts=["a cat", "a dog"]))
-    assert_not_computed(r, "image-reward", "image-reward==1.5", "separate environment")
-    assert r.higher_is_better
-
-
 def test_image_reward_without_weights_names_files_and_places(no_weights: Path, monkeypatch: pytest.MonkeyPatch):
     import huggingface_hub.constants
 
-    monkeypatch.setattr(ir_mod, "import_image_reward", lambda: types.SimpleNamespace())
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(no_weights / "hf"))
     inputs = MetricInputs(images(2), prompts=["a cat", "a dog"])
     cache = no_weights / "home" / ".cache" / "ImageReward"
@@ -354,9 +344,13 @@ def test_image_reward_without_weights_names_files_and_places(no_weights: Path, m
                         "PTQBENCH_IMAGEREWARD")
     cache.mkdir(parents=True)
     (cache / "ImageReward.pt").touch()
-    assert_not_computed(get_metric("image_reward")(inputs), "med_config.json", str(cache / "med_config.json"))
-    (cache / "med_config.json").touch()
-    assert_not_computed(get_metric("image_reward")(inputs), "bert-base-uncased", str(no_weights / "hf"))
+    assert_not_computed(get_metric("image_reward")(inputs), "bert-base-uncased", "vocab.txt",
+                        "PTQBENCH_BERT_TOKENIZER", "huggingface-cli download bert-base-uncased")
+    bert = no_weights / "bert"
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    monkeypatch.setenv("PTQBENCH_BERT_TOKENIZER", str(bert))
+    assert_not_computed(get_metric("image_reward")(inputs), "did not load as the ImageReward-v1.0 checkpoint")
     r = get_metric("image_reward")(MetricInputs(images(2), prompts=["only one"]))
     assert_not_computed(r, "1 prompts for 2 images")
 
@@ -452,3 +446,80 @@ def test_fmnist_kid_class_agreement_and_per_image_accuracy():
     fd = get_metric("fd_fmnist_ref")(MetricInputs(gen, reference=ref))
     assert fd.status == "ok" and "below the feature dimension 128" in fd.warning and fd.lo is not None
     assert_not_computed(get_metric("fd_fmnist_ref", min_n=50)(MetricInputs(gen, reference=ref)), "min_n=50")
+
+
+# ---- FID on the evaluated keys' real images, the papers' metric set ------------------------------
+
+def save_keyed_pngs(x: torch.Tensor, folder: Path, keys: list[str]) -> None:
+    """MJHQ's layout: ``<category>/<key>.png``, categories alternating."""
+    u8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, (a, key) in enumerate(zip(u8, keys, strict=True)):
+        (folder / f"cat{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(folder / f"cat{i % 2}" / f"{key}.png")
+
+
+def test_fid_compares_with_the_real_images_of_the_evaluated_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    net = tiny_feature_net()
+    monkeypatch.setattr(fid_mod, "load_inception", lambda device: net)
+    real = noisy(images(12, 48, seed=21), 0.05)
+    real_keys = [f"k{i:02d}" for i in range(12)]
+    save_keyed_pngs(real, tmp_path / "real", real_keys)
+    gen, keys = images(6, 48, seed=20), ["k07", "k01", "k03", "k10", "k05", "k09"]
+    ours = get_metric("fid")(MetricInputs(gen, real_dir=tmp_path / "real", keys=keys))
+    chosen = torch.stack([real[real_keys.index(k)] for k in keys])
+    expected = frechet_distance(fid_mod.tensor_features(gen, net), fid_mod.tensor_features(chosen, net))
+    assert ours.status == "ok" and ours.value == pytest.approx(expected, rel=1e-9)
+    every = get_metric("fid")(MetricInputs(gen, real_dir=tmp_path / "real")).value  # no keys: the whole folder
+    assert every == pytest.approx(frechet_distance(fid_mod.tensor_features(gen, net),
+                                                   fid_mod.tensor_features(real, net)), rel=1e-9)
+    assert abs(every - ours.value) > 1e-6
+    other = ["k00", "k02", "k04", "k06", "k08", "k11"]  # other keys: other cached statistics
+    again = get_metric("fid")(MetricInputs(gen, real_dir=tmp_path / "real", keys=other)).value
+    expected_other = frechet_distance(fid_mod.tensor_features(gen, net), fid_mod.tensor_features(
+        torch.stack([real[real_keys.index(k)] for k in other]), net))
+    assert again == pytest.approx(expected_other, rel=1e-9)
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(tmp_path / "real" / "cat1" / "k07.png")  # new content
+    changed = get_metric("fid")(MetricInputs(gen, real_dir=tmp_path / "real", keys=keys)).value
+    assert abs(changed - ours.value) > 1e-6  # the cache key follows the selected files' content
+
+
+def test_fid_names_keys_without_or_with_two_real_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(fid_mod, "load_inception", lambda device: tiny_feature_net())
+    save_keyed_pngs(images(4, 32), tmp_path / "real", ["a", "b", "c", "d"])
+    r = get_metric("fid")(MetricInputs(images(3, 32), real_dir=tmp_path / "real", keys=["a", "zz", "b"]))
+    assert_not_computed(r, "1 of the 3 evaluated prompt keys have no real image", "'zz'", "matched by file name")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "real" / "cat1" / "a.jpg")
+    r = get_metric("fid")(MetricInputs(images(3, 32), real_dir=tmp_path / "real", keys=["a", "b", "c"]))
+    assert_not_computed(r, "more than one real image", "'a'")
+    with pytest.raises(ValueError, match="2 keys for 3 images"):
+        MetricInputs(images(3, 32), keys=["a", "b"])
+
+
+def test_papers_metric_set_is_registered_with_weights():
+    from ptqbench.listing import rows
+
+    for name, needs in {"clip_score": {"prompts"}, "clip_iqa": set(), "image_reward": {"prompts"}}.items():
+        cls = METRICS.get(name)
+        assert cls.higher_is_better and cls.needs == needs and cls.weight_files
+    assert weights_mod.CLIP_L14 in METRICS.get("clip_iqa").weight_files
+    assert METRICS.get("fid").weight_files == METRICS.get("fid_ref").weight_files == (weights_mod.INCEPTION,)
+    listed = dict(rows("metrics"))
+    assert "[weights " in listed["clip_score"] and "[weights " in listed["lpips"] and "[weights" not in listed["psnr"]
+
+
+def test_model_dir_lookup_order_and_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    spec = weights_mod.ModelDir("org/tiny-model", ("config.json", "model.safetensors"), "PTQBENCH_TEST_DIR", "a test")
+    monkeypatch.delenv("PTQBENCH_TEST_DIR", raising=False)
+    monkeypatch.setenv("PTQBENCH_WEIGHTS", str(tmp_path))
+    found = weights_mod.locate_dir(spec)
+    assert isinstance(found, weights_mod.Missing)
+    for fragment in (str(tmp_path / "tiny-model"), "no config.json, model.safetensors", "PTQBENCH_TEST_DIR",
+                     "huggingface-cli download org/tiny-model"):
+        assert fragment in found.reason
+    (tmp_path / "tiny-model").mkdir()
+    for f in spec.files:
+        (tmp_path / "tiny-model" / f).touch()
+    assert weights_mod.locate_dir(spec) == tmp_path / "tiny-model"
+    assert weights_mod.availability((spec,)) == "weights present"
+    monkeypatch.setenv("PTQBENCH_TEST_DIR", str(tmp_path / "nowhere"))  # explicit: only it is tried
+    assert weights_mod.availability((spec,)) == "weights missing: org/tiny-model"

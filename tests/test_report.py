@@ -655,3 +655,61 @@ def test_per_image_table_round_trips_exactly(tmp_path: Path) -> None:
     assert tuple(back["psnr"]) == values
     with pytest.raises(ValueError, match="3 per-image values for 4 images"):
         per_image_frame(list("abcd"), [1, 2, 3, 4], {"x": MetricResult("x", 1.0, 3, per_image=(1.0, 2.0, 3.0))})
+
+
+def test_runs_without_per_image_values_are_noted_and_not_compared(store: tuple[str, Path],
+                                                                  report: tuple[Path, str]) -> None:
+    """Runs logged before per-image values were kept: one note, and ``--compare`` says why it cannot."""
+    uri, _ = store
+    assert "finished run(s) have no readable per_image.csv" in report[1]
+    rc, _, err = run_report("--tracking-uri", uri, "--compare", "rtn W:mxfp4 A:mxfp4", "reference")
+    assert rc == 2 and "--compare reference: 2 runs have this label" in err and "--experiment" in err
+    rc, _, err = run_report("--tracking-uri", uri, "--experiment", "smoke", "--compare", "rtn W:mxfp4 A:mxfp4",
+                            "reference")
+    assert rc == 2 and "has no per-image values: no per_image.csv" in err
+
+
+def test_compare_and_the_loader_read_per_image_artifacts(tmp_path: Path) -> None:
+    """Two runs with per_image.csv (written by the metrics' writer, in other key orders): ``--compare``
+    pairs them by key and prints the paired difference; an unreadable table is a note, not a crash."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from ptqbench.metrics.base import MetricResult, write_per_image
+    from ptqbench.report.load import attach_per_image, load_runs
+    from ptqbench.uncertainty import Bootstrap, paired_difference
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    g = np.random.default_rng(1)
+    keys, seeds = [f"k{i}" for i in range(12)], list(range(100, 112))
+    base = g.normal(15.0, 3.0, 12)
+    values = {"a": base + 0.5 + g.normal(0, 0.1, 12), "b": base + g.normal(0, 0.1, 12), "c": base}
+    ids = {}
+    for name, w in (("a", "mxfp4"), ("b", "int4_g64"), ("c", "nvfp4")):
+        ids[name] = log_cell(client, exp, tmp_path / "work", model="tiny-pixart", method="rtn",
+                             params=method_params("rtn", w, w), bpw=4.25, metrics={"psnr": float(values[name].mean())})
+        order = slice(None, None, -1) if name == "b" else slice(None)
+        table = tmp_path / name / "per_image.csv"
+        if name == "c":
+            table.parent.mkdir()
+            table.write_text("not,a,table\n1,2,3\n")
+        else:
+            write_per_image(table, keys[order], seeds[order],
+                            {"psnr": MetricResult("psnr", 0.0, 12, per_image=tuple(values[name][order]))})
+        client.log_artifact(ids[name], str(table))
+        client.log_batch(ids[name], params=[Param(f"ci.{k}", v) for k, v in (("level", "0.9"), ("seed", "3"))])
+    rc, out, err = run_report("--tracking-uri", uri, "--compare", "rtn W:mxfp4 A:mxfp4", ids["b"])
+    assert rc == 0, err
+    expected = paired_difference(values["a"], values["b"], Bootstrap(level=0.9, seed=3))
+    [line] = [x for x in out.splitlines() if x.startswith("psnr ")]
+    assert f"{expected.diff:.3f}" in line and f"[{expected.lo:.3f}, {expected.hi:.3f}]" in line
+    assert line.endswith("A better") and "90% interval" in out
+    runs = load_runs(client)
+    artifacts = Artifacts(client, tmp_path / "dl", dict(zip(runs.frame["run_id"], runs.frame["artifact_uri"],
+                                                            strict=True)))
+    attach_per_image(runs, artifacts)
+    tables = dict(zip(runs.frame["run_id"], runs.frame["per_image"], strict=True))
+    assert tables[ids["c"]] is None and "per_image.csv is unreadable" in " ".join(artifacts.notes)
+    assert tables[ids["a"]]["key"].tolist() == keys and tables[ids["b"]]["key"].tolist() == keys[::-1]

@@ -7,7 +7,7 @@ whose weights or inputs are missing returns ``status="not_computed"`` with a rea
 the missing file, where it was looked for and how to provide it: never 0, never dropped.
 
 A per-image metric also returns its ``per_image`` values, in the order of the inputs (the prompt
-set's keys and seeds); calling the metric adds their bootstrap interval over prompts (``lo``,
+set's ``keys`` and seeds); calling the metric adds their bootstrap interval over prompts (``lo``,
 ``hi`` at ``level``, :mod:`ptqbench.uncertainty`). Set metrics (Frechet distances, KID) compute
 their own interval from features. :func:`write_per_image` / :func:`read_per_image` keep the
 per-image values of a run as one table (``per_image.csv``: key, seed, a column per metric).
@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
+from ptqbench import schema
 from ptqbench.cache import Cache
 from ptqbench.errors import UserError
 from ptqbench.imagestore import ImageFolder
+from ptqbench.metrics.weights import WeightSpec
 from ptqbench.registry import Registry
 from ptqbench.uncertainty import DEFAULT as DEFAULT_BOOTSTRAP
 from ptqbench.uncertainty import Bootstrap, Interval, mean_interval
@@ -44,7 +46,8 @@ class MetricInputs:
     reference images (same prompts and seeds), the prompts, a folder of real images, a device,
     the run's :class:`~ptqbench.cache.Cache` (``--cache-dir``; by default the default root), where
     metrics keep what they compute once (e.g. real-image statistics), and how intervals are
-    computed (``bootstrap``; None: no interval).
+    computed (``bootstrap``; None: no interval),
+    and the prompt ``keys`` of the images (real images are matched to them by file name).
 
     Images may be given as uint8, as their PNGs hold them (the runner does: a quarter of
     float32's memory at N = 5000, 1024 px), or as floats in [0, 1]. ``images`` and ``reference``
@@ -54,7 +57,7 @@ class MetricInputs:
     the folder, whose slices read only their PNGs, so host memory stays bounded at any N.
     """
 
-    __slots__ = ("_images", "_reference", "bootstrap", "cache", "device", "prompts", "real_dir")
+    __slots__ = ("_images", "_reference", "bootstrap", "cache", "device", "keys", "prompts", "real_dir")
 
     def __init__(
         self,
@@ -65,11 +68,15 @@ class MetricInputs:
         device: str = "cpu",
         bootstrap: Bootstrap | None = DEFAULT_BOOTSTRAP,
         cache: Cache | None = None,
+        keys: Sequence[str] | None = None,
     ):
         self._images, self._reference = images, reference
         self.prompts, self.real_dir, self.device = prompts, real_dir, device
         self.bootstrap = bootstrap
         self.cache = cache if cache is not None else Cache()
+        if keys is not None and len(keys) != images.shape[0]:
+            raise ValueError(f"{len(keys)} keys for {images.shape[0]} images")
+        self.keys = None if keys is None else tuple(keys)
 
     @property
     def images(self) -> torch.Tensor:
@@ -87,10 +94,14 @@ class MetricInputs:
         prompts: Sequence[str] | None = None,
         real_dir: Path | None = None,
         device: str = "cpu",
+        bootstrap: Bootstrap | None = DEFAULT_BOOTSTRAP,
+        cache: Cache | None = None,
     ) -> MetricInputs:
-        """Inputs read lazily from image folders (``index.json`` and PNGs, as generation writes them)."""
+        """Inputs read lazily from image folders (``index.json`` and PNGs, as generation writes
+        them); the prompt keys are the folder's."""
+        folder = ImageFolder(images)
         ref = None if reference is None else ImageFolder(reference)
-        return cls(ImageFolder(images), ref, prompts, real_dir, device)
+        return cls(folder, ref, prompts, real_dir, device, bootstrap, cache, folder.keys)
 
     def stored(self, which: Literal["images", "reference"] = "images") -> torch.Tensor | ImageFolder | None:
         """The images (or reference) as given: uint8 or float tensors, or a lazily read folder."""
@@ -162,6 +173,7 @@ class Metric:
     name: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[Need]] = frozenset()
+    weight_files: ClassVar[tuple[WeightSpec, ...]] = ()  # the files it loads (``ptqbench list metrics`` checks them)
 
     def compute(self, inputs: MetricInputs) -> MetricResult:
         raise NotImplementedError
@@ -196,7 +208,7 @@ def get_metric(name: str, **options: Any) -> Metric:
 
 # ----------------------------------------------------------------------------- per-image table
 
-PER_IMAGE_FILE = "per_image.csv"
+PER_IMAGE_FILE = schema.PER_IMAGE_FILE  # a run's artifact (the name is the run schema's)
 
 
 def per_image_frame(keys: Sequence[str], seeds: Sequence[int], results: Mapping[str, MetricResult]) -> pd.DataFrame:

@@ -5,10 +5,17 @@ what its PNG holds), resized per channel with PIL bicubic in float32 to the netw
 (clean-fid's own resizer), and fed as floats in [0, 255]. A folder of real images goes through
 ``cleanfid.fid.get_files_features`` itself, with the file list clean-fid's folder mode would use
 (or the images of a ``.zip``). The distance is :func:`ptqbench.metrics.frechet.frechet_distance_from_stats`
-(float64, the same value as clean-fid's ``compute_fid`` up to rounding). Statistics of a real
-folder are cached in the run's cache (``--cache-dir``: ``real_feature_stats/``), keyed by the network and
-every file's name, size and mtime. ``n`` is the number of generated images: FID is only
-comparable at equal n.
+(float64, the same value as clean-fid's ``compute_fid`` up to rounding). ``n`` is the number of
+generated images: FID is only comparable at equal n.
+
+The real set is the papers': the real images of the evaluated prompt keys (deepcompressor scores
+its 5000 MJHQ prompts against the same keys' real images). A real image belongs to a key when its
+file name without extension is the key (MJHQ-30K's ``<category>/<key>.jpg``), anywhere in the
+folder or ``.zip``; a key without a real image, or with two, makes FID not computed with the
+keys named. Inputs without ``keys`` (direct calls) use every image of the folder. Statistics of
+the selected real images are cached in the run's cache (``--cache-dir``: ``real_feature_stats/``),
+keyed by the network, the folder and the name, size and mtime of each selected file: the folder's content
+and the keys.
 
 - ``fid`` / ``fid_ref``: Inception-V3 (``inception-2015-12-05.pt``, located by
   :mod:`ptqbench.metrics.weights`, never downloaded), against ``real_dir`` / the 16-bit images.
@@ -23,7 +30,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from glob import escape, glob
@@ -82,8 +89,9 @@ def tensor_features(images: torch.Tensor, net: FeatureNet, batch_size: int = BAT
     return np.concatenate(feats).astype(np.float64)
 
 
-def real_image_files(path: Path) -> list[str] | Missing:
-    """The image files clean-fid would read from a folder (recursive) or a ``.zip``, sorted."""
+def real_image_files(path: Path, keys: Sequence[str] | None = None) -> list[str] | Missing:
+    """The image files clean-fid would read from a folder (recursive) or a ``.zip``, sorted; with
+    ``keys``, only the real images of those keys (:func:`images_of_keys`)."""
     from cleanfid.utils import EXTENSIONS
 
     if path.is_file() and path.suffix.lower() == ".zip":
@@ -97,13 +105,35 @@ def real_image_files(path: Path) -> list[str] | Missing:
     if len(files) < 2:
         kinds = ", ".join(sorted(EXTENSIONS))
         return Missing(f"the real image folder {path} holds {len(files)} images ({kinds}); at least 2 are needed")
-    return files
+    return files if keys is None else images_of_keys(path, files, keys)
+
+
+def _listed(items: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def images_of_keys(path: Path, files: list[str], keys: Sequence[str]) -> list[str] | Missing:
+    """The file of each key (its name without extension is the key), sorted, or why some key has none or two."""
+    by_stem: dict[str, list[str]] = {}
+    for f in files:
+        by_stem.setdefault(os.path.splitext(os.path.basename(f))[0], []).append(f)
+    absent = [k for k in keys if k not in by_stem]
+    if absent:
+        return Missing(f"{len(absent)} of the {len(keys)} evaluated prompt keys have no real image in {path} "
+                       f"({_listed(absent)}); FID compares with the real images of the evaluated keys, "
+                       f"matched by file name (<key>.jpg / .png, any subfolder)")
+    twice = [k for k in keys if len(by_stem[k]) > 1]
+    if twice:
+        return Missing(f"prompt keys with more than one real image in {path}: {_listed(twice)} "
+                       f"(e.g. {_listed(by_stem[twice[0]], 2)}); keep one file per key")
+    return sorted(by_stem[k][0] for k in keys)
 
 
 def _fingerprint(path: Path, files: list[str]) -> list:
     if path.is_file():
         st = path.stat()
-        return [st.st_size, st.st_mtime_ns, len(files)]
+        return [st.st_size, st.st_mtime_ns, files]
     out = []
     for f in files:
         st = os.stat(f)
@@ -206,7 +236,7 @@ class FrechetMetric(Metric):
                 return MetricResult.missing(self, f"{self.name}: needs at least 2 reference images")
         else:
             assert inputs.real_dir is not None
-            found = real_image_files(Path(inputs.real_dir))
+            found = real_image_files(Path(inputs.real_dir), inputs.keys)
             if isinstance(found, Missing):
                 return MetricResult.missing(self, f"{self.name}: {found.reason}")
             files = found
@@ -227,11 +257,15 @@ class FrechetMetric(Metric):
 
 
 class _Inception(FrechetMetric):
+    weight_files: ClassVar[tuple[weights.WeightSpec, ...]] = (weights.INCEPTION,)
+
     def load_network(self, device: str) -> FeatureNet | Missing:
         return load_inception(device)
 
 
 class _EffNet(FrechetMetric):
+    weight_files: ClassVar[tuple[weights.WeightSpec, ...]] = (weights.EFFNET_LITE0,)
+
     def load_network(self, device: str) -> FeatureNet | Missing:
         return load_effnet(device)
 

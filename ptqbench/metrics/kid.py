@@ -197,7 +197,7 @@ class _InceptionKID(Metric):
         files: list[str] = []
         if self.against == "real":
             assert inputs.real_dir is not None
-            found = fid.real_image_files(Path(inputs.real_dir))
+            found = fid.real_image_files(Path(inputs.real_dir), inputs.keys)
             if isinstance(found, Missing):
                 return MetricResult.missing(self, f"{self.name}: {found.reason}")
             files = found

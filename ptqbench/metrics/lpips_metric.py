@@ -59,6 +59,7 @@ class LPIPS(Metric):
     name = "lpips"
     higher_is_better = False
     needs: ClassVar[frozenset[Need]] = frozenset({"reference"})
+    weight_files: ClassVar[tuple[weights.WeightSpec, ...]] = (weights.ALEXNET,)
 
     def __init__(self) -> None:
         self._nets: dict[str, lpips.LPIPS] = {}

@@ -4,12 +4,16 @@ Search order for a :class:`WeightFile` (the first hit wins, nothing is ever down
 
 1. ``$<env>``: an explicit path to the file (or to a folder holding it under its own name), one
    variable per file (``PTQBENCH_LPIPS_ALEX``, ``PTQBENCH_INCEPTION``, ``PTQBENCH_IMAGEREWARD``,
-   ``PTQBENCH_IMAGEREWARD_MED_CONFIG``, ``PTQBENCH_EFFNET_LITE0``). When set, only it is tried.
+   ``PTQBENCH_EFFNET_LITE0``). When set, only it is tried.
 2. ``$PTQBENCH_WEIGHTS/<filename>``: one folder holding any of the metric weight files
    (handy to carry them to an offline GPU machine).
 3. The library's own cache, where it would have downloaded the file itself: the torch hub
    checkpoints folder (``$TORCH_HOME/hub/checkpoints``, default ``~/.cache/torch/hub/checkpoints``)
    for torchvision weights, clean-fid's ``/tmp``, ``~/.cache/ImageReward``, a package's data folder.
+
+A :class:`ModelDir` (a Hugging Face model folder: CLIP, the BERT tokenizer) is found the same way:
+``$<env>`` (the folder), ``$PTQBENCH_WEIGHTS/<folder name>``, then the Hugging Face hub cache
+(a snapshot holding every required file, looked up offline).
 
 Files whose name carries a SHA-256 prefix (torch hub convention ``name-<sha256 prefix>.ext``) are
 checked against it, so a truncated or substituted file is reported, never used.
@@ -101,13 +105,6 @@ IMAGEREWARD = WeightFile(
     source="https://huggingface.co/THUDM/ImageReward (ImageReward.pt)",
     library_dirs=lambda: [Path("~/.cache/ImageReward").expanduser()],
 )
-IMAGEREWARD_MED_CONFIG = WeightFile(
-    filename="med_config.json",
-    env="PTQBENCH_IMAGEREWARD_MED_CONFIG",
-    what="the ImageReward BLIP text-encoder config",
-    source="https://huggingface.co/THUDM/ImageReward (med_config.json)",
-    library_dirs=lambda: [Path("~/.cache/ImageReward").expanduser()],
-)
 EFFNET_LITE0 = WeightFile(
     filename="efficientnet-lite0-57934424.pth",
     env="PTQBENCH_EFFNET_LITE0",
@@ -167,3 +164,81 @@ def locate(spec: WeightFile) -> Path | Missing:
         unset.append(f"${WEIGHTS_DIR_ENV} (unset)")
     where = ", ".join(unset + looked) or "nowhere"
     return Missing(f"missing weight file {spec.filename} ({spec.what}); looked in: {where}; {how_to_provide(spec)}")
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A Hugging Face model folder a metric needs: the hub repo, the files it must hold, its env variable."""
+
+    repo: str
+    files: tuple[str, ...]
+    env: str
+    what: str
+
+    @property
+    def folder_name(self) -> str:
+        return self.repo.split("/")[-1]
+
+    def candidates(self) -> list[tuple[str, Path]]:
+        """(label, folder) in search order; an explicit ``$env`` replaces every other place."""
+        explicit = os.environ.get(self.env)
+        if explicit:
+            return [(f"${self.env}", Path(explicit).expanduser())]
+        found = []
+        shared = os.environ.get(WEIGHTS_DIR_ENV)
+        if shared:
+            found.append((f"${WEIGHTS_DIR_ENV}", Path(shared).expanduser() / self.folder_name))
+        snapshot = hub_snapshot(self.repo, self.files[0])
+        found.append(("Hugging Face cache", snapshot or Path(f"<hub cache>/{self.repo}")))
+        return found
+
+
+def hub_snapshot(repo: str, filename: str) -> Path | None:
+    """The hub cache's snapshot folder of ``repo`` that holds ``filename`` (offline look-up), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename)
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def locate_dir(spec: ModelDir) -> Path | Missing:
+    """The folder of ``spec`` holding all its files, or a :class:`Missing` saying where it was looked for."""
+    looked = []
+    for label, folder in spec.candidates():
+        absent = [f for f in spec.files if not (folder / f).is_file()]
+        if not absent:
+            return folder
+        looked.append(f"{folder} ({label}: no {', '.join(absent)})")
+    return Missing(
+        f"missing model folder {spec.repo} ({spec.what}); looked in: {'; '.join(looked)}; to provide it, run once "
+        f"online: huggingface-cli download {spec.repo} {' '.join(spec.files)}, or set {spec.env}=/path/to/folder "
+        f"holding {', '.join(spec.files)}, or put that folder in ${WEIGHTS_DIR_ENV}/{spec.folder_name}"
+    )
+
+
+CLIP_L14 = ModelDir(
+    repo="openai/clip-vit-large-patch14",
+    files=("config.json", "model.safetensors", "tokenizer_config.json"),  # + the processor's config
+    env="PTQBENCH_CLIP",
+    what="CLIP ViT-L/14, the model of clip_score and clip_iqa (torchmetrics' and deepcompressor's choice)",
+)
+BERT_BASE_UNCASED = ModelDir(
+    repo="bert-base-uncased",
+    files=("vocab.txt",),
+    env="PTQBENCH_BERT_TOKENIZER",
+    what="the bert-base-uncased tokenizer vocabulary of ImageReward's BLIP text encoder",
+)
+
+WeightSpec = WeightFile | ModelDir
+
+
+def availability(specs: tuple[WeightSpec, ...]) -> str:
+    """``weights present``, or which of ``specs`` are missing (for ``ptqbench list metrics``)."""
+    if not specs:
+        return "no weights needed"
+    missing = []
+    for spec in specs:
+        found = locate(spec) if isinstance(spec, WeightFile) else locate_dir(spec)
+        if isinstance(found, Missing):
+            missing.append(spec.filename if isinstance(spec, WeightFile) else spec.repo)
+    return f"weights missing: {', '.join(missing)}" if missing else "weights present"

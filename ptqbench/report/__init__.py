@@ -12,6 +12,10 @@ typed numbers; the same runs give byte-identical tables. Written into ``--out`` 
     manifest.json                 the files above; the next report into --out removes those it no longer writes
 
 A plot without data (e.g. a single rank) is skipped with a note; notes are printed and shown on the page.
+
+``--compare A B`` (each a run id, a cell hash or a run's label) writes nothing: it prints the paired
+difference ``A - B`` of every per-image metric both runs logged (their ``per_image.csv``, matched by
+prompt key and seed), its bootstrap interval, p-value and verdict.
 """
 
 from __future__ import annotations
@@ -30,12 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tracking-uri", metavar="URI",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("A", "B"),
+        help="print the paired difference A - B per metric (A, B: run ids, cell hashes or labels); write nothing",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    from ptqbench.report.build import build_report
+    from ptqbench.report.build import build_report, compare_runs
     from ptqbench.tracking import resolve_uri
 
+    if args.compare:
+        print(compare_runs(resolve_uri(args.tracking_uri), *args.compare, args.experiment), end="")
+        return 0
     report = build_report(resolve_uri(args.tracking_uri), args.out, args.experiment)
     for note in report.notes:
         print(f"note: {note}")

@@ -1,4 +1,5 @@
-"""Build the whole report: load runs, group them, write tables, plots and the HTML page."""
+"""Build the whole report (load runs, group them, write tables, plots and the HTML page), or
+compare two runs image by image (``--compare A B``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import pandas as pd
 
 from ptqbench.errors import UserError
 from ptqbench.report import html, plots, tables
-from ptqbench.report.load import Artifacts, Runs, client_for, load_runs, redact
+from ptqbench.report.load import Artifacts, Runs, attach_per_image, client_for, load_runs, per_image_table, redact
+from ptqbench.schema import PER_IMAGE_FILE
+from ptqbench.uncertainty import compare, format_comparisons
 
 MANIFEST = "manifest.json"
 
@@ -57,13 +63,15 @@ def build_report(uri: str, out: Path, experiments: Sequence[str] | None = None) 
         raise UserError(f"--out {out}: exists and is not a folder (give a folder for the report)")
     client = client_for(uri)
     runs = load_runs(client, experiments)
-    report = Report(out=out, notes=list(runs.notes), runs=len(runs.frame))
-    groups = tables.make_groups(runs.frame, tables.registry_metrics(report.notes))
-    report.groups = len(groups)
+    report = Report(out=out, runs=len(runs.frame))
     sections = []
     with tempfile.TemporaryDirectory(prefix="ptqbench-report-") as tmp:
         uris = dict(zip(runs.frame["run_id"], runs.frame["artifact_uri"], strict=True))
         artifacts = Artifacts(client, Path(tmp), uris)
+        attach_per_image(runs, artifacts)  # the paired tests of the "best" marking read them
+        report.notes = list(runs.notes)
+        groups = tables.make_groups(runs.frame, tables.registry_metrics(report.notes))
+        report.groups = len(groups)
         for group in groups:
             table = tables.build_table(group)
             md, tex = tables.to_markdown(table), tables.to_latex(table)
@@ -81,6 +89,49 @@ def build_report(uri: str, out: Path, experiments: Sequence[str] | None = None) 
         _write(out / "index.html", html.page(sections, _meta(uri, runs), report.notes), report)
     _replace_manifest(out, report)
     return report
+
+
+# ----------------------------------------------------------------------------- --compare A B
+
+_FIND_BY = ("run_id", "cell_hash", "label", "run_name")
+
+
+def find_run(frame: pd.DataFrame, ref: str) -> dict[str, Any]:
+    """The one loaded run whose id, cell hash, label or run name is ``ref`` (tried in that order)."""
+    for column in _FIND_BY:
+        hits = frame[frame[column] == ref]
+        if len(hits) == 1:
+            return hits.iloc[0].to_dict()
+        if len(hits) > 1:
+            which = ", ".join(f"{r.run_id} ({r.experiment}, {r.cell_hash})" for r in hits.itertuples())
+            raise UserError(f"--compare {ref}: {len(hits)} runs have this {column} ({which}); "
+                            "give a run id or cell hash, or pick one experiment with --experiment")
+    labels = ", ".join(sorted(set(frame["label"]))[:12])
+    raise UserError(f"--compare {ref}: no loaded run has this run id, cell hash or label (labels: {labels})")
+
+
+def compare_runs(uri: str, a: str, b: str, experiments: Sequence[str] | None = None) -> str:
+    """The ``--compare A B`` text: the paired difference ``A - B`` with its interval on every
+    per-image metric both runs logged (:func:`ptqbench.uncertainty.compare`)."""
+    client = client_for(uri)
+    frame = load_runs(client, experiments).frame
+    rows = [find_run(frame, ref) for ref in (a, b)]
+    with tempfile.TemporaryDirectory(prefix="ptqbench-compare-") as tmp:
+        artifacts = Artifacts(client, Path(tmp), {r["run_id"]: r["artifact_uri"] for r in rows})
+        per_image = [per_image_table(artifacts, r["run_id"]) for r in rows]
+    for ref, row, table in zip((a, b), rows, per_image, strict=True):
+        if table is None:
+            why = "; ".join(artifacts.notes) or f"no {PER_IMAGE_FILE} (logged before per-image values were kept)"
+            raise UserError(f"--compare {ref}: run {row['run_id']} ({row['label']}) has no per-image values: {why}")
+    registry = tables.registry_metrics([])
+    names = {n for r in rows for n in r["metric_names"]}
+    directions = {n: tables.metric_info(n, rows, registry).higher_is_better for n in names}
+    comparisons = compare(per_image[0], per_image[1], directions, tables.bootstrap_config(rows))
+    return format_comparisons(comparisons, *(_run_text(r) for r in rows))
+
+
+def _run_text(row: dict[str, Any]) -> str:
+    return f"{row['label'] or row['run_name']} (run {row['run_id']}, cell {row['cell_hash']}, {row['experiment']})"
 
 
 def _replace_manifest(out: Path, report: Report) -> None:

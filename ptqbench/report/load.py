@@ -253,3 +253,36 @@ class Artifacts:
         except (ValueError, OSError) as exc:
             self.notes.append(f"run {run_id}: artifact {path} is not valid JSON ({exc})")
             return None
+
+
+def per_image_table(artifacts: Artifacts, run_id: str) -> pd.DataFrame | None:
+    """The run's ``per_image.csv`` (:func:`ptqbench.metrics.base.read_per_image`), or None when it
+    has none; an unreadable one is None with a note."""
+    from ptqbench.metrics.base import read_per_image
+
+    local = artifacts.get(run_id, schema.PER_IMAGE_FILE)
+    if local is None:
+        return None
+    try:
+        return read_per_image(local)
+    except (ValueError, OSError) as exc:
+        artifacts.notes.append(f"run {run_id}: artifact {schema.PER_IMAGE_FILE} is unreadable ({exc}); left out")
+        return None
+
+
+def attach_per_image(runs: Runs, artifacts: Artifacts) -> None:
+    """Give each run row its per-image table (column ``per_image``; None for unfinished runs and
+    runs without one, the latter noted once)."""
+    frame = runs.frame
+    tables = [
+        per_image_table(artifacts, rid) if status == schema.FINISHED else None
+        for rid, status in zip(frame["run_id"], frame["status"], strict=True)
+    ]
+    frame["per_image"] = pd.Series(tables, index=frame.index, dtype=object)
+    missing = sorted(rid for rid, st, t in zip(frame["run_id"], frame["status"], tables, strict=True)
+                     if st == schema.FINISHED and t is None)
+    if missing:
+        runs.notes.append(
+            f"{len(missing)} finished run(s) have no readable {schema.PER_IMAGE_FILE} (e.g. {missing[0]}; logged "
+            "before per-image values were kept): their cells are marked best by interval overlap or by value"
+        )

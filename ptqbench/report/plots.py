@@ -3,12 +3,15 @@
 - metric vs rank per method and branch format (when a series has several ranks);
 - bits per weight vs metric with the Pareto front (the equal-memory picture);
 - per-layer relative weight (and output) error per run, from the ``layer_errors.csv`` artifacts;
-- an image grid: rows = the 16-bit reference and each run, columns = the same sample prompts.
+- an image grid: rows = the 16-bit reference and each run, columns = the same sample prompts;
+- LoRaQ's loss curves (relative objective vs Adam step), from the ``loss_curve`` each layer logs
+  in its ``info`` (the ``info`` column of ``layer_errors.csv``), or from a convergence study.
 A plot whose data is absent is skipped with a note. Output is deterministic (no timestamps).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from collections.abc import Sequence
@@ -336,6 +339,70 @@ def image_grid(group: Group, artifacts: Artifacts, out_dir: Path, notes: list[st
                      "Same prompts and seeds in every row: the 16-bit reference first, then each finished run.")
 
 
+# ----------------------------------------------------------------------------- LoRaQ loss curves
+
+
+def loss_curve_plot(curves: pd.DataFrame, out_dir: Path, name: str, title: str) -> Plot | None:
+    """Relative objective vs step, one panel per ``panel``, one line per ``series`` (the mean over
+    its ``layer``s), on log-log axes. ``curves``: columns panel, series, layer, step, rel."""
+    if curves.empty:
+        return None
+    panels = list(dict.fromkeys(curves["panel"]))
+    with _style():
+        fig, axes = _grid(len(panels), 4.2, 3.2)
+        for ax, panel in zip(axes, panels, strict=True):
+            part = curves[curves["panel"] == panel]
+            series = list(dict.fromkeys(part["series"]))
+            palette = sns.color_palette("viridis", len(series))
+            for color, label in zip(palette, series, strict=True):
+                mean = part[part["series"] == label].groupby("step")["rel"].mean()
+                ax.plot(mean.index + 1, mean.to_numpy(), color=color, linewidth=1.2, label=str(label))
+                ax.plot(mean.index[-1] + 1, mean.iloc[-1], "o", color=color, markersize=3)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(str(panel), fontsize="small")
+            ax.set_xlabel("Adam step + 1")
+            ax.set_ylabel("relative objective")
+            ax.legend(fontsize="x-small")
+        fig.suptitle(f"LoRaQ loss curves · {title}", fontsize="medium")
+        return _save(fig, out_dir, name, "LoRaQ loss curves",
+                     "sqrt(objective / objective of a zero approximation) per Adam step, mean over the "
+                     "layers of each line; a dot marks the last step run (early stop or the step cap).")
+
+
+def run_loss_curves(group: Group, artifacts: Artifacts) -> pd.DataFrame:
+    """Every logged LoRaQ ``loss_curve`` of the group's runs, from the ``info`` column of their
+    ``layer_errors.csv`` (panel: main weight format; series: the run)."""
+    rows: list[dict[str, Any]] = []
+    for r in group.finished(quantized_only=True):
+        path = artifacts.get(r["run_id"], "layer_errors.csv") if r["method"] == "loraq" else None
+        if path is None:
+            continue
+        try:
+            df = pd.read_csv(path)
+        except (ValueError, OSError):
+            continue  # layer_error_plot notes unreadable files
+        for layer, text in zip(df["layer"], df.get("info", pd.Series(dtype=str)), strict=False):
+            try:
+                curve = json.loads(text).get("loss_curve") if isinstance(text, str) else None
+            except ValueError:
+                curve = None
+            panel = r.get("weight_format", "")
+            rows.extend({"panel": panel, "series": r["row_label"], "layer": layer, "step": int(k), "rel": float(v)}
+                        for k, v in curve or [])
+    return pd.DataFrame(rows, columns=["panel", "series", "layer", "step", "rel"])
+
+
+def loraq_curve_plot(group: Group, artifacts: Artifacts, out_dir: Path, notes: list[str]) -> Plot | None:
+    if not any(r["method"] == "loraq" for r in group.finished(quantized_only=True)):
+        return None
+    curves = run_loss_curves(group, artifacts)
+    if curves.empty:
+        notes.append(f"{group.title}: LoRaQ loss-curve plot skipped (no loss_curve in layer_errors.csv info)")
+        return None
+    return loss_curve_plot(curves, out_dir, f"{group.slug}--loraq-curves", group.title)
+
+
 def group_plots(group: Group, artifacts: Artifacts, out_dir: Path, notes: list[str]) -> list[Plot]:
     """Every plot of one group that has data (skips are noted)."""
     made = [
@@ -343,5 +410,6 @@ def group_plots(group: Group, artifacts: Artifacts, out_dir: Path, notes: list[s
         pareto_plot(group, out_dir, notes),
         layer_error_plot(group, artifacts, out_dir, notes),
         image_grid(group, artifacts, out_dir, notes),
+        loraq_curve_plot(group, artifacts, out_dir, notes),
     ]
     return [p for p in made if p is not None]

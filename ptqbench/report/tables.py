@@ -9,7 +9,7 @@ best, see :func:`best_rows`; ``n/c``, warnings and failures as footnotes), which
 give the same bytes.
 
 What a run row may carry beyond the loader's identity columns: metrics ``<m>``, ``<m>_n``,
-``<m>.lo``, ``<m>.hi``; params ``ci.level`` / ``ci.resamples`` / ``ci.seed``; tags
+``<m>.lo``, ``<m>.hi``; params ``ci.level`` / ``ci.resamples`` / ``ci.seed`` / ...; tags
 ``metric_warning.<m>``; and ``row["per_image"]``, the run's per-image table
 (:func:`ptqbench.metrics.base.read_per_image`) or None.
 """
@@ -28,9 +28,10 @@ import pandas as pd
 
 from ptqbench.labels import REFERENCE as REFERENCE_LABEL
 from ptqbench.labels import config_text
-from ptqbench.schema import GEN, SETTING_PARAMS, SETTINGS
+from ptqbench.schema import CI, CI_FIELDS, GEN, METRIC_OPTIONS, SETTING_PARAMS, SETTINGS, interval_settings
 from ptqbench.schema import METRIC_DIRECTION as DIRECTION_PREFIX
 from ptqbench.schema import METRIC_STATUS as STATUS_PREFIX
+from ptqbench.schema import METRIC_WARNING as WARNING_PREFIX
 from ptqbench.uncertainty import Bootstrap, Interval, not_worse_than_best, overlaps_best
 
 METHOD_ORDER = {"none": 0, "rtn": 1, "smoothquant": 2, "svdquant": 3, "loraq": 4}
@@ -44,9 +45,11 @@ _IDENTITY = {
     "cell_hash", "git_commit", "device", "bits_per_weight", "model_bytes", "model", "prompt_set", "method",
     "weight_format", "act_format", "branch_format", "branch_act_format", "rank",
 }
-_IDENTITY_PREFIXES = ("versions.", "weight_format.", "act_format.", "branch_format.", "branch_act_format.", GEN)
+_IDENTITY_PREFIXES = (
+    "versions.", "weight_format.", "act_format.", "branch_format.", "branch_act_format.", GEN, CI,
+    METRIC_OPTIONS + ".",
+)
 _SETTING_PARAMS = set(SETTING_PARAMS.values())
-WARNING_PREFIX = "metric_warning."
 
 
 # ----------------------------------------------------------------------------- groups
@@ -331,17 +334,19 @@ def metric_interval(row: dict[str, Any], name: str) -> tuple[float, float] | Non
 
 
 def bootstrap_config(rows: Iterable[dict[str, Any]]) -> Bootstrap:
-    """The interval settings the runs logged (params ``ci.level``, ``ci.resamples``, ``ci.seed``), else defaults."""
-    params = [r["params"] for r in rows]
-    found = {k: sorted({p[f"ci.{k}"] for p in params if f"ci.{k}" in p}) for k in ("level", "resamples", "seed")}
+    """The interval settings the runs logged (params ``ci.level``, ``ci.resamples``, ``ci.seed``, ...:
+    :func:`ptqbench.schema.interval_settings`), each where all runs that logged it agree, else the default."""
+    logged = [interval_settings(r["params"]) for r in rows]
     kwargs: dict[str, Any] = {}
-    if len(found["level"]) == 1:
-        kwargs["level"] = float(found["level"][0])
-    if len(found["resamples"]) == 1:
-        kwargs["resamples"] = int(float(found["resamples"][0]))
-    if len(found["seed"]) == 1:
-        kwargs["seed"] = int(float(found["seed"][0]))
+    for name in CI_FIELDS:
+        found = sorted({p[name] for p in logged if name in p})
+        if len(found) == 1:
+            kwargs[name] = _CI_TYPES.get(name, str)(found[0])
     return Bootstrap(**kwargs)
+
+
+_CI_TYPES = {"level": float, "resamples": lambda t: int(float(t)), "set_resamples": lambda t: int(float(t)),
+             "seed": lambda t: int(float(t))}
 
 
 def _paired_samples(rows: list[dict[str, Any]], name: str) -> dict[str, np.ndarray] | None:
