@@ -18,13 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ptqbench import distributed as dist
 from ptqbench.cache import Cache, cache_key
 from ptqbench.errors import UserError
 from ptqbench.generation import NullProgress, StageProgress, model_identity
 from ptqbench.layers import QuantLinear
 from ptqbench.models.base import GenSettings, Pipeline
 from ptqbench.prompts import SEED_RULE, PromptSet, get_prompt_set, seed_for
-from ptqbench.stats import LayerStats, StatsCollector, StatsSpec
+from ptqbench.stats import SAMPLER, LayerStats, StatsCollector, StatsSpec
 
 STATS_FILE = "stats.safetensors"
 _SEP = "::"
@@ -92,7 +93,7 @@ def calibration_key(
         model_identity(pipeline),
         {"steps": s.steps, "guidance": s.guidance, "resolution": s.resolution, "batch_size": s.batch_size},
         {"name": prompts.name, "keys": list(prompts.keys), "prompts": list(prompts.prompts)},
-        {"seed_rule": SEED_RULE, "seed": calib.seed},
+        {"seed_rule": SEED_RULE, "seed": calib.seed, "sampler": SAMPLER},
         sorted(layer_names),
         effective_spec(spec, calib),
     )
@@ -143,19 +144,38 @@ def calibrate(
     key = calibration_key(pipeline, names, spec, calib, settings)
     path = cache.path("calibration", key) / STATS_FILE
     prompts = calib.prompts()
-    with cache.lock("calibration", key):
-        if cache.done("calibration", key):
+    with dist.held_by_main(lambda: cache.lock("calibration", key)):
+        if dist.broadcast_object(cache.done("calibration", key)):
             progress.advance(len(prompts))
             return load_stats(path)
         _check_unquantized(pipeline.transformer, layers)
         s = calib.settings(settings)
-        seeds = calib.seeds(prompts)
         with StatsCollector(layers, effective_spec(spec, calib), seed=calib.seed) as collector:
-            pipeline.generate(list(prompts.prompts), seeds, s, progress=progress.advance)
-        stats = collector.result()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_stats(path, stats)
-        meta = {"model": model_identity(pipeline), "calibration": dataclasses.asdict(calib), "settings": s.__dict__}
-        (path.parent / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        cache.mark_done("calibration", key)
+            feed_batches(pipeline, prompts, calib.seeds(prompts), s, collector, progress)
+        stats = collector.result()  # collective: every rank's batches, reduced exactly
+        if dist.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_stats(path, stats)
+            meta = {"model": model_identity(pipeline), "calibration": dataclasses.asdict(calib), "settings": s.__dict__}
+            (path.parent / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+            cache.mark_done("calibration", key)
+        dist.barrier()
     return stats
+
+
+def feed_batches(
+    pipeline: Pipeline,
+    prompts: PromptSet,
+    seeds: list[int],
+    settings: GenSettings,
+    collector: StatsCollector,
+    progress: StageProgress,
+) -> None:
+    """Run this rank's share of the calibration batches (:func:`~ptqbench.distributed.batch_share`),
+    telling ``collector`` each batch's global index; progress counts every rank's images."""
+    mine = dist.batch_share(len(prompts), settings.batch_size)
+    for start in range(0, len(mine), settings.batch_size):
+        batch = mine[start : start + settings.batch_size]
+        collector.begin_batch(batch[0] // settings.batch_size)
+        pipeline.generate([prompts.prompts[i] for i in batch], [seeds[i] for i in batch], settings)
+        progress.advance(len(batch) * dist.size())

@@ -18,6 +18,7 @@ from ptqbench.errors import UserError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("ptqbench.runner", "run a suite of cells (or --dry-run to print the grid)"),
+    "score": ("ptqbench.scoring", "score finished cells from their saved images (a suite, or --run RUN_ID)"),
     "report": ("ptqbench.report", "tables, plots and an HTML page from the tracked runs"),
     "list": ("ptqbench.listing", "list methods, formats, models or metrics, or the layers of a model"),
     "layers": ("ptqbench.layerstudy", "per-layer error study of methods at equal memory"),

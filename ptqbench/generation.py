@@ -1,31 +1,35 @@
-"""Image generation with fixed seeds, PNG folders, and the cached 16-bit reference images.
+"""Image generation with fixed seeds into image folders, and the cached 16-bit reference images.
 
-A folder of images holds one PNG per prompt and ``index.json``
-(``[{"index", "key", "prompt", "seed", "file"}]``). Images are returned exactly as saved
-(8-bit values, as uint8 or as float32 in [0, 1]), so a folder read back with :func:`load_images` equals what
-was generated. The 16-bit reference images are generated once per (model identity, scheduler,
-steps, guidance, resolution, prompt keys and texts, seed rule, dtype) and kept in the
-:class:`~ptqbench.cache.Cache` under ``reference/<key>``.
+Images stream to disk: each generated batch is written (:class:`~ptqbench.imagestore.ImageWriter`)
+and dropped, so host memory does not grow with the number of prompts, and a killed generation
+resumes with the images it already wrote (verified by size and checksum). The folder is read
+back lazily (:class:`~ptqbench.imagestore.ImageFolder`), exactly as saved. The 16-bit reference
+images are generated once per (model identity, scheduler, steps, guidance, resolution, prompt
+keys and texts, seed rule, dtype) and kept in the :class:`~ptqbench.cache.Cache` under
+``reference/<key>``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
-from PIL import Image
 
+from ptqbench import distributed as dist
 from ptqbench.cache import Cache, cache_key
 from ptqbench.cudagraph import cuda_graphs
-from ptqbench.errors import UserError
+from ptqbench.imagestore import INDEX, ImageFolder, ImageWriter, load_images, read_index, write_index
 from ptqbench.layers import QuantLinear
 from ptqbench.models.base import GenSettings, Pipeline
-from ptqbench.prompts import SEED_RULE, PromptSet, seed_for
+from ptqbench.prompts import SEED_RULE, PromptSet
 
-INDEX = "index.json"
+__all__ = [
+    "INDEX", "ImageFolder", "NullProgress", "StageProgress", "generate_images", "generate_shared", "load_images",
+    "read_index", "reference_images", "reference_key", "share", "to_uint8", "write_index",
+]
 
 
 class StageProgress(Protocol):
@@ -52,43 +56,14 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def save_images(images: torch.Tensor, prompts: PromptSet, out_dir: str | Path, start: int = 0) -> list[dict[str, Any]]:
-    """Write images ``start..`` of ``prompts`` as PNGs into ``out_dir``; returns their index entries."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for offset, img in enumerate(to_uint8(images)):
-        i = start + offset
-        name = f"{i:05d}.png"
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(out / name)
-        key = prompts.keys[i]
-        entries.append({"index": i, "key": key, "prompt": prompts.prompts[i], "seed": seed_for(key), "file": name})
-    return entries
-
-
-def write_index(out_dir: str | Path, entries: list[dict[str, Any]]) -> None:
-    (Path(out_dir) / INDEX).write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def read_index(directory: str | Path) -> list[dict[str, Any]]:
-    path = Path(directory) / INDEX
-    if not path.is_file():
-        raise UserError(f"{path}: missing (an image folder needs index.json next to its PNGs)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def load_images(directory: str | Path, *, uint8: bool = False) -> torch.Tensor:
-    """The images of a folder written by :func:`generate_images`, in index order: ``[N, 3, H, W]``,
-    float32 in [0, 1], or as stored (``uint8=True``)."""
-    entries = read_index(directory)
-    if not entries:
-        return torch.empty(0, 3, 0, 0, dtype=torch.uint8 if uint8 else torch.float32)
-    arrays = [np.asarray(Image.open(Path(directory) / e["file"]).convert("RGB")) for e in entries]
-    return _as_requested(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), uint8)
-
-
-def _as_requested(images: torch.Tensor, uint8: bool) -> torch.Tensor:
-    return images.contiguous() if uint8 else images.float().div_(255)
+def share(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The prompt indices process ``rank`` of ``world`` generates: whole batches of ``batch_size``,
+    dealt round-robin, so every batch holds the same prompts as in one process (the images are
+    then the same whatever ``world``). Pass them as ``indices`` with ``part=f"rank{rank}"`` and
+    ``finalize=False``; once all ranks are done, one calls ``ImageWriter(folder, prompts).finalize()``."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    return dist.batch_share(n, batch_size, rank, world)
 
 
 def generate_images(
@@ -98,28 +73,82 @@ def generate_images(
     out_dir: str | Path,
     progress: StageProgress | None = None,
     *,
-    uint8: bool = False,
-) -> torch.Tensor:
-    """Generate one image per prompt (seed = ``seed_for(key)``), save PNGs and ``index.json``.
+    indices: Sequence[int] | None = None,
+    part: str = "0",
+    finalize: bool = True,
+) -> ImageFolder | None:
+    """Generate one image per prompt (seed = ``seed_for(key)``) into ``out_dir``, batch by batch.
 
-    Returns the saved images ``[N, 3, H, W]``: float32 in [0, 1] (8-bit values), or the uint8
-    values themselves (``uint8=True``, a quarter of the memory).
+    Images already in the folder (verified) are kept: a batch (``settings.batch_size`` consecutive
+    ``indices``, default all prompts) runs only when one of its images is missing, so a resumed
+    folder ends bit-identical to an uninterrupted one. ``part`` names this writer's index lines
+    (one per process when several fill one folder). Returns the folder, read lazily, with
+    ``generated`` = images generated by this call; ``finalize=False`` (a share of a multi-process
+    generation) writes no ``index.json`` and returns None.
     """
     progress = progress or NullProgress()
+    writer = ImageWriter(out_dir, prompts, part)
+    order = list(range(len(prompts)) if indices is None else indices)
+    missing = set(writer.missing(order))
+    progress.advance(len(order) - len(missing))
     seeds = prompts.seeds()
-    chunks, entries = [], []
+    generated = 0
     with cuda_graphs(pipeline.transformer):  # on a GPU, replay the transformer from CUDA graphs
-        for start in range(0, len(prompts), settings.batch_size):
-            stop = min(start + settings.batch_size, len(prompts))
-            images = pipeline.generate(prompts.prompts[start:stop], seeds[start:stop], settings)
-            entries += save_images(images, prompts, out_dir, start)
-            chunks.append(to_uint8(images))
-            progress.advance(stop - start)
+        for start in range(0, len(order), settings.batch_size):
+            batch = order[start : start + settings.batch_size]
+            todo = [pos for pos, i in enumerate(batch) if i in missing]
+            if not todo:
+                continue
+            images = to_uint8(pipeline.generate([prompts.prompts[i] for i in batch], [seeds[i] for i in batch],
+                                                settings))
+            writer.write([batch[pos] for pos in todo], images[todo])
+            generated += len(batch)
+            progress.advance(len(todo))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    write_index(out_dir, entries)
-    if not chunks:
-        return _as_requested(torch.empty(0, 3, settings.resolution, settings.resolution, dtype=torch.uint8), uint8)
-    return _as_requested(torch.cat(chunks), uint8)
+    if not finalize:
+        return None
+    writer.finalize()
+    return ImageFolder(out_dir, generated)
+
+
+class _EveryRank:
+    """A rank's progress counted for all ranks (shares are equal to within one batch)."""
+
+    def __init__(self, progress: StageProgress, size: int):
+        self.progress, self.size = progress, size
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        self.progress.stage(name, total)
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(n * self.size)
+
+
+def generate_shared(
+    pipeline: Pipeline,
+    prompts: PromptSet,
+    settings: GenSettings,
+    out_dir: str | Path,
+    progress: StageProgress | None = None,
+) -> ImageFolder:
+    """:func:`generate_images`, data-parallel over the ranks of :mod:`ptqbench.distributed`: each
+    rank generates its whole batches (:func:`~ptqbench.distributed.batch_share`, the batches one
+    process would run) into ``out_dir`` under its own index part; after a barrier rank 0 assembles
+    ``index.json``. Collective; one process: :func:`generate_images` itself."""
+    if dist.size() == 1:
+        folder = generate_images(pipeline, prompts, settings, out_dir, progress)
+        assert folder is not None
+        return folder
+    mine = share(len(prompts), settings.batch_size, dist.rank(), dist.size())
+    todo = len(ImageWriter(out_dir, prompts).missing(mine))
+    shared = _EveryRank(progress or NullProgress(), dist.size())
+    generate_images(pipeline, prompts, settings, out_dir, shared, indices=mine, part=f"rank{dist.rank()}",
+                    finalize=False)
+    generated = sum(dist.all_gather_object(todo))  # also the barrier: every share is written
+    if dist.is_main():
+        ImageWriter(out_dir, prompts).finalize()
+    dist.barrier()
+    return ImageFolder(out_dir, generated)
 
 
 def model_identity(pipeline: Pipeline) -> dict[str, Any]:
@@ -147,25 +176,25 @@ def reference_images(
     settings: GenSettings,
     cache: Cache,
     progress: StageProgress | None = None,
-    *,
-    uint8: bool = False,
-) -> tuple[Path, torch.Tensor]:
-    """The 16-bit reference images (folder, tensor as :func:`generate_images` returns it): from the
-    cache, else generated once and cached.
+) -> tuple[Path, ImageFolder]:
+    """The 16-bit reference images (folder, lazily read images): from the cache, else generated
+    once (resuming a generation that was killed) and cached.
 
     ``pipeline.transformer`` must be unquantized when they are generated.
     """
     key = reference_key(pipeline, prompts, settings)
     folder = cache.path("reference", key)
-    with cache.lock("reference", key):
-        if cache.done("reference", key):
+    with dist.held_by_main(lambda: cache.lock("reference", key)):
+        if dist.broadcast_object(cache.done("reference", key)):
             progress = progress or NullProgress()
             progress.advance(len(prompts))
-            return folder, load_images(folder, uint8=uint8)
+            return folder, ImageFolder(folder)
         if any(isinstance(m, QuantLinear) for m in pipeline.transformer.modules()):
             raise RuntimeError("reference images need the 16-bit transformer: restore_model() it first")
-        images = generate_images(pipeline, prompts, settings, folder, progress, uint8=uint8)
-        meta = {"model": model_identity(pipeline), "settings": settings.__dict__, "prompt_set": prompts.name}
-        (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        cache.mark_done("reference", key)
+        images = generate_shared(pipeline, prompts, settings, folder, progress)
+        if dist.is_main():
+            meta = {"model": model_identity(pipeline), "settings": settings.__dict__, "prompt_set": prompts.name}
+            (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+            cache.mark_done("reference", key)
+        dist.barrier()
     return folder, images

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ptqbench import distributed as dist
 from ptqbench.formats import Format
 from ptqbench.layers import QuantLinear, dense_weight, is_quantizable
 from ptqbench.memory import LayerShape, qkv_group
@@ -164,7 +165,7 @@ def quantize_model(
     for (rank, fmt), layers in groups.items():
         m = method if rank is None else dataclasses.replace(method, rank=rank)
         if fmt is None:
-            quantized.update(m.quantize_layers(layers, stats, progress))
+            quantized.update(quantize_shared(m, layers, stats, progress))
         else:
             sources = {name: shifted[name][1] for name in layers}
             quantized.update(quantize_shifted(m, layers, fmt, stats, progress, sources))
@@ -172,6 +173,61 @@ def quantize_model(
     for name, q in quantized.items():
         replace_module(model, name, q)
     return PatchReport(quantized, selection.skipped, dict(selection.layers))
+
+
+def batch_families(layers: Mapping[str, nn.Module]) -> list[list[str]]:
+    """Layers a method may batch together, as families (in model order): connected by an equal
+    weight shape or one :func:`~ptqbench.memory.qkv_group`. A method given whole families forms
+    the same batches as when given every layer, so quantizing families apart changes no bit."""
+    parent = {name: name for name in layers}
+
+    def root(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    first: dict[object, str] = {}
+    for name, layer in layers.items():
+        w = dense_weight(layer)
+        for link in (("shape", tuple(w.shape), str(w.device), w.dtype), ("qkv", qkv_group(name))):
+            if link[1] is None:
+                continue
+            if link in first:
+                parent[root(name)] = root(first[link])
+            else:
+                first[link] = name
+    families: dict[str, list[str]] = {}
+    for name in layers:
+        families.setdefault(root(name), []).append(name)
+    return list(families.values())
+
+
+def quantize_shared(
+    method: Method,
+    layers: Mapping[str, nn.Module],
+    stats: Mapping[str, LayerStats] | None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, QuantLinear]:
+    """``method.quantize_layers``, layer-parallel across ranks (:mod:`ptqbench.distributed`):
+    :func:`batch_families` go to ranks by cost (weights x (rank + 1), longest first), each rank
+    quantizes its families, and every rank receives all quantized layers. One process: a plain call."""
+    if dist.size() == 1:
+        return method.quantize_layers(layers, stats, progress)
+    families = batch_families(layers)
+    rank = getattr(method, "rank", 0)
+    rank = rank if isinstance(rank, int) else 0
+    costs = [sum(dense_weight(layers[n]).numel() for n in f) * (rank + 1) for f in families]
+    owner = {n: r for f, r in zip(families, dist.assign(costs), strict=True) for n in f}
+    mine = {n: layer for n, layer in layers.items() if owner[n] == dist.rank()}
+    done = method.quantize_layers(mine, stats, progress) if mine else {}
+    device = dense_weight(next(iter(layers.values()))).device
+    shared = dist.share_modules(done, device)
+    if progress:
+        for name in layers:
+            if name not in mine:
+                progress(name)
+    return {name: shared[name] for name in layers}  # type: ignore[misc]
 
 
 def restore_model(model: nn.Module, report: PatchReport) -> None:

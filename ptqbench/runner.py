@@ -1,15 +1,21 @@
 """``ptqbench run SUITE``: expand a suite into cells and run each one into MLflow.
 
-Each cell is found again by its ``cell_hash`` tag: a finished cell is skipped, a failed or killed
-one runs again (its stale run deleted), so a suite can be interrupted and resumed at any point
-and never holds two runs of one cell. Several processes may run one suite into one store: a cell
-another live process holds (its lease, :mod:`ptqbench.tracking`) is *busy*: the runner goes on
-with its other cells, tries the busy ones once more at the end (running those whose holder has
-failed or died meanwhile) and counts the rest as run elsewhere (finished or still running there).
-Each model is loaded once and serves all its cells
-(``evaluate`` restores the transformer). A crash inside a cell is recorded (FAILED, error tag,
-``traceback.txt``) and the suite goes on; the exit code is 1 if any cell failed. What a run
-carries is :mod:`ptqbench.schema`; the files it leaves are written by :mod:`ptqbench.artifacts`.
+Each cell is found again by its ``cell_hash`` tag: a finished cell is skipped (a metric the suite
+asks for and its run lacks is scored from its saved images, :mod:`ptqbench.scoring`), a failed or
+killed one runs again (its stale run deleted), so a suite can be interrupted and resumed at any
+point and never holds two runs of one cell. A cell's folder (``OUT/<cell hash>``) is kept across
+attempts: a resumed cell keeps the images it already wrote and its quantized layers
+(:mod:`ptqbench.imagestore`, :mod:`ptqbench.quantcache`) and generates only what is missing.
+Each model is loaded once and serves all its cells (``evaluate`` restores the transformer). A
+crash inside a cell is recorded (FAILED, error tag, ``traceback.txt``) and the suite goes on; the
+exit code is 1 if any cell failed. What a run carries is :mod:`ptqbench.schema`; the files it
+leaves are written by :mod:`ptqbench.artifacts`. Several processes may run one suite into one
+store: a cell another live process holds (its lease, :mod:`ptqbench.tracking`) is *busy*: the
+runner goes on with its other cells, tries the busy ones once more at the end (running those whose
+holder has failed or died meanwhile) and counts the rest as run elsewhere. Under
+``torchrun --nproc-per-node N -m ptqbench run`` every rank runs the same cells cooperatively
+(:mod:`ptqbench.distributed`: data-parallel generation and calibration, layer-parallel
+quantization); rank 0 alone scores, talks to MLflow and shows progress.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ptqbench import distributed as dist
 from ptqbench import schema
 from ptqbench.artifacts import write_artifacts, write_scores
 from ptqbench.display import dry_run_lines
@@ -99,12 +106,18 @@ def main(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     set_threads(args.threads)
-    cache = Cache(args.cache_dir)
-    out = Path(args.out) if args.out else cache.root / "runs" / _safe(suite.name)
-    runner = Runner(suite, Tracker(args.tracking_uri), cache, out, device)
-    # models without a shipped config are loaded once, for their shapes and their cells
-    cells = _select(suite, expand(suite, ShapeCache(lambda entry: runner.load(entry).transformer)), args.only, shard)
-    return runner.run(cells)
+    dist.init(device)  # torchrun: every rank runs the suite cooperatively (ptqbench.distributed)
+    try:
+        cache = Cache(args.cache_dir)
+        out = Path(args.out) if args.out else cache.root / "runs" / _safe(suite.name)
+        tracker = dist.main_only(lambda: Tracker(args.tracking_uri))  # only rank 0 talks to MLflow
+        runner = Runner(suite, tracker, cache, out, device)
+        # models without a shipped config are loaded once, for their shapes and their cells
+        shapes = ShapeCache(lambda entry: runner.load(entry).transformer)
+        cells = _select(suite, expand(suite, shapes), args.only, shard)
+        return runner.run(cells)
+    finally:
+        dist.shutdown()
 
 
 def set_threads(n: int | None) -> None:
@@ -149,26 +162,78 @@ def _safe(name: str) -> str:
 
 
 class TqdmProgress:
-    """A :class:`~ptqbench.generation.StageProgress` on a second tqdm bar: ``stage(name, total)``, ``advance(n)``."""
+    """A :class:`~ptqbench.generation.StageProgress` on a second tqdm bar: ``stage(name, total)``, ``advance(n)``.
 
-    def __init__(self, position: int = 1):
+    Shown by rank 0 only (every rank's images are counted: :mod:`ptqbench.distributed`); image
+    stages show images per second and the stage's ETA, and the images of ``counted`` (the stage
+    that makes the cell's own images) also move ``suite``.
+    """
+
+    def __init__(self, position: int = 1, suite: SuiteBar | None = None, counted: str = "generate"):
         self.position = position
         self.bar: Any = None
+        self.suite, self.counted, self.name = suite, counted, ""
 
     def stage(self, name: str, total: int | None = None) -> None:
         from tqdm.auto import tqdm
 
         self.close()
-        self.bar = tqdm(total=total, desc=f"  {name}", position=self.position, leave=False, dynamic_ncols=True)
+        self.name = name
+        unit = "img" if name in IMAGE_STAGES else "it"
+        self.bar = tqdm(total=total, desc=f"  {name}", position=self.position, leave=False, dynamic_ncols=True,
+                        unit=unit, disable=not dist.is_main())
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
+        if self.suite is not None and self.name == self.counted:
+            self.suite.advance(n)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+IMAGE_STAGES = ("reference", "calibrate", "generate")
+
+
+class SuiteBar:
+    """The suite's bar (rank 0): the images its pending cells make, with images per second and the
+    suite's ETA; ``update(n)`` ends ``n`` cells (their images counted in full, run or not)."""
+
+    def __init__(self, images: Sequence[int]):
+        from tqdm.auto import tqdm
+
+        self.images, self.cell, self.counted = list(images), 0, 0
+        self.bar = tqdm(total=sum(self.images), desc="suite", unit="img", position=0, dynamic_ncols=True,
+                        disable=not dist.is_main())
+
+    def __enter__(self) -> SuiteBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def advance(self, n: int) -> None:
+        if self.cell < len(self.images):
+            n = min(n, self.images[self.cell] - self.counted)
+            self.counted += n
+            self.bar.update(n)
+
+    def update(self, cells: int = 1) -> None:
+        for _ in range(cells):
+            self.advance(self.images[self.cell] - self.counted if self.cell < len(self.images) else 0)
+            self.cell, self.counted = self.cell + 1, 0
+
+    def add(self, images: Sequence[int]) -> None:
+        """More cells at the end (busy cells tried again)."""
+        self.images.extend(images)
+        self.bar.total += sum(images)
+        self.bar.refresh()
+
+    def set_postfix_str(self, label: str) -> None:
+        self.bar.set_postfix_str(f"cell {self.cell + 1}/{len(self.images)} {label}")
 
 
 # ============================================================================ the runner
@@ -180,6 +245,7 @@ class Outcome:
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     elsewhere: list[str] = field(default_factory=list)  # finished or running in another process
+    rescored: list[str] = field(default_factory=list)
 
 
 class Runner:
@@ -194,6 +260,7 @@ class Runner:
         tags = schema.experiment_tags(suite.file, suite.description or suite.name)
         self.experiment = tracker.experiment(suite.name, tags)
         self.outcome = Outcome()
+        self.suite_bar: SuiteBar | None = None
         self._prompts: dict[Any, Any] = {}
         self._pipelines: dict[tuple[Any, ...], Any] = {}
         self._runtime = runtime_params()
@@ -202,31 +269,31 @@ class Runner:
 
     # ------------------------------------------------------------------ suite level
     def run(self, cells: Sequence[Cell]) -> int:
-        from tqdm.auto import tqdm
-
-        done = {r.tags.get(schema.HASH) for r in self.tracker.runs(self.experiment) if r.status == "FINISHED"}
+        done = {r.tags.get(schema.HASH): r for r in self.tracker.runs(self.experiment) if r.status == "FINISHED"}
         pending = [c for c in cells if c.hash not in done]
         self.outcome.skipped = [c.hash for c in cells if c.hash in done]
+        dist.on_main(self.rescore, [(c, done[c.hash]) for c in cells if c.hash in done])
         for cell in pending:  # missing prompt data fails here, before any cell runs
             self.prompt_set(cell)
             if "calibration" in cell.config:
                 c = cell.calibration
                 self._load_prompts((c.prompt_set, c.n_prompts, c.path), "calibration")
-        print(
+        uri, ranks = self.tracker.uri, f" x {dist.size()} ranks" if dist.size() > 1 else ""
+        _say(
             f"{self.suite.name}: {len(cells)} cells, {len(self.outcome.skipped)} already finished, "
-            f"{len(pending)} to run on {self.device} (tracking: {self.tracker.uri})",
-            file=sys.stderr,
+            f"{len(pending)} to run on {self.device}{ranks} (tracking: {uri})"
         )
-        with tqdm(total=len(pending), desc="cells", position=0, dynamic_ncols=True) as bar:
+        with SuiteBar([len(self.prompt_set(c)) for c in pending]) as bar:
+            self.suite_bar = bar
             for group in _by_model(pending):
                 self.run_model(group, bar)
             self.retry_busy(bar)
         self._pipelines.clear()  # also those loaded only for their shapes
         o = self.outcome
-        print(
+        _say(
             f"{self.suite.name}: {len(o.finished)} finished, {len(o.skipped)} skipped, {len(o.failed)} failed"
-            + (f", {len(o.elsewhere)} run elsewhere" if o.elsewhere else ""),
-            file=sys.stderr,
+            + (f", {len(o.elsewhere)} run elsewhere" if o.elsewhere else "")
+            + (f", {len(o.rescored)} scored from their images" if o.rescored else "")
         )
         return 1 if o.failed else 0
 
@@ -237,8 +304,7 @@ class Runner:
 
         again, self.busy = self.busy, []
         self.last_pass = True
-        bar.total += len(again)
-        bar.refresh()
+        bar.add([len(self.prompt_set(c)) for c in again])
         rest = []
         for cell in again:
             runs = self.tracker.find(self.experiment, cell.hash)
@@ -260,6 +326,23 @@ class Runner:
         else:
             self.outcome.elsewhere.append(cell.hash)
         return None
+
+    def rescore(self, finished: Sequence[tuple[Cell, Any]]) -> None:
+        """Score the suite's metrics that finished runs lack, from their saved images (no generation)."""
+        from ptqbench.scoring import score_run
+
+        for cell, run in finished:
+            have = schema.metric_names(run.metrics, run.tags)
+            missing = [m for m in cell.metrics if m not in have]
+            if not missing:
+                continue
+            try:
+                score_run(self.tracker, run, missing, self.device)
+            except UserError as exc:  # e.g. its images were deleted: say so, the suite goes on
+                print(f"cannot score {', '.join(missing)} for {cell.label}: {exc}", file=sys.stderr)
+                continue
+            self.outcome.rescored.append(cell.hash)
+            print(f"scored {', '.join(missing)} into finished cell {cell.label}", file=sys.stderr)
 
     def run_model(self, cells: Sequence[Cell], bar: Any) -> None:
         """Load the cells' model once and run them; a load crash fails each of them."""
@@ -311,20 +394,22 @@ class Runner:
 
     # ------------------------------------------------------------------ one cell
     def run_cell(self, cell: Cell, pipeline: Any) -> bool:
+        from ptqbench.quantcache import FOLDER
+
         run_id = self.claim(cell)
         if run_id is None:  # finished or busy elsewhere
             return True
         start = time.perf_counter()
-        progress = TqdmProgress()
+        progress = TqdmProgress(suite=self.suite_bar, counted="reference" if cell.is_reference else "generate")
         try:
             self.tracker.log_params(run_id, self.params(cell))
-            out_dir = self.out / cell.hash
-            shutil.rmtree(out_dir, ignore_errors=True)
-            out_dir.mkdir(parents=True)
+            out_dir = self.out / cell.hash  # kept from a killed attempt: its images and layers are reused
+            out_dir.mkdir(parents=True, exist_ok=True)
             result = self.evaluate(cell, pipeline, out_dir, progress)
             progress.close()
-            self.log_result(run_id, cell, result, out_dir, time.perf_counter() - start)
+            dist.on_main(self.log_result, run_id, cell, result, out_dir, time.perf_counter() - start)
             self.tracker.finish(run_id)
+            shutil.rmtree(out_dir / FOLDER, ignore_errors=True)  # the images are what a finished cell keeps
         except KeyboardInterrupt:
             progress.close()
             self.tracker.fail(run_id, "KeyboardInterrupt: interrupted", traceback.format_exc())
@@ -383,6 +468,9 @@ class Runner:
             schema.FORMATS: formats_text(cell.method),
             schema.RANK: rank_text(cell.rank, cell.ranks),
         }
+        if cell.replicate_group:
+            tags[schema.REPLICATE] = str(cell.replicate)
+            tags[schema.REPLICATE_GROUP] = cell.replicate_group
         for name in cell.metrics:
             tags[schema.METRIC_DIRECTION + name] = schema.direction(get_metric(name).higher_is_better)
         return tags
@@ -394,10 +482,13 @@ class Runner:
         return {**cell.params(), **self._runtime, **runtime}
 
     def log_result(self, run_id: str, cell: Cell, result: Any, out_dir: Path, seconds: float) -> None:
+        from ptqbench.scoring import image_tags, score_tags
+
         metrics, tags = schema.result_metrics(result, seconds)
         self.tracker.log_metrics(run_id, metrics)
-        if tags:
-            self.tracker.set_tags(run_id, tags)
+        where = image_tags(result.images_dir, result.reference_dir,
+                           Path(cell.prompts.real) if cell.prompts.real else None)
+        self.tracker.set_tags(run_id, {**tags, **where, **score_tags(result.metrics, where)})
         options = {schema.METRIC_OPTIONS: self.suite.metric_options} if self.suite.metric_options else {}
         self.tracker.log_params(run_id, {**schema.interval_params(self.suite.uncertainty), **options})
         folder = write_artifacts(cell, result, out_dir / "artifacts", self.params(cell))
@@ -418,6 +509,12 @@ def _by_model(cells: Sequence[Cell]) -> list[list[Cell]]:
     for cell in cells:
         groups.setdefault(_model_key(cell.model), []).append(cell)
     return list(groups.values())
+
+
+def _say(text: str) -> None:
+    """A line on stderr, from rank 0 only."""
+    if dist.is_main():
+        print(text, file=sys.stderr)
 
 
 def _error_text(exc: BaseException) -> str:

@@ -9,7 +9,11 @@ One experiment per suite, one run per cell. The names below are the whole contra
   ``is_reference`` (``true``/``false``), ``label``, ``formats``, ``rank``, ``ptqbench.status``
   (running / finished / failed), ``ptqbench.error``, ``metric_direction.<m>`` (higher / lower),
   ``metric_status.<m>`` (``not_computed: <why>``, only for metrics without a value),
-  ``metric_warning.<m>`` (a caveat of a computed value, e.g. a Frechet distance at small n) and,
+  ``metric_warning.<m>`` (a caveat of a computed value, e.g. a Frechet distance at small n);
+  ``images_dir``, ``reference_dir`` and ``real_dir`` (where the run's images, its 16-bit reference
+  images and the real images are: what ``ptqbench score`` reads), ``score_key.<m>`` (the digest of
+  the images, the metric and its weights that ``<m>`` was computed from), for replicated cells
+  ``replicate`` (0..k-1) and ``replicate_group`` (the hash of replicate 0, shared by all k) and,
   while a cell runs, its lease (see :mod:`ptqbench.tracking`): ``ptqbench.lease_owner``
   (``host:pidns:pid:token``), ``ptqbench.lease_until`` (Unix seconds, renewed by a heartbeat),
   ``ptqbench.claim_gen`` (the claim generation the run won) and, on a run taken over,
@@ -23,7 +27,8 @@ One experiment per suite, one run per cell. The names below are the whole contra
 - **metrics**: each computed quality metric ``<m>`` with its sample count ``<m>_n`` and, where it
   has one, its confidence interval ``<m>.lo`` / ``<m>.hi``;
   ``bits_per_weight``, ``model_bytes``, ``layer_rel_{weight,output}_error_{mean,max}`` and
-  ``seconds_<stage>`` as bookkeeping;
+  ``seconds_<stage>`` and ``images_generated`` (images this run generated; fewer than n when it
+  resumed a killed cell) as bookkeeping;
 - **artifacts**: ``config.yaml``, ``per_image.csv`` (one row per image: ``key``, ``seed``, a
   column per per-image metric; :func:`ptqbench.metrics.base.read_per_image`),
   ``layer_errors.csv``, ``patch_report.json``, ``grid.png``,
@@ -41,6 +46,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from ptqbench.evaluate import EvalResult
+    from ptqbench.metrics.base import MetricResult
     from ptqbench.uncertainty import Bootstrap
 
 # ----------------------------------------------------------------------------- tags
@@ -66,6 +72,12 @@ CLAIM_GEN = "ptqbench.claim_gen"
 SUPERSEDED_BY = "ptqbench.superseded_by"
 CLAIM_EXPERIMENT = "ptqbench.claim/"  # + experiment id/cell hash/generation: one (deleted) experiment per claim
 CLAIM_RUN = "ptqbench.claim_run"  # the claim experiment's tag: the run that won it
+IMAGES_DIR = "images_dir"
+REFERENCE_DIR = "reference_dir"
+REAL_DIR = "real_dir"
+SCORE_KEY = "score_key."
+REPLICATE = "replicate"
+REPLICATE_GROUP = "replicate_group"
 EXPERIMENT_NOTE = "mlflow.note.content"  # the experiment's description, as MLflow shows it
 
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"
@@ -95,7 +107,8 @@ SETTING_PARAMS = {"n_prompts": N_PROMPTS, "steps": GEN + "steps", "guidance": GE
 # ----------------------------------------------------------------------------- metrics
 SECONDS = "seconds_"
 LAYER = "layer_"
-BOOKKEEPING_METRICS = (BITS_PER_WEIGHT, MODEL_BYTES)  # non-quality numbers logged as metrics
+IMAGES_GENERATED = "images_generated"
+BOOKKEEPING_METRICS = (BITS_PER_WEIGHT, MODEL_BYTES, IMAGES_GENERATED)  # non-quality numbers logged as metrics
 BOOKKEEPING_PREFIXES = (LAYER, SECONDS)
 # layer_errors.csv column -> the run metric summarizing it (``_mean``, ``_max``): ``rel_output_error``
 # is measured on held-out rows, ``insample_output_error`` on rows the method saw.
@@ -138,12 +151,24 @@ def experiment_tags(suite_file: str, description: str) -> dict[str, str]:
 
 
 def result_metrics(result: EvalResult, seconds: float) -> tuple[dict[str, float | None], dict[str, str]]:
-    """The metrics of a finished cell (each computed one's :meth:`~ptqbench.metrics.base.MetricResult.summary`:
-    value, ``_n``, ``.lo``/``.hi``), the ``metric_status`` tags of those without a value and the
-    ``metric_warning`` tags of those with a caveat."""
+    """The metrics of a finished cell (:func:`score_values` of its metrics, then the bookkeeping)."""
+    metrics, tags = score_values(result.metrics)
+    metrics.update({BITS_PER_WEIGHT: result.bits_per_weight, MODEL_BYTES: result.model_bytes,
+                    IMAGES_GENERATED: result.images_generated})
+    metrics.update(layer_error_summary(result.layer_errors))
+    for stage, value in result.timings.items():
+        metrics[SECONDS + stage] = value
+    metrics.setdefault(SECONDS + "total", seconds)
+    return metrics, tags
+
+
+def score_values(results: Mapping[str, MetricResult]) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Quality metrics as logged: each computed one's :meth:`~ptqbench.metrics.base.MetricResult.summary`
+    (value, ``_n``, ``.lo``/``.hi``), ``metric_warning`` tags of those with a caveat and
+    ``metric_status`` tags of those without a value."""
     metrics: dict[str, float | None] = {}
     tags: dict[str, str] = {}
-    for name, m in result.metrics.items():
+    for name, m in results.items():
         summary = m.summary()
         if summary:
             metrics.update(summary)
@@ -151,11 +176,6 @@ def result_metrics(result: EvalResult, seconds: float) -> tuple[dict[str, float 
                 tags[METRIC_WARNING + name] = m.warning
         else:
             tags[METRIC_STATUS + name] = f"{NOT_COMPUTED}{m.reason}"
-    metrics.update({BITS_PER_WEIGHT: result.bits_per_weight, MODEL_BYTES: result.model_bytes})
-    metrics.update(layer_error_summary(result.layer_errors))
-    for stage, value in result.timings.items():
-        metrics[SECONDS + stage] = value
-    metrics.setdefault(SECONDS + "total", seconds)
     return metrics, tags
 
 
@@ -203,6 +223,7 @@ def metric_names(metrics: Mapping[str, float], tags: Mapping[str, str]) -> set[s
     """The quality metrics a run reports (computed or not)."""
     names = {k[len(METRIC_STATUS):] for k in tags if k.startswith(METRIC_STATUS)}
     names |= {k[len(METRIC_DIRECTION):] for k in tags if k.startswith(METRIC_DIRECTION)}
+    names |= {k[len(SCORE_KEY):] for k in tags if k.startswith(SCORE_KEY)}
     names |= {k[: -len(n_metric(""))] for k in metrics if k.endswith(n_metric(""))}
     return {n for n in names if n and n not in BOOKKEEPING_METRICS and not n.startswith(BOOKKEEPING_PREFIXES)}
 
@@ -264,6 +285,8 @@ class RunRecord:
     bits_per_weight: float
     model_bytes: float
     metric_names: tuple[str, ...]
+    replicate: int
+    replicate_group: str
     params: Mapping[str, str]
     metrics: Mapping[str, float]
     tags: Mapping[str, str]
@@ -297,6 +320,8 @@ class RunRecord:
             bits_per_weight=float(metrics.get(BITS_PER_WEIGHT, _number(params.get(BITS_PER_WEIGHT)))),
             model_bytes=float(metrics.get(MODEL_BYTES, _number(params.get(MODEL_BYTES)))),
             metric_names=tuple(sorted(metric_names(metrics, tags))),
+            replicate=int(tags.get(REPLICATE, "0") or 0),
+            replicate_group=tags.get(REPLICATE_GROUP) or tags.get(HASH) or params.get(HASH) or "",
             params=params,
             metrics=metrics,
             tags=tags,

@@ -10,8 +10,9 @@ Schema (``suites/*.yaml`` are commented examples)::
       - {name: sana-1.6b, path: /local/diffusers/folder, dtype: bf16, steps: 20, resolution: 1024}
     prompts: {set: mjhq, n: 5000, path: meta_data.json, real: ${MJHQ_IMAGES}}   # or a list of them
     calibration: {set: mjhq-calib, n: 64, steps, guidance, resolution, seed: 0, rows: 256, path}
-    metrics: [fid, image_reward, lpips, psnr]   # or {name: fid, min_n: 1000}: a metric with options
+    metrics: [fid, image_reward, lpips, psnr]   # or {name: fid, min_n: 1000}; not in the cell hash
     uncertainty: {level: 0.95, resamples: 2000, set_resamples: 200, seed: 0, method: bca, test: bootstrap}
+    replicates: 3                   # re-draw the method's seeds k times (also per method entry)
     layers: {include: ["*"], exclude: ["*.ff.net.2"]}   # on top of each model's default skips
     budget:                         # for `rank: budget` (equal memory)
       reference: {method: svdquant, rank: 32, branch: bf16}   # main formats follow the candidate
@@ -32,10 +33,16 @@ reference on each model's real layer shapes (built on the meta device, so no wei
 Paths are relative to the suite file; ``~`` and ``$VAR`` expand (``real`` naming an unset variable
 means no real images: metrics that need them are recorded as not computed). Each model gets a
 16-bit reference cell per prompt set, and every cell a hash (:func:`ptqbench.cache.cache_key`) of
-its resolved configuration. Metric options and ``uncertainty`` (how confidence intervals and
-paired tests are computed: :class:`ptqbench.uncertainty.Bootstrap`) do not change the images, so
-they are not in the hash. Every error names the file, the line and the field, and says what would
-be valid.
+what changes its images (model, method, formats, rank, layers, prompts, sampling, calibration;
+not the metric list nor the batch size, :data:`NOT_HASHED`). Metric options and ``uncertainty``
+(how confidence intervals and paired tests are computed: :class:`ptqbench.uncertainty.Bootstrap`)
+do not change the images either, so they are not in the hash. ``replicates: k`` (top level or per
+method entry) re-draws the stochastic parts of a method k times, each replicate a cell of its own:
+replicate ``r`` adds ``r`` to the method's ``seed`` (random rotation, randomized SVD) and to the
+calibration's ``seed`` (sampled rows and calibration noise) when the method calibrates; replicate 0
+is the cell without replicates (same hash), and all k share its hash as ``replicate_group``. A
+method with nothing to re-draw (no ``seed`` field, no calibration) stays one cell. Every error
+names the file, the line and the field, and says what would be valid.
 """
 
 from __future__ import annotations
@@ -71,7 +78,10 @@ BUDGET = "budget"
 SETTINGS = ("steps", "guidance", "resolution", "batch_size")
 DTYPES = ("fp16", "bf16", "fp32")
 SHORTHANDS = {"format": ("weight_format", "act_format"), "branch": ("branch_format", "branch_act_format")}
-ENTRY_KEYS = ("method", "variants", "layers")
+ENTRY_KEYS = ("method", "variants", "layers", "replicates")
+# what a cell's config holds but its hash leaves out: none of them changes an image
+NOT_HASHED = ("budget", "metrics", schema.GEN + "batch_size")
+REPLICATE = "replicate"  # the config key of replicate r > 0 (replicate 0 keeps the plain hash)
 # the suite's calibration keys -> CalibConfig's fields (the keys are also what the cell hash holds)
 CALIBRATION_KEYS = {
     "set": "prompt_set", "n": "n_prompts", "path": "path", "steps": "steps", "guidance": "guidance",
@@ -313,6 +323,7 @@ class GridPoint:
     layers: LayerPlan  # the user's globs (no model's default skips yet)
     origin: YamlPath  # the method entry, for error lines
     field_paths: tuple[tuple[str, YamlPath], ...] = ()
+    replicates: int | None = None  # the entry's replicates (None: the suite's)
 
     @property
     def solves_rank(self) -> bool:
@@ -364,6 +375,7 @@ class Suite:
     layers: LayerPlan
     grid: tuple[GridPoint, ...]
     budget: Budget | None = None
+    replicates: int = 1
     uncertainty: Bootstrap = DEFAULT_BOOTSTRAP  # intervals and paired tests (not in any cell hash)
     metric_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # by name, for get_metric
 
@@ -374,6 +386,7 @@ class Suite:
 
 TOP_KEYS = (
     "name", "description", "defaults", "models", "prompts", "calibration", "metrics", "layers", "methods", "budget",
+    "replicates",
     "uncertainty",
 )
 
@@ -400,6 +413,7 @@ def load_suite(path: str | Path) -> Suite:
         layers=layers,
         grid=_grid(src, data["methods"], layers, budget),
         budget=budget,
+        replicates=_int(src, ("replicates",), data["replicates"], low=1) if "replicates" in data else 1,
         uncertainty=_uncertainty(src, data.get("uncertainty") or {}),
         metric_options=metric_options,
     )
@@ -634,6 +648,7 @@ def _entry_points(src: Source, path: YamlPath, entry: Any, layers: LayerPlan, bu
     cls = _method_class(src, (*path, "method"), entry["method"])
     entry_layers = _layers(src, (*path, "layers"), entry["layers"]) if "layers" in entry else layers
     base = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+    replicates = _int(src, (*path, "replicates"), entry["replicates"], low=1) if "replicates" in entry else None
     variants = entry.get("variants", [{}])
     if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
         raise src.error((*path, "variants"), "expected a non-empty list of mappings (fields set together)")
@@ -649,7 +664,8 @@ def _entry_points(src: Source, path: YamlPath, entry: Any, layers: LayerPlan, bu
                 clash2 = sorted(set(fixed) & set(extra))
                 if clash2:
                     raise src.error(extra[clash2[0]][1], f"{clash2[0]} is set both in the entry and in this variant")
-                points.append(_grid_point(src, path, cls, both, entry_layers, budget))
+                point = _grid_point(src, path, cls, both, entry_layers, budget)
+                points.append(dataclasses.replace(point, replicates=replicates))
     return points
 
 
@@ -749,6 +765,8 @@ class Cell:
     bits_per_weight: float = 16.0
     model_bytes: int = 0
     origin: str = ""  # file:line of the grid entry
+    replicate: int = 0  # which re-draw of the method's seeds (see ``replicates``)
+    replicate_group: str = ""  # the hash of replicate 0, when the suite asks for replicates
 
     @property
     def is_reference(self) -> bool:
@@ -784,7 +802,8 @@ def expand(suite: Suite, shapes: ShapesFn | None = None) -> list[Cell]:
     for entry in suite.models:
         for prompts in suite.prompts:
             cells.append(_reference_cell(suite, entry, prompts, shapes))
-            cells.extend(_method_cell(suite, entry, prompts, point, shapes) for point in suite.grid)
+            for point in suite.grid:
+                cells.extend(_replicates(suite, entry, prompts, point, shapes))
     _check_unique(suite, cells)
     return cells
 
@@ -811,16 +830,21 @@ def _base_config(suite: Suite, entry: ModelEntry, prompts: PromptsEntry) -> dict
     return config
 
 
+def cell_hash(config: Mapping[str, Any]) -> str:
+    """The hash of a cell: its configuration without :data:`NOT_HASHED` (what changes no image)."""
+    return cache_key({k: v for k, v in config.items() if k not in NOT_HASHED})
+
+
 def _cell(
     suite: Suite, entry: ModelEntry, prompts: PromptsEntry, method: Method | None, shapes: ModelShapes,
-    config: dict[str, Any], ranks: Mapping[str, int] | None, origin: str,
+    config: dict[str, Any], ranks: Mapping[str, int] | None, origin: str, calibration: CalibConfig | None = None,
 ) -> Cell:
-    """The cell of ``method`` on a model's shapes: hashed (the budget left out) and sized exactly."""
+    """The cell of ``method`` on a model's shapes: hashed (:func:`cell_hash`) and sized exactly."""
     rank_list = [ranks[s.name] for s in shapes.layers] if ranks else None
     where = f" @{prompts.set}" if len(suite.prompts) > 1 else ""
     return Cell(
-        suite.name, entry, prompts, method, suite.calibration, shapes.plan, suite.metrics, config,
-        hash=cache_key({k: v for k, v in config.items() if k != "budget"}),
+        suite.name, entry, prompts, method, calibration or suite.calibration, shapes.plan, suite.metrics, config,
+        hash=cell_hash(config),
         label=f"{_model_label(suite, entry)}{where} {describe(method, ranks)}",
         ranks=ranks,
         bits=model_bits(method, shapes.layers, rank_list),
@@ -836,22 +860,52 @@ def _reference_cell(suite: Suite, entry: ModelEntry, prompts: PromptsEntry, shap
     return _cell(suite, entry, prompts, None, shapes(entry, suite.layers), config, None, origin)
 
 
-def _method_cell(suite: Suite, entry: ModelEntry, prompts: PromptsEntry, point: GridPoint, shapes: ShapesFn) -> Cell:
+def _reseeded(method: Method) -> bool:
+    return any(f.name == "seed" for f in dataclasses.fields(method))
+
+
+def _replicates(
+    suite: Suite, entry: ModelEntry, prompts: PromptsEntry, point: GridPoint, shapes: ShapesFn
+) -> list[Cell]:
+    """The cells of a grid point: one, or k replicates when asked for and something can be re-drawn."""
+    first = _method_cell(suite, entry, prompts, point, shapes)
+    k = point.replicates or suite.replicates
+    assert first.method is not None
+    if k == 1 or not (_reseeded(first.method) or "calibration" in first.config):
+        return [first]
+    group = first.hash
+    return [dataclasses.replace(first, replicate_group=group)] + [
+        _method_cell(suite, entry, prompts, point, shapes, r, group) for r in range(1, k)
+    ]
+
+
+def _method_cell(
+    suite: Suite, entry: ModelEntry, prompts: PromptsEntry, point: GridPoint, shapes: ShapesFn,
+    replicate: int = 0, group: str = "",
+) -> Cell:
     src = suite.source
     model_shapes = shapes(entry, point.layers)
     if not model_shapes.layers:
         raise src.error(("layers",), f"selects no quantizable layer of {entry.name} (check include/exclude globs)")
     method, ranks, budget_key = _resolve_rank(suite, entry, point, model_shapes)
+    calibration = suite.calibration
+    if replicate:
+        if _reseeded(method):
+            method = dataclasses.replace(method, seed=method.seed + replicate)  # type: ignore[attr-defined]
+        calibration = dataclasses.replace(calibration, seed=calibration.seed + replicate)
     config = _base_config(suite, entry, prompts)
     if not method.stats_spec().empty:
-        config["calibration"] = calibration_key(suite.calibration)
+        config["calibration"] = calibration_key(calibration)
     config["layers"] = layers_key(point.layers)
     config.update(method.params())
     if ranks:
         config[schema.RANK_PER_LAYER] = dict(ranks)
     if budget_key:
         config["budget"] = budget_key
-    return _cell(suite, entry, prompts, method, model_shapes, config, ranks, src.where(point.origin))
+    if replicate:
+        config[REPLICATE] = replicate
+    cell = _cell(suite, entry, prompts, method, model_shapes, config, ranks, src.where(point.origin), calibration)
+    return dataclasses.replace(cell, replicate=replicate, replicate_group=group) if replicate else cell
 
 
 def _resolve_rank(

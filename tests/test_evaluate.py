@@ -293,7 +293,7 @@ def test_metrics_and_progress(pixart, cache, tmp_path, test_metric):
 
 
 def test_image_folder_and_index(pixart, tmp_path):
-    images = generate_images(pixart, PROMPTS, SETTINGS, tmp_path / "imgs")
+    images = generate_images(pixart, PROMPTS, SETTINGS, tmp_path / "imgs").load(uint8=False)
     assert torch.equal(load_images(tmp_path / "imgs"), images)
     assert torch.equal(images, (images * 255).round() / 255)  # exactly the 8-bit values saved
     index = read_index(tmp_path / "imgs")
@@ -301,7 +301,7 @@ def test_image_folder_and_index(pixart, tmp_path):
     assert [e["key"] for e in index] == list(PROMPTS.keys) and [e["seed"] for e in index] == [
         seed_for(k) for k in PROMPTS.keys]
     assert {e["file"] for e in index} == {p.name for p in (tmp_path / "imgs").glob("*.png")}
-    assert set(index[0]) == {"index", "key", "prompt", "seed", "file"}
+    assert set(index[0]) == {"index", "key", "prompt", "seed", "file", "bytes", "sha256"}
     with pytest.raises(UserError, match=r"index\.json"):
         load_images(tmp_path)
 

@@ -49,6 +49,7 @@ def _result(bits_per_weight: float, model_bytes: int) -> SimpleNamespace:
     return SimpleNamespace(
         metrics={"psnr": MetricResult("psnr", 21.5, 2), "fid": MetricResult("fid", None, 0, "not_computed", "no")},
         bits_per_weight=bits_per_weight, model_bytes=model_bytes, layer_errors=errors, timings={"generate": 1.5},
+        images_generated=2,
     )
 
 
@@ -62,7 +63,7 @@ def test_what_the_runner_logs_is_what_the_report_reads(tmp_path: Path) -> None:
     assert tags == {"metric_status.fid": "not_computed: no"}
     assert metrics["layer_rel_weight_error_mean"] == pytest.approx(0.2)
     assert metrics["layer_heldout_output_error_max"] == 0.2
-    assert metrics["seconds_generate"] == 1.5 and metrics["seconds_total"] == 9.0
+    assert metrics["seconds_generate"] == 1.5 and metrics["seconds_total"] == 9.0 and metrics["images_generated"] == 2
     record = RunRecord.from_run(_logged(cell, metrics, tags), "roundtrip")
     expected = {
         "model": "tiny-pixart", "method": "svdquant", "is_reference": False, "prompt_set": "builtin",
@@ -71,6 +72,7 @@ def test_what_the_runner_logs_is_what_the_report_reads(tmp_path: Path) -> None:
         "branch_act_format": "mxfp8_e4m3", "rank": 4, "rank_text": "4", "label": cell.label,
         "bits_per_weight": cell.bits_per_weight, "model_bytes": float(cell.model_bytes),
         "metric_names": ("fid", "psnr"), "status": "finished", "error": "",
+        "replicate": 0, "replicate_group": cell.hash,  # a cell without replicates is a group of one
     }
     assert {k: getattr(record, k) for k in expected} == expected
     assert record.row()["params"] is record.params and set(record.row()) == {

@@ -18,7 +18,7 @@ from ptqbench.errors import UserError
 from ptqbench.memory import model_bits
 from ptqbench.runner import select
 from ptqbench.shapes import ModelShapes, ShapeCache
-from ptqbench.suite import expand, load_suite, user_plan
+from ptqbench.suite import NOT_HASHED, expand, load_suite, user_plan
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = sorted((REPO / "suites").glob("*.yaml"))
@@ -171,9 +171,49 @@ def test_cell_hash_is_content_only(tmp_path: Path) -> None:
         "model": "tiny-pixart", "prompt_set": "builtin", "n_prompts": 2, "gen.steps": 8, "gen.guidance": 4.5,
         "gen.resolution": 32, "gen.batch_size": 8, "metrics": ["psnr"], "method": "none",
     }
-    assert ref.hash == cache_key(ref.config) == "dda91c5de0ceca15"
+    # the metric list and the batch size change no image: the hash leaves them out
+    unhashed = {k: v for k, v in ref.config.items() if k not in ("metrics", "gen.batch_size")}
+    assert ref.hash == cache_key(unhashed) == "cc98cfa06f99eef1"
     c = write(tmp_path, BASE + "methods: [{method: rtn, format: mxfp4}]\ndefaults: {steps: 3}\n", "c.yaml")
     assert {x.hash for x in expand(load_suite(c))}.isdisjoint({x.hash for x in ca})
+
+
+def test_metrics_and_batch_size_are_not_in_the_hash(tmp_path: Path) -> None:
+    text = BASE + "methods: [{method: rtn, format: mxfp4}, {method: loraq, format: mxfp4, rank: 4}]\n"
+    base = expand(load_suite(write(tmp_path, text, "a.yaml")))
+    more = expand(load_suite(write(tmp_path, text.replace("[psnr]", "[psnr, ssim]") + "defaults: {batch_size: 3}\n",
+                                   "b.yaml")))
+    assert [c.hash for c in base] == [c.hash for c in more]
+    assert more[1].config["metrics"] == ["psnr", "ssim"] and more[1].config["gen.batch_size"] == 3  # still logged
+    assert set(NOT_HASHED) == {"budget", "metrics", "gen.batch_size"}
+    steps = expand(load_suite(write(tmp_path, text + "defaults: {steps: 3}\n", "c.yaml")))
+    assert {c.hash for c in steps}.isdisjoint(c.hash for c in base)  # sampling does change the images
+
+
+def test_replicates_redraw_seeds_and_keep_replicate_zero(tmp_path: Path) -> None:
+    text = BASE + """
+        calibration: {n: 1}
+        methods:
+          - {method: rtn, format: mxfp4}
+          - {method: smoothquant, format: mxfp4, replicates: 2}
+          - {method: loraq, format: mxfp4, rank: 4, rotation: random, seed: 5}
+        """
+    plain = expand(load_suite(write(tmp_path, text, "a.yaml")))
+    rep = expand(load_suite(write(tmp_path, text + "replicates: 3\n", "b.yaml")))
+    assert len(plain) == 5 and len(rep) == 1 + 1 + 2 + 3  # rtn: nothing to re-draw; smoothquant: its own 2
+    by = {}
+    for c in rep[1:]:
+        by.setdefault(c.method_name, []).append(c)
+    assert len(by["rtn"]) == 1 and by["rtn"][0].replicate_group == ""
+    loraq = by["loraq"]
+    assert [c.replicate for c in loraq] == [0, 1, 2] and {c.replicate_group for c in loraq} == {plain[4].hash}
+    assert loraq[0].hash == plain[4].hash  # replicate 0 is the cell without replicates
+    assert [c.method.seed for c in loraq] == [5, 6, 7]
+    assert [c.calibration.seed for c in loraq] == [0, 1, 2] and loraq[2].config["calibration"]["seed"] == 2
+    assert loraq[1].config["replicate"] == 1 and "replicate" not in loraq[0].config
+    assert len({c.hash for c in rep}) == len(rep)
+    smooth = by["smoothquant"]
+    assert [c.calibration.seed for c in smooth] == [0, 1] and smooth[0].hash == plain[2].hash
 
 
 def test_calibration_only_in_the_hash_of_methods_that_use_it(tmp_path: Path) -> None:
@@ -185,7 +225,7 @@ def test_calibration_only_in_the_hash_of_methods_that_use_it(tmp_path: Path) -> 
     assert one[2].config["calibration"] == {  # the suite's key names, pinned with the hash
         "set": "builtin-calib", "n": 2, "steps": None, "guidance": None, "resolution": None, "seed": 0, "rows": 256,
     }
-    assert one[2].config["layers"] == {"include": ["*"], "exclude": []} and one[2].hash == "250e85047eedc6de"
+    assert one[2].config["layers"] == {"include": ["*"], "exclude": []} and one[2].hash == "11162f69ee4ce585"
     assert one[2].calibration.n_prompts == 2 and one[2].calibration.prompt_set == "builtin-calib"
 
 

@@ -26,6 +26,7 @@ import torch
 from ptqbench import schema
 from ptqbench.cache import Cache
 from ptqbench.errors import UserError
+from ptqbench.imagestore import ImageFolder
 from ptqbench.metrics.weights import WeightSpec
 from ptqbench.registry import Registry
 from ptqbench.uncertainty import DEFAULT as DEFAULT_BOOTSTRAP
@@ -51,15 +52,17 @@ class MetricInputs:
     Images may be given as uint8, as their PNGs hold them (the runner does: a quarter of
     float32's memory at N = 5000, 1024 px), or as floats in [0, 1]. ``images`` and ``reference``
     always read as float32 in [0, 1] (converted on each access); metrics that stream read
-    :meth:`stored` slices through :func:`image_floats` instead.
+    :meth:`stored` slices through :func:`image_floats` instead. Images may also be a folder on
+    disk (:class:`~ptqbench.imagestore.ImageFolder`, :meth:`from_folders`): ``stored()`` is then
+    the folder, whose slices read only their PNGs, so host memory stays bounded at any N.
     """
 
     __slots__ = ("_images", "_reference", "bootstrap", "cache", "device", "keys", "prompts", "real_dir")
 
     def __init__(
         self,
-        images: torch.Tensor,
-        reference: torch.Tensor | None = None,
+        images: torch.Tensor | ImageFolder,
+        reference: torch.Tensor | ImageFolder | None = None,
         prompts: Sequence[str] | None = None,
         real_dir: Path | None = None,
         device: str = "cpu",
@@ -83,8 +86,25 @@ class MetricInputs:
     def reference(self) -> torch.Tensor | None:
         return None if self._reference is None else image_floats(self._reference)
 
-    def stored(self, which: Literal["images", "reference"] = "images") -> torch.Tensor | None:
-        """The images (or reference) as given: uint8 or float."""
+    @classmethod
+    def from_folders(
+        cls,
+        images: str | Path,
+        reference: str | Path | None = None,
+        prompts: Sequence[str] | None = None,
+        real_dir: Path | None = None,
+        device: str = "cpu",
+        bootstrap: Bootstrap | None = DEFAULT_BOOTSTRAP,
+        cache: Cache | None = None,
+    ) -> MetricInputs:
+        """Inputs read lazily from image folders (``index.json`` and PNGs, as generation writes
+        them); the prompt keys are the folder's."""
+        folder = ImageFolder(images)
+        ref = None if reference is None else ImageFolder(reference)
+        return cls(folder, ref, prompts, real_dir, device, bootstrap, cache, folder.keys)
+
+    def stored(self, which: Literal["images", "reference"] = "images") -> torch.Tensor | ImageFolder | None:
+        """The images (or reference) as given: uint8 or float tensors, or a lazily read folder."""
         return self._images if which == "images" else self._reference
 
     @property
@@ -93,9 +113,11 @@ class MetricInputs:
 
 
 def image_floats(
-    images: torch.Tensor, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    images: torch.Tensor | ImageFolder, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Images in [0, 1] as ``dtype`` on ``device`` (uint8 ones divided by 255 in ``dtype``)."""
+    """Images in [0, 1] as ``dtype`` on ``device`` (uint8 ones divided by 255 in ``dtype``; a folder is read whole)."""
+    if isinstance(images, ImageFolder):
+        images = images[:]
     x = images.to(device=device, dtype=dtype)
     return x.div_(255) if images.dtype == torch.uint8 else x
 
