@@ -225,7 +225,7 @@ def test_calibration_only_in_the_hash_of_methods_that_use_it(tmp_path: Path) -> 
     assert one[2].config["calibration"] == {  # the suite's key names, pinned with the hash
         "set": "builtin-calib", "n": 2, "steps": None, "guidance": None, "resolution": None, "seed": 0, "rows": 256,
     }
-    assert one[2].config["layers"] == {"include": ["*"], "exclude": []} and one[2].hash == "11162f69ee4ce585"
+    assert one[2].config["layers"] == {"include": ["*"], "exclude": []} and one[2].hash == "bf10e02ed017d1c8"
     assert one[2].calibration.n_prompts == 2 and one[2].calibration.prompt_set == "builtin-calib"
 
 
