@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as td
 
+from ptqbench.errors import UserError
+
 T = TypeVar("T")
 TIMEOUT_ENV = "PTQBENCH_DIST_TIMEOUT"  # seconds a rank waits at a collective (metrics, MLflow on rank 0)
 DEFAULT_TIMEOUT = 4 * 3600
@@ -47,6 +49,12 @@ class World:
 
 
 _WORLD = World()
+
+
+def resolve_device(name: str | None) -> str:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here (valid: cpu)")
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def launched() -> bool:

@@ -179,12 +179,9 @@ def evaluate(
     metric_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> EvalResult:
     """Run one cell; ``method=None`` is the 16-bit reference (its images are the cached reference).
-
-    Quantized images go to ``out_dir/images``; ``real_dir`` (real images, for FID) is passed to
-    the metrics, ``bootstrap`` how they compute intervals (None: none) and ``metric_options``
-    the options of each metric by name (e.g. ``{"fid": {"min_n": 1000}}``). Timings (seconds):
-    reference, calibrate, quantize, generate, metrics, total.
-    """
+    Quantized images go to ``out_dir/images``; ``real_dir`` (real images, for FID), ``bootstrap``
+    (intervals; None: none) and ``metric_options`` (by metric name, e.g. ``{"fid": {"min_n": 1000}}``)
+    go to the metrics. Timings (seconds): reference, calibrate, quantize, generate, metrics, total."""
     progress = progress or NullProgress()
     start = time.perf_counter()
     timings = {"reference": 0.0, "calibrate": 0.0, "quantize": 0.0, "generate": 0.0, "metrics": 0.0}
@@ -201,58 +198,100 @@ def evaluate(
 
     selection = select_layers(transformer, plan)
     if method is None:
-        shapes = selection.shapes()
-        bits, weights = model_bits(None, shapes), sum(s.weights for s in shapes)
-        total_bytes = model_bytes(bits, other_elements(transformer, selection.layers))
-        errors = pd.DataFrame(columns=list(LAYER_ERROR_COLUMNS))
-        images, images_dir, quantized, skipped = reference, ref_dir, [], dict(selection.skipped)
+        cell = _reference_cell(transformer, selection, reference, ref_dir)
     else:
-        spec = method.stats_spec()
-        with _Timer(timings, "calibrate"):
-            stats = _calibrate(pipeline, selection.layers, spec, calibration, settings, cache, progress)
-        given = None if spec.empty else {name: st.without_heldout() for name, st in stats.items()}
-        calib_key = None if spec.empty else calibration_key(pipeline, list(selection.layers), spec, calibration,
-                                                            settings)
-        report = None
-        try:
-            progress.stage("quantize", len(selection.layers))
-            with _Timer(timings, "quantize"):
-                key = quantized_key(model_identity(pipeline), method, plan, ranks, calib_key)
-                report, seconds = quantize_cached(
-                    out_dir / FOLDER / f"{key}.pt", transformer, plan, progress,
-                    lambda: _quantize(transformer, method, given, plan, ranks, progress),
-                )
-            errors = layer_errors(
-                report.originals, report.quantized, heldout_inputs(stats), seconds, insample_inputs(given, spec)
-            )
-            progress.stage("generate", len(prompts))
-            images_dir = out_dir / "images"
-            with _Timer(timings, "generate"):
-                images = generate_shared(pipeline, prompts, settings, images_dir, progress)
-        finally:
-            if report is not None:
-                restore_model(transformer, report)
-        bits, weights = report.bits(), report.weights()
-        total_bytes = model_bytes(bits, other_elements(transformer, report.originals))
-        quantized, skipped = list(report.quantized), dict(report.skipped)
+        cell = _quantized_cell(
+            pipeline, method, prompts, selection, plan, ranks, calibration, settings, cache, out_dir, timings, progress
+        )
 
     progress.stage("metrics", len(scorers))
     with _Timer(timings, "metrics"):
-        inputs = MetricInputs(images, reference, list(prompts.prompts), real_dir, str(pipeline.device),
+        inputs = MetricInputs(cell.images, reference, list(prompts.prompts), real_dir, str(pipeline.device),
                               bootstrap=bootstrap, cache=cache, keys=prompts.keys)
         results = _score(scorers, inputs, method is None, progress)
     timings["total"] = time.perf_counter() - start
     return EvalResult(
         metrics=results,
-        layer_errors=errors,
-        bits=bits,
-        weights=weights,
-        bits_per_weight=bits / weights if weights else 0.0,
-        model_bytes=total_bytes,
-        quantized=quantized,
-        skipped=skipped,
-        images_dir=images_dir,
+        layer_errors=cell.errors,
+        bits=cell.bits,
+        weights=cell.weights,
+        bits_per_weight=cell.bits / cell.weights if cell.weights else 0.0,
+        model_bytes=cell.total_bytes,
+        quantized=cell.quantized,
+        skipped=cell.skipped,
+        images_dir=cell.images_dir,
         timings=timings,
-        images_generated=images.generated,
+        images_generated=cell.images.generated,
         reference_dir=ref_dir,
     )
+
+
+@dataclass
+class _Cell:
+    """What a cell's model produced: its images, per-layer errors and exact size."""
+
+    images: Any
+    images_dir: Path
+    errors: pd.DataFrame
+    bits: int
+    weights: int
+    total_bytes: int
+    quantized: list[str]
+    skipped: dict[str, str]
+
+
+def _reference_cell(transformer: nn.Module, selection: Any, reference: Any, ref_dir: Path) -> _Cell:
+    """The 16-bit reference: its images are the cached reference images, every targeted layer at 16 bits."""
+    shapes = selection.shapes()
+    bits = model_bits(None, shapes)
+    total_bytes = model_bytes(bits, other_elements(transformer, selection.layers))
+    errors = pd.DataFrame(columns=list(LAYER_ERROR_COLUMNS))
+    return _Cell(reference, ref_dir, errors, bits, sum(s.weights for s in shapes), total_bytes, [],
+                 dict(selection.skipped))
+
+
+def _quantized_cell(
+    pipeline: Pipeline,
+    method: Method,
+    prompts: PromptSet,
+    selection: Any,
+    plan: LayerPlan,
+    ranks: dict[str, int] | None,
+    calibration: CalibConfig,
+    settings: GenSettings,
+    cache: Cache,
+    out_dir: Path,
+    timings: dict[str, float],
+    progress: StageProgress,
+) -> _Cell:
+    """Calibrate, quantize (or take the layers a killed attempt saved), measure the layers on
+    held-out rows, generate into ``out_dir/images``, and restore the 16-bit transformer."""
+    transformer = pipeline.transformer
+    spec = method.stats_spec()
+    with _Timer(timings, "calibrate"):
+        stats = _calibrate(pipeline, selection.layers, spec, calibration, settings, cache, progress)
+    given = None if spec.empty else {name: st.without_heldout() for name, st in stats.items()}
+    calib_key = None if spec.empty else calibration_key(pipeline, list(selection.layers), spec, calibration, settings)
+    report = None
+    try:
+        progress.stage("quantize", len(selection.layers))
+        with _Timer(timings, "quantize"):
+            key = quantized_key(model_identity(pipeline), method, plan, ranks, calib_key)
+            report, seconds = quantize_cached(
+                out_dir / FOLDER / f"{key}.pt", transformer, plan, progress,
+                lambda: _quantize(transformer, method, given, plan, ranks, progress),
+            )
+        errors = layer_errors(
+            report.originals, report.quantized, heldout_inputs(stats), seconds, insample_inputs(given, spec)
+        )
+        progress.stage("generate", len(prompts))
+        images_dir = out_dir / "images"
+        with _Timer(timings, "generate"):
+            images = generate_shared(pipeline, prompts, settings, images_dir, progress)
+    finally:
+        if report is not None:
+            restore_model(transformer, report)
+    bits = report.bits()
+    total_bytes = model_bytes(bits, other_elements(transformer, report.originals))
+    return _Cell(images, images_dir, errors, bits, report.weights(), total_bytes, list(report.quantized),
+                 dict(report.skipped))

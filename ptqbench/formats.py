@@ -702,3 +702,8 @@ def list_formats() -> list[tuple[str, str]]:
     rows.append(("uint{b}_g{g}", "unsigned integers [0, 2^b - 1], same names (add :shift=c to shift)"))
     rows.append(("mxint{b}", "MX integer elements of b bits, 2..8"))
     return rows
+
+
+def can_shift(fmt: Format) -> bool:
+    """Whether shifting changes ``fmt``'s quantization: integer formats (16-bit casts quantize nothing)."""
+    return isinstance(fmt, IntFormat)

@@ -102,7 +102,7 @@ def transformer_of(name: str) -> nn.Module:
 
 def layer_rows(model: nn.Module, include: tuple[str, ...] = ("*",), exclude: tuple[str, ...] = ()) -> list[LayerRow]:
     """Every candidate layer of ``model`` in module order under its adapter's plan plus the patterns."""
-    from ptqbench.models.adapters import adapter_for
+    from ptqbench.models.base import adapter_for
     from ptqbench.patching import LayerPlan, select_layers
 
     adapter = adapter_for(model)
@@ -148,7 +148,7 @@ def _columns(cells: tuple[str, ...], widths: tuple[int, ...] = (9, 4, 48, 32)) -
 
 
 def print_layers(args: argparse.Namespace) -> int:
-    from ptqbench.models.adapters import adapter_for
+    from ptqbench.models.base import adapter_for
 
     if not args.model:
         raise UserError("list layers: which model? e.g. `ptqbench list layers pixart-sigma` (`ptqbench list models`)")

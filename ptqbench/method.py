@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from ptqbench.errors import UserError
-from ptqbench.formats import Format, get_format
+from ptqbench.formats import Format, can_shift, get_format
 from ptqbench.layers import BIAS_BITS, SMOOTH_BITS, QuantLinear
 from ptqbench.registry import Registry
-from ptqbench.shifting import SHIFT_BOUNDS, can_shift
 from ptqbench.stats import LayerStats, StatsSpec
 
+SHIFT_BOUNDS = ("deepcompressor", "exact")  # Method.shift_bounds: which lower bound the shift negates
 METHODS: Registry[type[Method]] = Registry("method", group="ptqbench.methods", builtins=("ptqbench.methods",))
 
 

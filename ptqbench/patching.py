@@ -22,7 +22,7 @@ from ptqbench.formats import Format
 from ptqbench.layers import QuantLinear, dense_weight, is_quantizable
 from ptqbench.memory import LayerShape, qkv_group
 from ptqbench.method import Method
-from ptqbench.models.adapters import adapter_for
+from ptqbench.models.base import adapter_for
 from ptqbench.shifting import quantize_shifted, shifted_formats
 from ptqbench.stats import LayerStats
 

@@ -81,14 +81,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return int(m[1]), int(m[2])
 
 
-def resolve_device(name: str | None) -> str:
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here (valid: cpu)")
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def main(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     shard = parse_shard(args.shard)
@@ -104,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
     from ptqbench.cache import Cache
     from ptqbench.tracking import Tracker
 
-    device = resolve_device(args.device)
+    device = dist.resolve_device(args.device)
     set_threads(args.threads)
     dist.init(device)  # torchrun: every rank runs the suite cooperatively (ptqbench.distributed)
     try:

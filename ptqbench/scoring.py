@@ -156,7 +156,7 @@ def _metric_list(text: str | None) -> list[str] | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ptqbench.runner import resolve_device
+    from ptqbench.distributed import resolve_device
     from ptqbench.tracking import Tracker
 
     if bool(args.suite) == bool(args.run):

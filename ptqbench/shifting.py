@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqbench.errors import UserError
-from ptqbench.formats import CastFormat, Format, IntFormat
+from ptqbench.formats import CastFormat, Format, can_shift
 from ptqbench.layers import QuantLinear, dense_weight
+from ptqbench.method import SHIFT_BOUNDS
 
 if TYPE_CHECKING:
     from ptqbench.method import Method
@@ -121,11 +122,6 @@ def shift_for(bound: float, dtype: torch.dtype | None = None) -> float:
     return rounded
 
 
-def can_shift(fmt: Format) -> bool:
-    """Whether shifting changes ``fmt``'s quantization: integer formats (16-bit casts quantize nothing)."""
-    return isinstance(fmt, IntFormat)
-
-
 def layer_floor(name: str, floors: Mapping[str, float]) -> float | None:
     """The lower bound of ``name``'s input by the first-matching globs of ``floors`` (None: no match);
     two matching globs with different bounds are an error."""
@@ -168,7 +164,6 @@ def layer_act_formats(
 
 
 # ---------------------------------------------------------------------- a method's shifted layers
-SHIFT_BOUNDS = ("deepcompressor", "exact")  # Method.shift_bounds: which lower bound the shift negates
 
 
 @functools.cache

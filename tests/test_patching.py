@@ -14,7 +14,8 @@ from ptqbench.cli import main
 from ptqbench.errors import UserError
 from ptqbench.memory import qkv_group
 from ptqbench.models import MODELS, ModelSpec
-from ptqbench.models.adapters import FLUX, GELU_TANH_MIN, PIXART, SANA, adapter_for
+from ptqbench.models.adapters import FLUX, GELU_TANH_MIN, PIXART, SANA
+from ptqbench.models.base import adapter_for
 from ptqbench.models.diffusers_models import build_transformer
 from ptqbench.patching import LayerPlan, select_layers
 

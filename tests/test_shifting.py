@@ -10,12 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqbench.errors import UserError
-from ptqbench.formats import IntFormat, get_format
+from ptqbench.formats import IntFormat, can_shift, get_format
 from ptqbench.layers import QuantLinear
 from ptqbench.shifting import (
     DEEPCOMPRESSOR_LOWER_BOUNDS,
     activation_minimum,
-    can_shift,
     layer_act_formats,
     layer_floor,
     lower_bound,

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from ptqbench import schema
 from ptqbench.cache import Cache
 from ptqbench.errors import UserError
 from ptqbench.imagestore import ImageFolder
@@ -208,7 +207,6 @@ def get_metric(name: str, **options: Any) -> Metric:
 
 # ----------------------------------------------------------------------------- per-image table
 
-PER_IMAGE_FILE = schema.PER_IMAGE_FILE  # a run's artifact (the name is the run schema's)
 
 
 def per_image_frame(keys: Sequence[str], seeds: Sequence[int], results: Mapping[str, MetricResult]) -> pd.DataFrame:

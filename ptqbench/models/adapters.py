@@ -168,17 +168,3 @@ FLUX = ModelAdapter(
     max_sequence_length=512,
     latent_packing=2,
 )
-
-
-def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter of a transformer, by its class, among the registered models' adapters
-    (:data:`GENERIC`, with no rules, for a class no registered model names)."""
-    from ptqbench.models.base import MODELS
-
-    cls = type(model).__name__
-    found = {spec.adapter.layer_rules(): spec.adapter for _, spec in MODELS.items()
-             if spec.adapter.transformer_class == cls}
-    if len(found) > 1:
-        names = ", ".join(sorted(a.name for a in found.values()))
-        raise UserError(f"{cls}: registered adapters {names} give it different layer rules; pass a LayerPlan")
-    return next(iter(found.values()), GENERIC)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptqbench.errors import UserError
 from ptqbench.models.adapters import DTYPES, GENERIC, ModelAdapter
 from ptqbench.registry import Registry, _resolve
 
@@ -84,3 +85,15 @@ class Pipeline:
 
 def get_model(name: str) -> ModelSpec:
     return MODELS.get(name)
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of a transformer, by its class, among the registered models' adapters
+    (:data:`GENERIC`, with no rules, for a class no registered model names)."""
+    cls = type(model).__name__
+    found = {spec.adapter.layer_rules(): spec.adapter for _, spec in MODELS.items()
+             if spec.adapter.transformer_class == cls}
+    if len(found) > 1:
+        names = ", ".join(sorted(a.name for a in found.values()))
+        raise UserError(f"{cls}: registered adapters {names} give it different layer rules; pass a LayerPlan")
+    return next(iter(found.values()), GENERIC)

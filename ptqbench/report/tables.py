@@ -446,31 +446,7 @@ def build_table(group: Group) -> Table:
     """The display table of a group: config columns, metric columns, status; footnotes numbered in order."""
     notes = _Notes()
     rows = group.rows
-    unit, factor = size_unit(r["model_bytes"] for r in rows)
-    columns = [
-        Column("Method", "l"),
-        Column("Weights", "l"),
-        Column("Acts", "l"),
-        Column("Branch", "l"),
-        Column("Rank", "r"),
-        Column("Bits/w", "r"),
-        Column(f"Size ({unit})", "r"),
-    ]
-    size_places = 0 if factor == 1 else 1
-    table_rows: list[list[Cell]] = []
-    for r in rows:
-        bpw, size = r["bits_per_weight"], r["model_bytes"]
-        table_rows.append(
-            [
-                Cell(method_text(r)),
-                Cell(r["weight_format"] or DASH),
-                Cell(r["act_format"] or DASH),
-                Cell(branch_text(r)),
-                Cell(r["rank_text"] or DASH),
-                Cell(DASH if math.isnan(bpw) else f"{bpw:.3f}"),
-                Cell(DASH if math.isnan(size) else fmt_number(size / factor, size_places)),
-            ]
-        )
+    columns, table_rows = _config_columns(rows)
     # Metric cells are built column by column, but footnotes must number in reading order:
     # collect per-row notes first, then merge row by row.
     per_row_notes = [_Notes() if r["status"] == "finished" else None for r in rows]
@@ -496,13 +472,7 @@ def build_table(group: Group) -> Table:
             reason = r["error"] if r["status"] == "failed" else "the run has not finished (running, or killed)"
             status.notes = [notes.add(f"{r['row_label']} {r['status']}: {one_line(reason)}")]
         table_rows[i].append(status)
-    has_dir = any(m.higher_is_better is not None for m in group.metrics)
-    legend = "↑ higher is better, ↓ lower is better; " + best_legend(rules - {""}, config.level) if has_dir else ""
-    if any_interval:
-        legend += ("; " if legend else "") + interval_legend(config)
-    legend += ("; " if legend else "") + f"{NOT_COMPUTED} = not computed; {DASH} = no value (run not finished)"
-    if group.reference is None:
-        legend += "; no finished 16-bit reference run in this group"
+    legend = _legend(group, rules, config, any_interval)
     return Table(
         slug=group.slug,
         title=group.title,
@@ -513,6 +483,48 @@ def build_table(group: Group) -> Table:
         legend=legend,
         status_column=len(columns) - 1,
     )
+
+
+def _config_columns(rows: list[dict[str, Any]]) -> tuple[list[Column], list[list[Cell]]]:
+    """The configuration columns (method, formats, rank, bits per weight, size) and their cells."""
+    unit, factor = size_unit(r["model_bytes"] for r in rows)
+    columns = [
+        Column("Method", "l"),
+        Column("Weights", "l"),
+        Column("Acts", "l"),
+        Column("Branch", "l"),
+        Column("Rank", "r"),
+        Column("Bits/w", "r"),
+        Column(f"Size ({unit})", "r"),
+    ]
+    size_places = 0 if factor == 1 else 1
+    table_rows: list[list[Cell]] = []
+    for r in rows:
+        bpw, size = r["bits_per_weight"], r["model_bytes"]
+        table_rows.append(
+            [
+                Cell(method_text(r)),
+                Cell(r["weight_format"] or DASH),
+                Cell(r["act_format"] or DASH),
+                Cell(branch_text(r)),
+                Cell(r["rank_text"] or DASH),
+                Cell(DASH if math.isnan(bpw) else f"{bpw:.3f}"),
+                Cell(DASH if math.isnan(size) else fmt_number(size / factor, size_places)),
+            ]
+        )
+    return columns, table_rows
+
+
+def _legend(group: Group, rules: set[str], config: Any, any_interval: bool) -> str:
+    """The line under a table: directions and the best rule, intervals, the no-value marks."""
+    has_dir = any(m.higher_is_better is not None for m in group.metrics)
+    legend = "↑ higher is better, ↓ lower is better; " + best_legend(rules - {""}, config.level) if has_dir else ""
+    if any_interval:
+        legend += ("; " if legend else "") + interval_legend(config)
+    legend += ("; " if legend else "") + f"{NOT_COMPUTED} = not computed; {DASH} = no value (run not finished)"
+    if group.reference is None:
+        legend += "; no finished 16-bit reference run in this group"
+    return legend
 
 
 def best_legend(rules: set[str], level: float) -> str:
