@@ -289,7 +289,13 @@ class Tracker:
         if exp is None:
             root = local_artifact_root(self.uri)
             location = (root / _dirname(name)).as_uri() if root else None
-            exp_id = self.client.create_experiment(name, artifact_location=location, tags=dict(tags or {}))
+            try:
+                exp_id = self.client.create_experiment(name, artifact_location=location, tags=dict(tags or {}))
+            except Exception:  # created meanwhile by another process on this store: use that one
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
             if exp.lifecycle_stage == LifecycleStage.DELETED:
