@@ -204,7 +204,7 @@ def test_pixart_layer_plan_applies(tiny_pipeline) -> None:
         q = tiny_pipeline.generate(["coat", "sandal"], [1, 2], settings)
     finally:
         restore_model(transformer, report)
-    assert len(report.quantized) == 10 and 0 < (q - ref).abs().mean() < 0.5
+    assert len(report.quantized) == 8 and 0 < (q - ref).abs().mean() < 0.5  # the selection above
     assert torch.equal(tiny_pipeline.generate(["coat", "sandal"], [1, 2], settings), ref)
 
 
