@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,3 +60,20 @@ def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
     Tracker(f"sqlite:///{path}").client.search_experiments()
     return path
+
+
+def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], what: str, log: Callable[[], str],
+                 timeout: float = 300, poll: float = 0.05) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds (the process must still be running then, and
+    get there within ``timeout`` s; ``log()`` is shown otherwise); the process is reaped either way."""
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert proc.poll() is None, f"the process ended before {what}: {log()[-3000:]}"
+            assert time.time() < deadline, f"never got to {what}"
+            time.sleep(poll)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigkill_when
 
 from ptqbench import cli
 from ptqbench.imagestore import PARTS, ImageFolder, ImageWriter
@@ -79,17 +78,7 @@ def test_killed_cell_resumes_with_only_the_missing_images(tmp_path: Path, monkey
     killed.mkdir()
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(launcher), *_args(killed, suite)], stdout=log, stderr=log)
-    try:
-        deadline = time.time() + 300
-        while _lines(images) < 2:
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.time() < deadline, "the cell never wrote 2 images"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_when(proc, lambda: _lines(images) >= 2, "the cell wrote 2 images", (tmp_path / "killed.log").read_text)
     kept = ImageWriter(images, get_prompt_set("builtin", N)).done()
     assert 2 <= len(kept) < N and not (images / "index.json").exists()
     mtimes = {e["file"]: (images / e["file"]).stat().st_mtime_ns for e in kept.values()}

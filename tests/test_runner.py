@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigkill_when
 
 from ptqbench import cli
 from ptqbench.method import METHODS
@@ -257,17 +258,8 @@ def test_sigkill_mid_cell_then_rerun_finishes_each_cell_once_with_identical_metr
     log = tmp_path / "killed.log"
     with open(log, "w") as stderr:
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        deadline = time.time() + 300
-        while not _running(tmp_path / "mlflow.db", "slowrtn"):
-            assert proc.poll() is None, f"the run ended before the slow cell started: {log.read_text()[-3000:]}"
-            assert time.time() < deadline, "the slow cell never started"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_when(proc, lambda: _running(tmp_path / "mlflow.db", "slowrtn"), "the slow cell started", log.read_text,
+                 poll=0.1)
     assert proc.returncode == -signal.SIGKILL
     killed = runs_by_hash(uri, "mini")
     stale = [r for rs in killed.values() for r in rs if r.status == "RUNNING"]
