@@ -66,32 +66,3 @@ def test_added_metric_is_scored_from_saved_images(tmp_path: Path, monkeypatch: p
     assert _runs(uri)["rtn"].metrics["psnr"] == rtn.metrics["psnr"]
     assert cli.main(["score", "--run", "0" * 32, "--tracking-uri", uri]) == 2
     assert cli.main(["score", str(suite), "--metrics", "nope", "--tracking-uri", uri]) == 2
-
-
-def test_replicate_spread_groups_replicates() -> None:
-    import math
-    from types import SimpleNamespace
-
-    import pandas as pd
-
-    from ptqbench.report.load import SPREAD, replicate_spread
-    from ptqbench.schema import RunRecord
-
-    def record(run_id: str, tags: dict, psnr: float, status: str = "FINISHED") -> dict:
-        info = SimpleNamespace(run_id=run_id, run_name=run_id, start_time=0, artifact_uri="", status=status)
-        data = SimpleNamespace(tags={"model": "m", "method": "loraq", "label": run_id, **tags}, params={},
-                               metrics={"psnr": psnr, "psnr_n": 4})
-        return RunRecord.from_run(SimpleNamespace(info=info, data=data), "e").row()
-
-    rows = [
-        record("a0", {"cell_hash": "aa", "replicate": "0", "replicate_group": "aa"}, 20.0),
-        record("a1", {"cell_hash": "ab", "replicate": "1", "replicate_group": "aa"}, 22.0),
-        record("a2", {"cell_hash": "ac", "replicate": "2", "replicate_group": "aa"}, 24.0),
-        record("a3", {"cell_hash": "ad", "replicate": "3", "replicate_group": "aa"}, 99.0, "FAILED"),
-        record("b", {"cell_hash": "bb"}, 30.0),  # no replicates: a group of one, keyed by its hash
-    ]
-    assert rows[1]["replicate"] == 1 and rows[4]["replicate_group"] == "bb" and rows[4]["replicate"] == 0
-    spread = replicate_spread(pd.DataFrame(rows), ["psnr"]).set_index("replicate_group")
-    assert spread.loc["aa", "label"] == "a0" and spread.loc["aa", "k"] == 3
-    assert spread.loc["aa", "psnr"] == 22.0 and spread.loc["aa", f"psnr {SPREAD}"] == 2.0
-    assert spread.loc["bb", "k"] == 1 and math.isnan(spread.loc["bb", f"psnr {SPREAD}"])

@@ -30,7 +30,7 @@ figure{margin:1.2rem 0}figure img{max-width:100%;height:auto;border:1px solid #e
 figcaption{font-size:.8rem;color:#555}
 details{margin:.5rem 0;font-size:.8rem}pre{background:#f6f6f6;padding:.6rem;overflow-x:auto}
 nav ul{columns:2;font-size:.9rem}.notes li{font-size:.85rem;color:#6a4b00}
-.ci{color:#666;font-size:.9em}
+.ci{color:#666;font-size:.9em}.rep{color:#7a5c00;font-size:.85em}
 """
 
 
@@ -58,6 +58,8 @@ def _metric_text(text: str) -> str:
 
 def _cell(cell: Cell, align: str, slug: str, metric: bool = False) -> str:
     text = _metric_text(cell.text) if metric else escape(cell.text)
+    if cell.spread:
+        text += f' <span class="rep">{escape(cell.spread)}</span>'
     if cell.bold:
         text = f"<strong>{text}</strong>"
     text += "".join(f'<sup><a href="#fn-{escape(slug)}-{n}">{n}</a></sup>' for n in cell.notes)

@@ -141,35 +141,6 @@ def load_runs(client: Any, experiments: Sequence[str] | None = None) -> Runs:
     return Runs(frame, used, sorted(notes) + dup_notes)
 
 
-SPREAD = "replicate spread (sd over k)"
-
-
-def replicate_groups(frame: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
-    """The finished runs of each replicate group, by (experiment, replicate_group), sorted by
-    replicate; a cell without replicates is a group of one."""
-    done = frame[frame["status"] == schema.FINISHED]
-    return {
-        (str(exp), str(group)): rows.sort_values("replicate")
-        for (exp, group), rows in done.groupby(["experiment", "replicate_group"], sort=True)
-    }
-
-
-def replicate_spread(frame: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per replicate group: its label (replicate 0's), ``k``, and per metric the mean over
-    the k replicates and its :data:`SPREAD` (sample standard deviation; NaN for k = 1)."""
-    names = list(metrics) if metrics is not None else sorted({m for ms in frame["metric_names"] for m in ms})
-    rows = []
-    for (exp, group), runs in replicate_groups(frame).items():
-        row: dict[str, Any] = {"experiment": exp, "replicate_group": group, "label": runs["label"].iloc[0],
-                               "k": len(runs)}
-        for m in names:
-            values = pd.Series([r.get(m, float("nan")) for r in runs["metrics"]], dtype=float)
-            row[m] = values.mean()
-            row[f"{m} {SPREAD}"] = values.std(ddof=1) if len(values) > 1 else float("nan")
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 @contextmanager
 def _quiet_downloads() -> Iterator[None]:
     """No per-file download progress bars (unless the user set the variable)."""

@@ -28,6 +28,9 @@ import pandas as pd
 
 from ptqbench.labels import REFERENCE as REFERENCE_LABEL
 from ptqbench.labels import config_text
+from ptqbench.report.replicates import NOTES as REPLICATE_NOTES
+from ptqbench.report.replicates import RUNS as REPLICATE_RUNS
+from ptqbench.report.replicates import SPREAD, Spread, interval_of, pool_replicates
 from ptqbench.schema import CI, CI_FIELDS, GEN, METRIC_OPTIONS, SETTING_PARAMS, SETTINGS, interval_settings
 from ptqbench.schema import METRIC_DIRECTION as DIRECTION_PREFIX
 from ptqbench.schema import METRIC_STATUS as STATUS_PREFIX
@@ -197,7 +200,8 @@ def make_groups(frame: pd.DataFrame, registry: dict[str, MetricInfo] | None = No
     """
     registry = registry or {}
     groups = []
-    for key, rows in _assign([dict(r) for r in frame.to_dict("records")]).items():
+    for key, runs in _assign([dict(r) for r in frame.to_dict("records")]).items():
+        rows = pool_replicates(runs, bootstrap_config(runs))  # a replicate group: one row
         _label_variants(rows)
         rows.sort(key=sort_key)
         names = sorted({n for r in rows for n in r["metric_names"]})
@@ -289,6 +293,11 @@ class Cell:
     text: str
     bold: bool = False
     notes: list[int] = field(default_factory=list)
+    spread: str = ""  # a replicated cell's between-replicate spread, shown after the text
+
+    @property
+    def full(self) -> str:
+        return f"{self.text} {self.spread}" if self.spread else self.text
 
 
 @dataclass(frozen=True)
@@ -326,11 +335,21 @@ class _Notes:
 
 
 def metric_interval(row: dict[str, Any], name: str) -> tuple[float, float] | None:
-    """The run's logged interval ``(<name>.lo, <name>.hi)``, or None (old runs, or not computed)."""
-    lo, hi = row["metrics"].get(f"{name}.lo"), row["metrics"].get(f"{name}.hi")
-    if lo is None or hi is None or not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-        return None
-    return float(lo), float(hi)
+    """The row's interval ``(<name>.lo, <name>.hi)`` (:func:`~ptqbench.report.replicates.interval_of`)."""
+    return interval_of(row["metrics"], name)
+
+
+def metric_spread(row: dict[str, Any], name: str) -> Spread | None:
+    """The between-replicate spread of a replicated row (k >= 2 finished replicates), else None."""
+    spread = row.get(SPREAD, {}).get(name)
+    return spread if spread is not None and spread.k >= 2 else None
+
+
+def spread_text(spread: Spread, places: int) -> str:
+    """``(k=3: sd 0.12, range 0.30)``: at the column's decimals, or two significant digits of the sd."""
+    if spread.sd > 0 and math.isfinite(spread.sd):
+        places = max(places, min(places + 3, 1 - math.floor(math.log10(spread.sd))))
+    return f"(k={spread.k}: sd {fmt_number(spread.sd, places)}, range {fmt_number(spread.range, places)})"
 
 
 def bootstrap_config(rows: Iterable[dict[str, Any]]) -> Bootstrap:
@@ -434,7 +453,8 @@ def _metric_cells(
             text = interval_text(v, intervals[i], places, plus_minus)
             if not uniform and f"{info.name}_n" in r["metrics"]:
                 text += f" (n={int(r['metrics'][info.name + '_n'])})"
-            cell = Cell(text, bold=i in best)
+            spread = metric_spread(r, info.name)
+            cell = Cell(text, bold=i in best, spread=spread_text(spread, places) if spread else "")
             warning = r["tags"].get(WARNING_PREFIX + info.name, "")
             if warning and notes is not None:
                 cell.notes.append(notes.add(f"{info.name}: {one_line(warning)}"))
@@ -471,6 +491,8 @@ def build_table(group: Group) -> Table:
         if r["status"] != "finished":
             reason = r["error"] if r["status"] == "failed" else "the run has not finished (running, or killed)"
             status.notes = [notes.add(f"{r['row_label']} {r['status']}: {one_line(reason)}")]
+        for text in r.get(REPLICATE_NOTES, []):
+            status.notes.append(notes.add(f"{r['row_label']}: {one_line(text)}; left out of its values"))
         table_rows[i].append(status)
     legend = _legend(group, rules, config, any_interval)
     return Table(
@@ -521,6 +543,8 @@ def _legend(group: Group, rules: set[str], config: Any, any_interval: bool) -> s
     legend = "↑ higher is better, ↓ lower is better; " + best_legend(rules - {""}, config.level) if has_dir else ""
     if any_interval:
         legend += ("; " if legend else "") + interval_legend(config)
+    if any(r.get(REPLICATE_RUNS) for r in group.rows):
+        legend += ("; " if legend else "") + REPLICATE_LEGEND
     legend += ("; " if legend else "") + f"{NOT_COMPUTED} = not computed; {DASH} = no value (run not finished)"
     if group.reference is None:
         legend += "; no finished 16-bit reference run in this group"
@@ -539,6 +563,13 @@ def best_legend(rules: set[str], level: float) -> str:
     return "bold = not significantly worse than the best quantized cell: " + "; ".join(parts)
 
 
+REPLICATE_LEGEND = (
+    "replicated cells (k = finished replicates of the method's seeds): the mean of the k replicates, the interval "
+    "over prompts of each prompt's mean across them (set metrics: their mean bounds), then the sd and range "
+    "(max - min) of the k per-replicate values; \"best\" compares them by those per-prompt means"
+)
+
+
 def interval_legend(config: Bootstrap) -> str:
     method = "BCa" if config.method == "bca" else "percentile"
     return (f"± half-width or [lo, hi] of the {config.level:.0%} bootstrap interval ({method} over prompts for "
@@ -553,7 +584,7 @@ def _md(text: str) -> str:
 
 
 def _md_cell(cell: Cell) -> str:
-    text = _md(cell.text)
+    text = _md(cell.full)
     if cell.bold:
         text = f"**{text}**"
     return text + "".join(f"[{n}]" for n in cell.notes)
@@ -597,7 +628,7 @@ def latex_escape(text: str) -> str:
 
 
 def _tex_cell(cell: Cell) -> str:
-    text = latex_escape(cell.text)
+    text = latex_escape(cell.full)
     if cell.bold:
         text = rf"\textbf{{{text}}}"
     return text + "".join(rf"\textsuperscript{{{n}}}" for n in cell.notes)
@@ -650,8 +681,11 @@ def _csv_value(value: Any) -> Any:
 
 
 def table_frame(group: Group) -> pd.DataFrame:
-    """The raw numbers of a group, one row per run, in table order."""
+    """The raw numbers of a group, one row per table row, in table order. Where the group has a
+    replicated cell: per metric ``<m>_k``, ``<m>_rep_sd``, ``<m>_rep_min``, ``<m>_rep_max`` (the
+    between-replicate spread, :class:`~ptqbench.report.replicates.Spread`) and ``replicate_runs``."""
     own = {f"{m.name}{suffix}" for m in group.metrics for suffix in ("", "_n", ".lo", ".hi")}
+    replicated = any(r.get(REPLICATE_RUNS) for r in group.rows)
     other = sorted({k for r in group.rows for k in r["metrics"]} - own - {"bits_per_weight", "model_bytes"})
     records = []
     for r in group.rows:
@@ -670,6 +704,8 @@ def table_frame(group: Group) -> pd.DataFrame:
             rec[m.name] = value
             rec[f"{m.name}_lo"], rec[f"{m.name}_hi"] = interval if interval else (None, None)
             rec[f"{m.name}_n"] = r["metrics"].get(f"{m.name}_n")
+            if replicated:
+                rec.update(_spread_columns(m.name, r))
             status = ("ok" if value is not None else "not_computed") if r["status"] == "finished" else ""
             rec[f"{m.name}_status"] = status
             rec[f"{m.name}_reason"] = metric_reason(r, m.name) if r["status"] == "finished" and value is None else ""
@@ -677,8 +713,21 @@ def table_frame(group: Group) -> pd.DataFrame:
         for k in other:
             rec[k] = r["metrics"].get(k)
         rec["run_id"], rec["cell_hash"] = r["run_id"], r["cell_hash"]
+        if replicated:
+            alone = r["run_id"] if r["status"] == "finished" else ""
+            rec[REPLICATE_RUNS] = " ".join(r.get(REPLICATE_RUNS, [])) or alone
         records.append({k: _csv_value(v) for k, v in rec.items()})
     return pd.DataFrame(records)
+
+
+def _spread_columns(name: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A row's ``<m>_k`` and replicate sd/min/max columns (k = 1 and no spread for an unreplicated cell)."""
+    spread = row.get(SPREAD, {}).get(name)
+    if spread is None:
+        k = 1 if row["status"] == "finished" and metric_value(row, name) is not None else None
+        return {f"{name}_k": k, f"{name}_rep_sd": None, f"{name}_rep_min": None, f"{name}_rep_max": None}
+    return {f"{name}_k": spread.k, f"{name}_rep_sd": spread.sd, f"{name}_rep_min": spread.low,
+            f"{name}_rep_max": spread.high}
 
 
 def to_csv(frame: pd.DataFrame) -> str:
