@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ptqbench import schema
+from ptqbench.errors import UserError
 from ptqbench.generation import INDEX
 
 if TYPE_CHECKING:
     from ptqbench.evaluate import EvalResult
+    from ptqbench.metrics.base import MetricResult
     from ptqbench.prompts import PromptSet
     from ptqbench.suite import Cell
 
@@ -63,6 +65,35 @@ def write_scores(folder: Path, prompts: PromptSet, result: EvalResult) -> Path:
     from ptqbench.metrics.base import write_per_image
 
     return write_per_image(folder / schema.PER_IMAGE_FILE, prompts.keys, prompts.seeds(), result.metrics)
+
+
+def merge_scores(
+    folder: Path, existing: Path | None, keys: Sequence[str], seeds: Sequence[int],
+    results: Mapping[str, MetricResult],
+) -> Path | None:
+    """``per_image.csv`` in ``folder``: the run's ``existing`` table (its rows and cells kept as they
+    are, text for text) with the per-image values of ``results`` (in ``keys`` order) added as
+    columns, or replacing a column of the same metric, matched by prompt key; a new table when the
+    run has none. None when there is nothing to write (no per-image values, no table)."""
+    import pandas as pd
+
+    from ptqbench.metrics.base import per_image_frame, write_per_image_frame
+
+    new = per_image_frame(keys, seeds, results)
+    if existing is None:
+        return write_per_image_frame(folder / schema.PER_IMAGE_FILE, new) if len(new.columns) > 2 else None
+    old = pd.read_csv(existing, dtype=str, keep_default_na=False)
+    if list(old.columns[:2]) != ["key", "seed"] or old["key"].duplicated().any():
+        raise UserError(f"{existing}: not a per-image table (key, seed, a column per metric); cannot add scores")
+    by_key = new.set_index("key")
+    mismatch = set(old["key"]) ^ set(by_key.index)
+    if mismatch or [str(s) for s in by_key.loc[old["key"], "seed"]] != list(old["seed"]):
+        which = sorted(mismatch)[:3] or "seeds"
+        raise UserError(f"{existing}: its images are not the scored images ({which} differ); run the cell again")
+    merged = old.copy()
+    for name in new.columns[2:]:
+        merged[name] = by_key.loc[old["key"], name].to_numpy()
+    return write_per_image_frame(folder / schema.PER_IMAGE_FILE, merged[["key", "seed", *sorted(merged.columns[2:])]])
 
 
 def _samples(images_dir: Path, target: Path) -> list[dict[str, Any]]:

@@ -329,7 +329,7 @@ class Runner:
             if not missing:
                 continue
             try:
-                score_run(self.tracker, run, missing, self.device)
+                score_run(self.tracker, run, missing, self.device, self.suite.metric_options, self.suite.uncertainty)
             except UserError as exc:  # e.g. its images were deleted: say so, the suite goes on
                 print(f"cannot score {', '.join(missing)} for {cell.label}: {exc}", file=sys.stderr)
                 continue
@@ -480,8 +480,8 @@ class Runner:
         self.tracker.log_metrics(run_id, metrics)
         where = image_tags(result.images_dir, result.reference_dir,
                            Path(cell.prompts.real) if cell.prompts.real else None)
-        self.tracker.set_tags(run_id, {**tags, **where, **score_tags(result.metrics, where)})
-        options = {schema.METRIC_OPTIONS: self.suite.metric_options} if self.suite.metric_options else {}
+        self.tracker.set_tags(run_id, {**tags, **where, **score_tags(result.metrics, where, self.suite.metric_options)})
+        options = schema.metric_options_params(self.suite.metric_options)
         self.tracker.log_params(run_id, {**schema.interval_params(self.suite.uncertainty), **options})
         folder = write_artifacts(cell, result, out_dir / "artifacts", self.params(cell))
         write_scores(folder, self.prompt_set(cell), result)

@@ -23,7 +23,8 @@ One experiment per suite, one run per cell. The names below are the whole contra
   ``git_commit``, ``device``, ``threads``, ``cell_hash`` and how intervals were computed:
   ``ci.level``, ``ci.resamples``, ``ci.set_resamples``, ``ci.seed``, ``ci.method``, ``ci.test``
   (:class:`ptqbench.uncertainty.Bootstrap`) and ``metric_options.<m>.<option>`` (a suite's
-  ``{name: m, option: value}``, e.g. ``metric_options.fid.min_n``);
+  ``{name: m, option: value}``, e.g. ``metric_options.fid.min_n``; read back by
+  :func:`logged_metric_options`), both what ``ptqbench score`` scores the run with;
 - **metrics**: each computed quality metric ``<m>`` with its sample count ``<m>_n`` and, where it
   has one, its confidence interval ``<m>.lo`` / ``<m>.hi``;
   ``bits_per_weight``, ``model_bytes``, ``layer_rel_{weight,output}_error_{mean,max}`` and
@@ -187,6 +188,43 @@ def interval_params(config: Bootstrap | None) -> dict[str, str | float | int]:
 def interval_settings(params: Mapping[str, str]) -> dict[str, str]:
     """The logged ``ci.*`` params of a run, by field (``level`` -> ``"0.95"``), for ``Bootstrap``."""
     return {f: params[CI + f] for f in CI_FIELDS if CI + f in params}
+
+
+def metric_options_params(options: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``metric_options.<m>.<option>`` params of metric options by name (none when there are none)."""
+    return {METRIC_OPTIONS: {m: dict(o) for m, o in options.items() if o}} if any(options.values()) else {}
+
+
+def logged_metric_options(params: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """A run's metric options as it logged them (``metric_options.<m>.<option>``), by metric name,
+    each value read back from its text (:func:`logged_value`)."""
+    out: dict[str, dict[str, Any]] = {}
+    prefix = METRIC_OPTIONS + "."
+    for key, text in params.items():
+        if key.startswith(prefix) and "." in key[len(prefix):]:
+            metric, option = key[len(prefix):].split(".", 1)
+            out.setdefault(metric, {})[option] = logged_value(text)
+    return out
+
+
+def logged_value(text: str) -> Any:
+    """A param value as the suite gave it: the text MLflow holds of ``str(value)`` (lists as JSON)
+    read back as None, a bool, an int, a float or a list where it spells one, else the text."""
+    import json
+
+    if text in ("None", "True", "False"):
+        return {"None": None, "True": True, "False": False}[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
 
 
 def layer_error_summary(frame: pd.DataFrame | None) -> dict[str, float]:

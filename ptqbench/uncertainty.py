@@ -67,7 +67,26 @@ class Bootstrap:
     def alpha(self) -> float:
         return 1.0 - self.level
 
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, str]) -> Bootstrap:
+        """The settings as a run logged them (``ci.*`` params by field, as text:
+        :func:`ptqbench.schema.interval_settings`); fields not given keep their defaults."""
+        unknown = sorted(set(settings) - set(_SETTING_TYPES))
+        if unknown:
+            raise UserError(f"bootstrap settings {unknown}: unknown (valid: {', '.join(_SETTING_TYPES)})")
+        try:
+            return cls(**{k: _SETTING_TYPES[k](v) for k, v in settings.items()})
+        except ValueError as exc:
+            raise UserError(f"bootstrap settings {dict(settings)}: not readable ({exc})") from None
 
+
+def _whole(text: str) -> int:
+    return int(float(text))
+
+
+_SETTING_TYPES: dict[str, Callable[[str], object]] = {
+    "level": float, "resamples": _whole, "set_resamples": _whole, "seed": _whole, "method": str, "test": str,
+}
 DEFAULT = Bootstrap()
 
 

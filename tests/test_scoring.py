@@ -3,6 +3,7 @@ the existing runs; ``ptqbench score`` re-scores a suite or one run from the save
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,11 @@ from ptqbench import cli
 from ptqbench.tracking import Tracker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PTQBENCH_COMPILE", "0")  # eager fake-quant: no kernel builds for these few images
 
 SUITE = """
 name: scoring
@@ -28,9 +34,15 @@ def _runs(uri: str) -> dict[str, object]:
     return {r.tags["method"]: r for r in tracker.runs(tracker.experiment("scoring"))}
 
 
-def test_added_metric_is_scored_from_saved_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def store(tmp_path: Path, template_db: Path) -> str:
+    """A fresh sqlite store (a copy of the migrated template: creating one takes seconds)."""
+    shutil.copyfile(template_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_added_metric_is_scored_from_saved_images(tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = store(tmp_path, template_db)
     suite = tmp_path / "suite.yaml"
     suite.write_text(SUITE, encoding="utf-8")
     common = ["--tracking-uri", uri, "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
@@ -66,3 +78,89 @@ def test_added_metric_is_scored_from_saved_images(tmp_path: Path, monkeypatch: p
     assert _runs(uri)["rtn"].metrics["psnr"] == rtn.metrics["psnr"]
     assert cli.main(["score", "--run", "0" * 32, "--tracking-uri", uri]) == 2
     assert cli.main(["score", str(suite), "--metrics", "nope", "--tracking-uri", uri]) == 2
+
+
+RESCORE = """
+name: rescore
+models: [tiny-pixart]
+defaults: {steps: 2, resolution: 32, batch_size: 4}
+prompts: {set: builtin, n: 4}
+metrics: [psnr, {name: fd_fmnist_ref, min_n: 3}]
+uncertainty: {level: 0.8, resamples: 100, set_resamples: 20, seed: 7}
+methods:
+  - {method: rtn, format: mxfp4}
+"""
+# Rescored with the defaults' intervals and no fd option: the run's own settings must win.
+RESCORE_MORE = """
+name: rescore
+models: [tiny-pixart]
+defaults: {steps: 2, resolution: 32, batch_size: 4}
+prompts: {set: builtin, n: 4}
+metrics: [psnr, fd_fmnist_ref, ssim, {name: kid_fmnist_ref, min_n: 3}]
+methods:
+  - {method: rtn, format: mxfp4}
+"""
+
+
+def test_rescoring_keeps_the_runs_settings_and_merges_its_per_image_table(
+    tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run with non-default intervals and a metric option, rescored with more metrics: the new
+    intervals use the run's ci params, the old metric its logged option, a new one the suite's
+    option (then logged); per_image.csv keeps its columns byte for byte and gains the new one."""
+    from ptqbench.metrics.base import read_per_image
+    from ptqbench.uncertainty import Bootstrap, mean_interval
+
+    uri = store(tmp_path, template_db)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(RESCORE, encoding="utf-8")
+    common = ["--tracking-uri", uri, "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    assert cli.main(["run", str(suite), *common]) == 0
+    tracker = Tracker(uri)
+
+    def rtn() -> object:
+        return next(r for r in tracker.runs(tracker.experiment("rescore")) if r.tags["method"] == "rtn")
+
+    def table_text(run_id: str) -> str:
+        return Path(tracker.client.download_artifacts(run_id, "per_image.csv", str(tmp_path / "dl"))).read_text()
+
+    before = rtn()
+    old_text = table_text(before.run_id)
+    assert old_text.splitlines()[0] == "key,seed,psnr" and before.params["metric_options.fd_fmnist_ref.min_n"] == "3"
+    assert "fd_fmnist_ref" in before.metrics and "metric_warning.fd_fmnist_ref" not in before.tags  # min_n=3: no caveat
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("scoring must not generate images")
+
+    monkeypatch.setattr("ptqbench.imagestore.ImageWriter.write", refuse)
+    monkeypatch.setattr("ptqbench.models.diffusers_models.DiffusersPipeline.generate", refuse, raising=False)
+    suite.write_text(RESCORE_MORE, encoding="utf-8")
+    assert cli.main(["run", str(suite), *common]) == 0  # the runner scores ssim and kid into the finished runs
+    after = rtn()
+    assert after.run_id == before.run_id and after.metrics["images_generated"] == 4
+    new_text = table_text(after.run_id)
+    old_rows, new_rows = old_text.splitlines(), new_text.splitlines()
+    assert new_rows[0] == "key,seed,psnr,ssim" and len(new_rows) == len(old_rows) == 5
+    assert [r.rsplit(",", 1)[0] for r in new_rows] == old_rows  # old cells unchanged, byte for byte
+    table = read_per_image(tmp_path / "dl" / "per_image.csv")
+    run_ci = Bootstrap(level=0.8, resamples=100, set_resamples=20, seed=7)
+    iv = mean_interval(table["ssim"].to_numpy(), run_ci)
+    assert (after.metrics["ssim.lo"], after.metrics["ssim.hi"]) == (iv.lo, iv.hi)
+    assert (iv.lo, iv.hi) != (lambda d: (d.lo, d.hi))(mean_interval(table["ssim"].to_numpy()))  # not the defaults
+    assert after.metrics["ssim"] == pytest.approx(float(table["ssim"].mean()), rel=1e-12)
+    assert after.params["metric_options.kid_fmnist_ref.min_n"] == "3" and "kid_fmnist_ref.lo" in after.metrics
+    assert {k: after.params[k] for k in ("ci.level", "ci.seed")} == {"ci.level": "0.8", "ci.seed": "7"}
+
+    # the old metric again, by name: its logged min_n (no caveat), not the suite's default (a caveat at n < 128)
+    capsys.readouterr()
+    assert cli.main(["score", "--run", after.run_id, "--tracking-uri", uri, "--device", "cpu"]) == 0
+    assert "scored nothing (every score is current)" in capsys.readouterr().err  # keys hold the options
+    assert cli.main(["score", str(suite), "--metrics", "fd_fmnist_ref,ssim", "--tracking-uri", uri,
+                     "--device", "cpu"]) == 0
+    again = rtn()
+    assert "metric_warning.fd_fmnist_ref" not in again.tags
+    assert again.metrics["fd_fmnist_ref"] == before.metrics["fd_fmnist_ref"]
+    assert (again.metrics["fd_fmnist_ref.lo"], again.metrics["fd_fmnist_ref.hi"]) == (
+        before.metrics["fd_fmnist_ref.lo"], before.metrics["fd_fmnist_ref.hi"])  # 20 set resamples, seed 7
+    assert (again.metrics["ssim.lo"], again.metrics["ssim.hi"]) == (iv.lo, iv.hi)
+    assert table_text(again.run_id) == new_text

@@ -229,9 +229,15 @@ def per_image_frame(keys: Sequence[str], seeds: Sequence[int], results: Mapping[
 def write_per_image(path: Path, keys: Sequence[str], seeds: Sequence[int],
                     results: Mapping[str, MetricResult]) -> Path:
     """Write :func:`per_image_frame` as CSV (floats round-trip exactly)."""
+    return write_per_image_frame(path, per_image_frame(keys, seeds, results))
+
+
+def write_per_image_frame(path: Path, frame: pd.DataFrame) -> Path:
+    """Write a per-image table (``key``, ``seed``, metric columns) as CSV: floats round-trip exactly,
+    text cells (e.g. another table's values kept as read) are written as they are."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    per_image_frame(keys, seeds, results).to_csv(path, index=False, float_format="%.17g", lineterminator="\n")
+    frame.to_csv(path, index=False, float_format="%.17g", lineterminator="\n")
     return path
 
 

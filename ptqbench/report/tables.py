@@ -356,16 +356,12 @@ def bootstrap_config(rows: Iterable[dict[str, Any]]) -> Bootstrap:
     """The interval settings the runs logged (params ``ci.level``, ``ci.resamples``, ``ci.seed``, ...:
     :func:`ptqbench.schema.interval_settings`), each where all runs that logged it agree, else the default."""
     logged = [interval_settings(r["params"]) for r in rows]
-    kwargs: dict[str, Any] = {}
+    agreed: dict[str, str] = {}
     for name in CI_FIELDS:
         found = sorted({p[name] for p in logged if name in p})
         if len(found) == 1:
-            kwargs[name] = _CI_TYPES.get(name, str)(found[0])
-    return Bootstrap(**kwargs)
-
-
-_CI_TYPES = {"level": float, "resamples": lambda t: int(float(t)), "set_resamples": lambda t: int(float(t)),
-             "seed": lambda t: int(float(t))}
+            agreed[name] = found[0]
+    return Bootstrap.from_settings(agreed)
 
 
 def _paired_samples(rows: list[dict[str, Any]], name: str) -> dict[str, np.ndarray] | None:
