@@ -164,3 +164,34 @@ def test_rescoring_keeps_the_runs_settings_and_merges_its_per_image_table(
         before.metrics["fd_fmnist_ref.lo"], before.metrics["fd_fmnist_ref.hi"])  # 20 set resamples, seed 7
     assert (again.metrics["ssim.lo"], again.metrics["ssim.hi"]) == (iv.lo, iv.hi)
     assert table_text(again.run_id) == new_text
+
+
+def test_logged_settings_read_back_and_per_image_merge_checks(tmp_path: Path) -> None:
+    from ptqbench.artifacts import merge_scores
+    from ptqbench.errors import UserError
+    from ptqbench.metrics.base import MetricResult, write_per_image
+    from ptqbench.schema import logged_metric_options
+    from ptqbench.tracking import flatten
+    from ptqbench.uncertainty import Bootstrap
+
+    options = {"fid": {"min_n": 1000}, "fd": {"classifier": "/x/1.pt", "flag": True, "none": None, "w": [1, 2],
+                                              "f": 0.5}}
+    assert logged_metric_options({**flatten({"metric_options": options}), "seed": "3"}) == options
+    assert Bootstrap.from_settings({"level": "0.9", "resamples": "500", "seed": "7"}) == Bootstrap(0.9, 500, seed=7)
+    with pytest.raises(UserError, match="unknown"):
+        Bootstrap.from_settings({"levels": "0.9"})
+    with pytest.raises(UserError, match="not readable"):
+        Bootstrap.from_settings({"seed": "x"})
+
+    old = write_per_image(tmp_path / "old" / "per_image.csv", ["b", "a"], [2, 1],
+                          {"psnr": MetricResult("psnr", 0.0, 2, per_image=(0.1 + 0.2, 1 / 3))})
+    ssim = {"ssim": MetricResult("ssim", 0.0, 2, per_image=(0.5, 0.25)), "fid": MetricResult("fid", 3.0, 2)}
+    merged = merge_scores(tmp_path, old, ["a", "b"], [1, 2], ssim)
+    lines = merged.read_text().splitlines()
+    assert lines == ["key,seed,psnr,ssim", f"b,2,{old.read_text().splitlines()[1].split(',')[2]},0.25",
+                     f"a,1,{old.read_text().splitlines()[2].split(',')[2]},0.5"]
+    with pytest.raises(UserError, match="not the scored images"):
+        merge_scores(tmp_path, old, ["a", "c"], [1, 2], ssim)
+    with pytest.raises(UserError, match="seeds"):
+        merge_scores(tmp_path, old, ["a", "b"], [1, 3], ssim)
+    assert merge_scores(tmp_path / "new", None, ["a"], [1], {"fid": MetricResult("fid", 3.0, 1)}) is None
