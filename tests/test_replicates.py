@@ -223,3 +223,39 @@ def test_run_records_carry_replicate_tags_and_pool_by_group() -> None:
     assert lone is rows[4] and group["run_id"] == "a0" and group["label"] == "a0"
     assert group["metrics"]["psnr"] == 22.0 and group["spread"]["psnr"] == Spread(3, 2.0, 20.0, 24.0)
     assert group["replicate_notes"] == ["replicate 3 (a3) failed: failed without a ptqbench.error tag"]
+
+
+def test_a_suite_with_replicates_reports_one_row_per_group(tmp_path: Path, template_db: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``replicates: 2`` through ``ptqbench run`` and ``ptqbench report``: the runner's tags and params
+    (replicate, replicate_group, re-drawn calibration seed) give one smoothquant row with its spread."""
+    import shutil
+
+    monkeypatch.setenv("PTQBENCH_COMPILE", "0")
+    shutil.copyfile(template_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("""
+name: rep
+models: [tiny-pixart]
+defaults: {steps: 2, resolution: 32, batch_size: 4}
+prompts: {set: builtin, n: 4}
+calibration: {set: builtin-calib, n: 1, steps: 2, rows: 16}
+metrics: [psnr]
+uncertainty: {resamples: 200}
+methods:
+  - {method: rtn, format: mxfp4}
+  - {method: smoothquant, format: mxfp4, alpha: 0.5, replicates: 2}
+""", encoding="utf-8")
+    common = ["--tracking-uri", uri, "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(["run", str(suite), *common]) == 0
+        assert cli_main(["report", "--tracking-uri", uri, "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "tables.md").read_text()
+    rows = md_cells(text)
+    assert sorted(rows) == ["16-bit reference", "rtn", "smoothquant"]  # no "replicate=1" variant row
+    psnr = [c.strip() for c in text.splitlines()[2].strip("|").split("|")].index("psnr ↑ (n=4)")
+    assert "(k=2: sd " in rows["smoothquant"][psnr] and "k=" not in rows["rtn"][psnr]
+    [csv_file] = (tmp_path / "report" / "tables").glob("rep--*.csv")
+    csv = pd.read_csv(csv_file).set_index("method")
+    assert csv.loc["smoothquant", "psnr_k"] == 2 and len(csv.loc["smoothquant", "replicate_runs"].split()) == 2
