@@ -74,14 +74,16 @@ def merge_scores(
     """``per_image.csv`` in ``folder``: the run's ``existing`` table (its rows and cells kept as they
     are, text for text) with the per-image values of ``results`` (in ``keys`` order) added as
     columns, or replacing a column of the same metric, matched by prompt key; a new table when the
-    run has none. None when there is nothing to write (no per-image values, no table)."""
+    run has none. None when ``results`` hold no per-image values (nothing to write)."""
     import pandas as pd
 
     from ptqbench.metrics.base import per_image_frame, write_per_image_frame
 
     new = per_image_frame(keys, seeds, results)
+    if len(new.columns) == 2:  # no per-image values (set metrics, not computed): the table stays as it is
+        return None
     if existing is None:
-        return write_per_image_frame(folder / schema.PER_IMAGE_FILE, new) if len(new.columns) > 2 else None
+        return write_per_image_frame(folder / schema.PER_IMAGE_FILE, new)
     old = pd.read_csv(existing, dtype=str, keep_default_na=False)
     if list(old.columns[:2]) != ["key", "seed"] or old["key"].duplicated().any():
         raise UserError(f"{existing}: not a per-image table (key, seed, a column per metric); cannot add scores")
