@@ -15,16 +15,29 @@ computes it), and the script prints:
   ``--tflops`` (default: H200 dense bf16, 989 TFLOP/s);
 - the measured time and the ratio to the floor;
 - per subsample size, the fraction of layers whose chosen (alpha, beta) pair, refinement
-  iterate, and both, equal the all-rows choice;
+  iterate, and both, equal the all-rows choice (the issue's criterion), and the better-posed one:
+  the output error of the subsample's layer on ``--heldout`` rows it never saw, relative to the
+  all-rows layer's (``e/e_nat``: the largest ratio, the fraction within 0.1 % and 1 %), plus
+  ``obj gap``: where the pair agrees, how much worse the all-rows objective is at the subsample's
+  iterate than at the all-rows best (each layer's ``iterate_errors`` curve is in the JSON);
 - the seconds of one SVD per unit shape (SVDs are outside the floor; the search does one per
   candidate and per evaluated iterate). The report is printed (and ``--out`` written) after
   every run (one block at one size), so a run cut short still leaves its numbers.
 
 ``--profile`` adds the seconds and calls per stage (transfers, reference outputs, quantization,
-products, SVD, weight quantization) and the SVD timings of both float64 algorithms on both devices.
+products, error sums, SVD, weight quantization; run it with ``--workers 1``: the stages
+synchronize the GPU) and the SVD timings of both float64 algorithms on both devices.
 
-  GPU (the native size: 128 calibration samples x 4096 tokens = 524288 rows), one block:
-      python benchmarks/bench_svdquant_calib.py --device cuda --layers 8 --profile --out svdq_calib.json
+The native size: deepcompressor's collect step caches every transformer call of 128 prompts
+(20 steps x 2 guidance halves: 5120 files of one sample each, ``collect/calib.py``), and its
+calibration loads ``quant.calib.num_samples: 128`` of those files at random
+(``DiffusionCalibDataset`` -> ``DiffusionDataset``: shuffle, keep 128), all of whose tokens
+(``sample_size: -1``) score the searches: 128 x 4096 = 524288 rows per image-token layer input
+at 1024 px, not 128 x 20 x 2 x 4096.
+
+  GPU (the native size), one block:
+      python benchmarks/bench_svdquant_calib.py --device cuda --layers 8 --svd gram --subsample 4096 16384 65536 131072
+      python benchmarks/bench_svdquant_calib.py --device cuda --layers 8 --workers 1 --profile --out svdq_calib.json
   CPU smoke test (tiny PixArt config):
       python benchmarks/bench_svdquant_calib.py --small --device cpu --rows 512 --subsample 64 256
 """
@@ -41,9 +54,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ptqbench import get_method
+from ptqbench import get_method, smoothing
 from ptqbench.layers import dense_weight
 from ptqbench.memory import qkv_group
+from ptqbench.methods import svdquant
 from ptqbench.patching import LayerPlan, select_layers
 from ptqbench.smoothing import PROFILE
 from ptqbench.stats import LayerStats
@@ -67,6 +81,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--svd", default="exact", choices=("exact", "gram", "randomized", "auto"))
     p.add_argument("--score-dtype", default="model", choices=("model", "float32"), help="row products' dtype")
     p.add_argument("--profile", action="store_true", help="print seconds per stage (synchronizes the GPU)")
+    p.add_argument("--workers", type=int, default=smoothing.GPU_WORKERS, help="batches calibrated at once on a GPU")
+    p.add_argument("--heldout", type=int, default=16384, help="held-out rows per layer input (output errors)")
     p.add_argument("--tflops", type=float, default=989.0, help="GPU dense bf16 rate for the floor (TFLOP/s)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (changes rounding)")
     p.add_argument("--small", action="store_true", help="tiny PixArt config (CPU smoke test)")
@@ -117,14 +133,27 @@ def synthetic_block(
         key = qkv_group(name) or name
         if key not in rows:
             scale = torch.exp(1.5 * torch.randn(n, generator=g, device=device))
-            x = torch.randn(args.rows, n, generator=g, device=device) * scale
+            x = torch.randn(args.rows + args.heldout, n, generator=g, device=device) * scale
             x = nn.functional.gelu(x) if name.endswith("ff.net.2") else x
             rows[key] = x.to(dtype).float()
-    return layers, {name: rows[qkv_group(name) or name] for name in names}
+    calib = {key: x[: args.rows] for key, x in rows.items()}
+    heldout = {key: x[args.rows :].to(dtype) for key, x in rows.items()}
+    pick = {name: qkv_group(name) or name for name in names}
+    return layers, {name: calib[k] for name, k in pick.items()}, {name: heldout[k] for name, k in pick.items()}
+
+
+@torch.no_grad()
+def heldout_errors(layers: dict[str, nn.Module], quantized: dict[str, nn.Module], rows: dict[str, torch.Tensor]):
+    """Relative squared output error ``||q(x) - layer(x)||^2 / ||layer(x)||^2`` per layer on its held-out rows."""
+    out = {}
+    for name, q in quantized.items():
+        ref = layers[name](rows[name]).float()
+        out[name] = float((q(rows[name]).float() - ref).pow(2).sum() / ref.pow(2).sum())
+    return out
 
 
 def calibrate(method, layers, rows: dict[str, torch.Tensor], absmax: dict[str, torch.Tensor]) -> tuple[dict, float]:
-    """SVDQuant on one block; (info per layer, seconds)."""
+    """SVDQuant on one block; (quantized layers, seconds)."""
     stats, seen = {}, {}
     for name, x in rows.items():
         key = id(x)
@@ -135,7 +164,7 @@ def calibrate(method, layers, rows: dict[str, torch.Tensor], absmax: dict[str, t
     start = time.perf_counter()
     out = method.quantize_layers(layers, stats)
     sync(layers)
-    return {name: q.info for name, q in out.items()}, time.perf_counter() - start
+    return out, time.perf_counter() - start
 
 
 def sync(layers: dict[str, nn.Module]) -> None:
@@ -152,8 +181,7 @@ def floor_flops(shapes: dict[str, tuple[int, int]], names: list[str], info: dict
     for members in units.values():
         n = shapes[members[0]][1]
         m = sum(shapes[k][0] for k in members)
-        best = int(info[members[0]]["best_iteration"])
-        iterates = min(best + 1, args.num_iters)  # early stop evaluates one iterate past the best
+        iterates = len(info[members[0]]["iterate_errors"])  # evaluated iterates
         per_score = 2 * n_rows * n * m + 2 * n_rows * args.rank * (n + m)
         total += 2 * n_rows * n * m + (candidates + iterates) * per_score
     return total
@@ -168,18 +196,20 @@ def run(args: argparse.Namespace) -> dict:
         num_grids=args.num_grids, num_iters=args.num_iters, svd=args.svd, rows="all", score_dtype=args.score_dtype,
     )
     PROFILE.enabled = args.profile
+    svdquant.GPU_WORKERS = args.workers
     sizes = [k for k in args.subsample if k < args.rows]
     results = {"all": {"seconds": 0.0, "flops": 0.0}} | {k: {"seconds": 0.0, "flops": 0.0} for k in sizes}
-    choices: dict[object, dict[str, tuple]] = {key: {} for key in results}
+    choices: dict[object, dict[str, dict]] = {key: {} for key in results}
     svd_seconds = svd_probe(shapes, list(shapes), args)
     out: dict = {}
     for index, names in enumerate(blocks(list(shapes)).values()):
-        layers, rows = synthetic_block(shapes, names, args, dtype, index)
+        layers, rows, heldout = synthetic_block(shapes, names, args, dtype, index)
         absmax = {name: x.abs().amax(0) for name, x in rows.items()}
         perm = torch.randperm(args.rows, generator=torch.Generator().manual_seed(args.seed + index))
         if index == 0:  # warm-up (kernel compilation, allocator), not timed
-            few = {id(x): x[: min(64, args.rows)] for x in rows.values()}
-            calibrate(method, layers, {name: few[id(x)] for name, x in rows.items()}, absmax)
+            for size in (64, 96):  # two sizes: torch.compile's dynamic-shape graphs too
+                few = {id(x): x[: min(size, args.rows)] for x in rows.values()}
+                calibrate(method, layers, {name: few[id(x)] for name, x in rows.items()}, absmax)
         for key in results:
             if key == "all":
                 picked, n_rows = rows, args.rows
@@ -188,10 +218,14 @@ def run(args: argparse.Namespace) -> dict:
                 subsets = {id(x): x[keep] for x in rows.values()}
                 picked, n_rows = {name: subsets[id(x)] for name, x in rows.items()}, key
             PROFILE.reset()
-            info, seconds = calibrate(method, layers, picked, absmax)
+            quantized, seconds = calibrate(method, layers, picked, absmax)
+            info = {name: q.info for name, q in quantized.items()}
+            errors = heldout_errors(layers, quantized, heldout)
             results[key]["seconds"] += seconds
             results[key]["flops"] += floor_flops(shapes, names, info, args, n_rows)
-            choices[key].update({name: (i["smooth_pair"], i["best_iteration"]) for name, i in info.items()})
+            choices[key].update({
+                name: {"pair": i["smooth_pair"], "iterate": i["best_iteration"], "heldout_error": errors[name],
+                       "iterate_errors": i["iterate_errors"]} for name, i in info.items()})
             out = summarize(results, choices, args, len(choices["all"]))
             out["svd_seconds_per_call"] = svd_seconds
             print(f"block {index}, rows {n_rows}: {seconds:.2f} s\n{report(out)}", flush=True)
@@ -264,21 +298,51 @@ def summarize(results: dict, choices: dict, args: argparse.Namespace, n_layers: 
         row = {"rows": args.rows if key == "all" else key, "seconds": res["seconds"], "floor_flops": res["flops"],
                "floor_seconds": floor, "ratio": res["seconds"] / floor if floor else float("nan")}
         if key != "all" and choices[key]:
-            same = [(native[n][0] == c[0], native[n][1] == c[1]) for n, c in choices[key].items()]
-            row["same_pair"] = sum(p for p, _ in same) / len(same)
-            row["same_iterate"] = sum(i for _, i in same) / len(same)
-            row["same_both"] = sum(p and i for p, i in same) / len(same)
+            row |= agreement(native, choices[key])
         out["runs"].append(row)
+    out["choices"] = {str(key): c for key, c in choices.items()}
     return out
+
+
+def agreement(native: dict[str, dict], sub: dict[str, dict]) -> dict:
+    """How a subsample's choices compare with the all-rows ones, over the layers both calibrated:
+    the issue's criterion (same pair, same iterate, both), the held-out output error of the
+    subsample's layer relative to the native layer's (``heldout_ratio``: ``e_sub / e_native``; the
+    fraction within 0.1 / 0.5 / 1 %), and, where the pair agrees, the native objective at the
+    subsample's iterate relative to the native best (``objective_gap``: the all-rows cost of the
+    subsample's iterate; None where the native run stopped before it)."""
+    names = [n for n in sub if n in native]
+    same = [(native[n]["pair"] == sub[n]["pair"], native[n]["iterate"] == sub[n]["iterate"]) for n in names]
+    ratios = [sub[n]["heldout_error"] / native[n]["heldout_error"] for n in names]
+    gaps = []
+    for n, (pair, _) in zip(names, same, strict=True):
+        curve, it = native[n]["iterate_errors"], sub[n]["iterate"]
+        if pair and it <= len(curve):
+            gaps.append(curve[it - 1] / curve[native[n]["iterate"] - 1] - 1)
+    row = {"same_pair": mean(p for p, _ in same), "same_iterate": mean(i for _, i in same),
+           "same_both": mean(p and i for p, i in same), "heldout_ratio_max": max(ratios),
+           "heldout_ratio_median": sorted(ratios)[len(ratios) // 2]}
+    row |= {f"heldout_within_{x:g}%": mean(r <= 1 + x / 100 for r in ratios) for x in (0.1, 0.5, 1.0)}
+    row["objective_gap_max"] = max(gaps) if gaps else None
+    return row
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def report(out: dict) -> str:
     lines = [f"SVDQuant calibration: {out['model']}, {out['layers']} layers, {out['format']}, svd {out['svd']}, "
              f"scores in {out['score_dtype']}, "
              f"{out['device']}; floor at {out['tflops']:g} TFLOP/s",
-             f"{'rows':>9} {'seconds':>10} {'floor s':>10} {'ratio':>8} {'pair':>6} {'iterate':>8} {'both':>6}"]
+             f"{'rows':>9} {'seconds':>10} {'floor s':>10} {'ratio':>8} {'pair':>6} {'iterate':>8} {'both':>6}"
+             f" {'e/e_nat max':>11} {'<=0.1%':>7} {'<=1%':>6} {'obj gap':>9}"]
+    cols = (("same_pair", 6, ".3f"), ("same_iterate", 8, ".3f"), ("same_both", 6, ".3f"),
+            ("heldout_ratio_max", 11, ".5f"), ("heldout_within_0.1%", 7, ".3f"), ("heldout_within_1%", 6, ".3f"),
+            ("objective_gap_max", 9, ".2e"))
     for r in out["runs"]:
-        agree = "".join(f" {r[k]:>{w}.3f}" for k, w in (("same_pair", 6), ("same_iterate", 8), ("same_both", 6))
+        agree = "".join(f" {r[k]:>{w}{f}}" if r.get(k) is not None else f" {'-':>{w}}" for k, w, f in cols
                         ) if "same_pair" in r else ""
         lines.append(f"{r['rows']:>9} {r['seconds']:>10.2f} {r['floor_seconds']:>10.3f} {r['ratio']:>8.1f}{agree}")
     return "\n".join(lines)

@@ -53,10 +53,11 @@ from ptqbench.lowrank import (
     check_rank,
     make_batches,
     make_units,
+    map_batches,
     svd_label,
 )
 from ptqbench.method import LowRankMethod, format_field, register_method, resolve_format
-from ptqbench.smoothing import SCORE_DTYPES, pair_label, resolve_score_dtype, smoothing_grid
+from ptqbench.smoothing import GPU_WORKERS, SCORE_DTYPES, pair_label, resolve_score_dtype, smoothing_grid
 from ptqbench.stats import ALL_ROWS, LayerStats, StatsSpec
 
 Progress = Callable[[str], None]
@@ -142,10 +143,15 @@ class SVDQuant(LowRankMethod):
         check_rank(self, layers)
         units = make_units(layers, stats, self.share_qkv)
         done: dict[str, QuantLinear] = {}
-        for batch in make_batches(units, use_rows=True):
+
+        def one(batch: Batch) -> dict[str, QuantLinear]:
             spec = self.branch_spec(batch.smooth_dtype)
             smooth, up_q, down_q, res, info = self._quantize_batch(batch, spec)
-            done.update(build_layers(batch, smooth, up_q, down_q, res, self, spec, "identity", info))
+            return build_layers(batch, smooth, up_q, down_q, res, self, spec, "identity", info)
+
+        batches = make_batches(units, use_rows=True)
+        for batch, built in zip(batches, map_batches(batches, one, GPU_WORKERS), strict=True):
+            done.update(built)
             if progress:
                 for unit in batch.units:
                     for name in unit.names:
@@ -172,17 +178,27 @@ class SVDQuant(LowRankMethod):
             smooth, chosen = None, [None] * len(batch)
         s = torch.ones_like(batch.weight[:, 0]) if smooth is None else smooth
         ws = batch.weight * s[:, None, :]
-        up_q, down_q, res, _, used = fitter.refine(batch, ws, s, self.num_iters, self.early_stop)
+        history: list[torch.Tensor] = []
+        up_q, down_q, res, _, used = fitter.refine(batch, ws, s, self.num_iters, self.early_stop, history)
+        curves = iterate_errors(history, used, self.early_stop)
         svd = svd_label(fitter.svd_kind(tuple(ws.shape), ws.device), fitter.svd_dtype) if self.rank else "none"
         rows = batch.samples.count if batch.samples is not None else 0
         info = []
-        for unit, pair, it in zip(batch.units, chosen, used.tolist(), strict=True):
+        for unit, pair, it, curve in zip(batch.units, chosen, used.tolist(), curves, strict=True):
             objective = f"output MSE on {rows} rows" if rows else "weight error (no rows)"
             if rows and len(unit.names) > 1:
                 objective = f"{QKV_OBJECTIVE} on {rows} rows"
             info.append({
-                "smoothing": how, "smooth_pair": pair, "best_iteration": int(it), "objective": objective,
+                "smoothing": how, "smooth_pair": pair, "best_iteration": int(it), "iterate_errors": curve,
+                "objective": objective,
                 "svd": svd, "branch_format": str(spec.weight_format),
                 "score_dtype": str(fitter.score_dtype).removeprefix("torch.") if rows else None,
             })
         return smooth, up_q, down_q, res, info
+
+
+def iterate_errors(history: list[torch.Tensor], used: torch.Tensor, early_stop: bool) -> list[list[float]]:
+    """Per unit, the objective (squared error) of each refinement iterate it evaluated: up to its
+    first worse iterate after the best one with ``early_stop``, else all."""
+    errors = torch.stack(history, 1).tolist()  # [units, iterates]
+    return [row[: int(u) + 1] if early_stop else row for row, u in zip(errors, used.tolist(), strict=True)]

@@ -11,13 +11,15 @@ stacks, the smoothing search and branch refinement on them (:class:`Fitter`) and
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from ptqbench.errors import UserError
-from ptqbench.formats import Format
+from ptqbench.formats import CastFormat, Format
 from ptqbench.layers import SMOOTH_BITS, LowRankBranch, QuantLinear, dense_weight
 from ptqbench.memory import qkv_group
 from ptqbench.method import LowRankMethod
@@ -36,6 +38,7 @@ from ptqbench.smoothing import (
 )
 from ptqbench.stats import LayerStats
 
+T = TypeVar("T")
 SVD_KINDS = ("auto", "exact", "gram", "randomized")
 STOP_RULES = ("<=", "<")
 
@@ -189,10 +192,17 @@ class BranchSpec:
     ) -> torch.Tensor:
         """``Qmid(Qa2(x_hat) down_q^T) up_q^T``, as :class:`LowRankBranch` computes it; the two
         products in ``dtype`` (float32 accumulation)."""
-        h = quantize_stack(self.act_format, x_hat).to(dtype) @ down_q.to(dtype).mT
+        h = _quantize_to(self.act_format, x_hat, dtype) @ down_q.to(dtype).mT
         if self.mid_format is not None:
             h = quantize_stack(self.mid_format, h.float()).to(dtype)
         return h @ up_q.to(dtype).mT
+
+
+def _quantize_to(fmt: Format, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``quantize_stack(fmt, x).to(dtype)``; one cast when ``fmt`` is the cast to ``dtype`` itself."""
+    if isinstance(fmt, CastFormat) and fmt.torch_dtype == dtype:
+        return x.to(dtype)
+    return quantize_stack(fmt, x).to(dtype)
 
 
 # ----------------------------------------------------------------------------- units and batches
@@ -314,6 +324,29 @@ def make_batches(units: list[Unit], use_rows: bool, xtx: str = "none") -> list[B
     return batches
 
 
+def map_batches(batches: list[Batch], fn: Callable[[Batch], T], workers: int = 1) -> list[T]:
+    """``[fn(b) for b in batches]``; on a GPU with ``workers > 1``, that many batches at a time,
+    each in a thread on its own CUDA stream, so that one batch's SVDs (latency-bound solver
+    kernels and host syncs) overlap another's row products. Each batch runs the same operations
+    on the same shapes as alone (chunk sizes do not depend on free memory: see
+    :func:`~ptqbench.smoothing.score_budget`), so the results are the same. Serial while
+    :data:`~ptqbench.smoothing.PROFILE` is on (its stages synchronize the whole GPU)."""
+    if workers <= 1 or len(batches) < 2 or not batches[0].weight.is_cuda or PROFILE.enabled:
+        return [fn(b) for b in batches]
+
+    def run(batch: Batch) -> T:
+        device = batch.weight.device
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            out = fn(batch)
+        stream.synchronize()  # its tensors are complete before another stream reads them
+        return out
+
+    with ThreadPoolExecutor(min(workers, len(batches))) as pool:
+        return list(pool.map(run, batches))
+
+
 def _compact(unit: Unit) -> torch.dtype | None:
     """The 16-bit dtype a unit's rows may be stored in (its layers'), or None for wider layers."""
     dtype = dense_weight(unit.layers[0]).dtype
@@ -412,17 +445,26 @@ class Fitter:
         return cand[torch.arange(n_units, device=dev), best], best
 
     def refine(
-        self, batch: Batch, ws: torch.Tensor, s: torch.Tensor, num_iters: int, early_stop: bool
+        self,
+        batch: Batch,
+        ws: torch.Tensor,
+        s: torch.Tensor,
+        num_iters: int,
+        early_stop: bool,
+        history: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """deepcompressor's iterations (``calib/lowrank.py``): branch from SVD(ws - Q1(previous
         residual)); each unit keeps its best iterate under ``rule`` and, with ``early_stop``, stops
-        at its first iterate that is worse. Returns up_q, down_q, residual, error, iterate used."""
+        at its first iterate that is worse. Returns up_q, down_q, residual, error, iterate used;
+        ``history`` (if given) receives every evaluated iterate's errors ([units] each)."""
         index = torch.arange(len(batch), device=ws.device)
         target = ws
         best = None
         for it in range(max(1, num_iters)):
             up_q, down_q, res, main_q = self.fit(ws, target, batch.segments)
             err = self.error(batch, index, s, main_q, up_q, down_q)
+            if history is not None:
+                history.append(err)
             if best is None:
                 best = [up_q, down_q, res, err]
                 used = torch.ones_like(err, dtype=torch.long)

@@ -9,10 +9,12 @@ streamed over calibration rows in chunks (:class:`Rows`) so that all rows fit in
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import torch
@@ -27,6 +29,9 @@ SMOOTH_RANGE = (1e-4, 1e4)
 # Largest number of elements of one batched fp32 weight-like tensor a method materializes at once.
 MAX_BATCH_ELEMENTS = 2**27
 INVALID_SCALES = ("vector", "channel")
+# Held while calling torch.compile'd functions: dynamo is not thread-safe, and batches of layers
+# may be calibrated in threads (:func:`ptqbench.lowrank.map_batches`).
+COMPILE_LOCK = threading.RLock()
 
 
 # ----------------------------------------------------------------------------- smoothing scales
@@ -122,7 +127,7 @@ def chunks(total: int, size: int) -> list[tuple[int, int]]:
 @dataclass
 class Profile:
     """Seconds and calls per stage of the row scoring (``transfer``, ``outputs``, ``quantize``,
-    ``products``) and of the branch fits (``svd``, ``weight quant``), when ``enabled`` (it then
+    ``products``, ``error``) and of the branch fits (``svd``, ``weight quant``), when ``enabled`` (it then
     synchronizes the GPU at every stage boundary, so leave it off outside benchmarks)."""
 
     enabled: bool = False
@@ -161,6 +166,8 @@ SCORE_DTYPES = ("model", "float32")
 MIN_CHUNK_ROWS = 4096
 # Fraction of the free device memory that resident rows and cached outputs may take.
 DEVICE_MEMORY_SHARE = 0.5
+# Batches calibrated at once on a GPU, each scoring in its own thread (ptqbench.lowrank.map_batches).
+GPU_WORKERS = 4
 # Bytes of cached reference outputs kept on the CPU (beyond that they are recomputed per chunk).
 CPU_CACHE_BYTES = 2**30
 
@@ -196,11 +203,39 @@ def output_sq_error(
         xq = quantize_stack(act_format, x_hat).to(dtype)
     with PROFILE.stage("products"):
         yq = xq @ main_q.to(dtype).mT
-        if dtype != torch.float32:
-            yq = yq.float()
-        if extra is not None:
-            yq = yq + extra.float()
-        return (y.float() - yq).pow(2).sum((-2, -1))
+    with PROFILE.stage("error"):
+        return _sq_error_fn(y.is_cuda)(y, yq, extra)
+
+
+def _sq_error(y: torch.Tensor, yq: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """``||y - (yq + extra)||^2`` per leading index, every step in float32."""
+    return _row_sq_error(y, yq, extra, (-2, -1))
+
+
+def _row_sq_error(
+    y: torch.Tensor, yq: torch.Tensor, extra: torch.Tensor | None, dims: tuple[int, ...] = (-1,)
+) -> torch.Tensor:
+    """``(y - (yq + extra))^2`` in float32, summed over ``dims`` (default: per row)."""
+    yq = yq.float() if extra is None else yq.float() + extra.float()
+    return (y.float() - yq).pow(2).sum(dims)
+
+
+@cache
+def _sq_error_fn(cuda: bool) -> Callable[..., torch.Tensor]:
+    """:func:`_sq_error`; on a GPU the ``torch.compile`` of its per-row sums (one fused pass over
+    the 16-bit outputs instead of six float32 ones, parallel over rows: the compiled whole-matrix
+    sum ran at about a tenth of the memory bandwidth on an H200), then their sum: the same
+    float32 squares, summed in another order."""
+    if not cuda:
+        return _sq_error
+    rows = torch.compile(_row_sq_error, dynamic=True)
+
+    def call(y: torch.Tensor, yq: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        with COMPILE_LOCK:  # dynamo is not thread-safe (batches may be calibrated in threads)
+            per_row = rows(y, yq, extra)
+        return per_row.sum(-1)
+
+    return call
 
 
 @dataclass(eq=False)
@@ -259,17 +294,18 @@ class Rows:
         return True
 
     def chunk(
-        self, lo: int, hi: int, select: Sequence[int] | None = None, dtype: torch.dtype = torch.float32
+        self, lo: int, hi: int, select: Sequence[int] | None = None, dtype: torch.dtype | None = torch.float32
     ) -> torch.Tensor:
-        """Rows ``lo:hi`` of the layers ``select`` (default: all) as ``[len, hi - lo, n]`` in ``dtype``."""
+        """Rows ``lo:hi`` of the layers ``select`` (default: all) as ``[len, hi - lo, n]`` in ``dtype``
+        (None: as stored, every value exact in it)."""
         self._place()
         select = list(range(len(self.parts))) if select is None else list(select)
         if self._resident is not None:
             part = self._resident[:, lo:hi]
             part = part if select == list(range(len(self.parts))) else part[select]
-            return part.to(dtype)
+            return part if dtype is None else part.to(dtype)
         with PROFILE.stage("transfer"):
-            return torch.stack([self.parts[i][lo:hi].to(self.device, dtype) for i in select])
+            return torch.stack([self.parts[i][lo:hi].to(self.device, dtype or self.parts[i].dtype) for i in select])
 
     def stacked(self) -> torch.Tensor:
         """All rows as one float32 ``[B, N, n]`` device tensor (for small samples; kept)."""
@@ -317,10 +353,14 @@ def chunk_rows(items: int, width: int, budget: int = MAX_BATCH_ELEMENTS) -> int:
 
 def score_budget(device: torch.device) -> int:
     """Elements of one batched scoring intermediate: MAX_BATCH_ELEMENTS on the CPU; on a GPU a
-    share of its free memory (up to 2**31), so that each chunk is a large product, not a launch."""
+    share of its total memory (up to 2**31), so that each chunk is a large product, not a launch.
+    It depends on the device alone, not on the memory free at the time nor on how many batches
+    score at once (it leaves room for four): chunk sizes set the product shapes and so their
+    rounding, and a run's scores must not depend on what else runs."""
     if device.type != "cuda":
         return MAX_BATCH_ELEMENTS
-    return int(min(2**31, max(MAX_BATCH_ELEMENTS, free_bytes(device) // 40)))
+    total = torch.cuda.get_device_properties(device).total_memory
+    return int(min(2**31, max(MAX_BATCH_ELEMENTS, total // 160)))
 
 
 def streamed_sq_error(
@@ -356,9 +396,9 @@ def streamed_sq_error(
         sub = (s[glo:ghi], main_q[glo:ghi])
         for lo, hi in chunks(rows.count, size):
             y = rows.outputs(lo, hi, select, weight, dtype)
-            x = rows.chunk(lo, hi, select)
+            x = rows.chunk(lo, hi, select, dtype=None)
             with PROFILE.stage("quantize"):
-                x_hat = _spread(x, pos) / sub[0][:, None, :]
+                x_hat = _spread(x, pos) / sub[0][:, None, :]  # float32: 16-bit rows promote exactly
             extra = None if branch is None else branch(x_hat, slice(glo, ghi), dtype)
             total[glo:ghi] += output_sq_error(x_hat, _spread(y, pos), sub[1], act_format, extra, dtype).double()
     return total

@@ -138,3 +138,63 @@ def test_reference_outputs_are_computed_once_per_chunk_and_rows_moved_once():
 def test_score_dtype_is_validated():
     with pytest.raises(UserError, match="score_dtype"):
         get_method("svdquant", weight_format="int4_g16", act_format="int4_g16", rank=4, score_dtype="fp8")
+
+
+def test_info_holds_each_evaluated_iterate_objective():
+    """``iterate_errors``: the squared output error of every iterate the refinement evaluated
+    (early stop: up to the first worse one after the best); the best one is the deployed layer's."""
+    layer, stats = outlier_layer(3, torch.float32)
+    kw = dict(weight_format="int4_g16", act_format="int4_g16", rank=4, num_grids=6, num_iters=30, rows="all")
+    q = get_method("svdquant", **kw).quantize_layers({"l": layer}, {"l": stats})["l"]
+    curve, best = q.info["iterate_errors"], q.info["best_iteration"]
+    assert len(curve) == min(best + 1, 30)
+    assert curve[best - 1] == min(curve[:best]) and (best == 30 or curve[best] > curve[best - 1])
+    with torch.no_grad():  # the deployed layer's output error on the same rows is the best objective
+        deployed = (layer(stats.rows).double() - q(stats.rows).double()).pow(2).sum()
+    assert abs(float(deployed) / curve[best - 1] - 1) < 1e-4
+    full = get_method("svdquant", early_stop=False, **kw).quantize_layers({"l": layer}, {"l": stats})["l"]
+    assert len(full.info["iterate_errors"]) == 30
+
+
+def test_per_row_error_sums_to_the_whole_error():
+    g = torch.Generator().manual_seed(4)
+    y, yq, extra = (torch.randn(3, 50, 24, generator=g).half() for _ in range(3))
+    from ptqbench.smoothing import _row_sq_error, _sq_error
+
+    whole = _sq_error(y, yq, extra)
+    ref = (y.double() - yq.double() - extra.double()).pow(2).sum((-2, -1))
+    assert torch.allclose(_row_sq_error(y, yq, extra).sum(-1).double(), ref, rtol=1e-6)
+    assert torch.allclose(whole.double(), ref, rtol=1e-6) and _row_sq_error(y, yq, None).shape == (3, 50)
+
+
+def test_compiled_gpu_error_equals_eager(cuda: torch.device):
+    from ptqbench.smoothing import _sq_error, _sq_error_fn
+
+    g = torch.Generator().manual_seed(5)
+    y, yq, extra = (torch.randn(3, 700, 96, generator=g).half().to(cuda) for _ in range(3))
+    for ref in (y, y[:1].expand(3, -1, -1)):  # a broadcast reference too (one layer, several candidates)
+        for e in (extra, None):
+            assert torch.allclose(_sq_error_fn(True)(ref, yq, e), _sq_error(ref, yq, e), rtol=1e-5)
+
+
+def test_gpu_batches_in_threads_give_the_serial_results(cuda: torch.device):
+    from ptqbench.methods import svdquant
+
+    layers, stats = {}, {}
+    for i, dtype in enumerate((torch.float16, torch.float16, torch.float32)):
+        layer, st = outlier_layer(10 + i, dtype)
+        layers[f"l{i}"] = layer.to(cuda)
+        stats[f"l{i}"] = LayerStats(absmax=st.absmax.to(cuda), rows=st.rows.to(cuda), count=st.count)
+    kw = dict(weight_format="int4_g16", act_format="int4_g16", rank=4, num_grids=6, num_iters=10, rows="all")
+    method = get_method("svdquant", **kw)
+    saved = svdquant.GPU_WORKERS
+    try:
+        svdquant.GPU_WORKERS = 1
+        serial = method.quantize_layers(layers, stats)
+        svdquant.GPU_WORKERS = 3
+        threaded = method.quantize_layers(layers, stats)
+    finally:
+        svdquant.GPU_WORKERS = saved
+    for name in layers:
+        assert serial[name].info == threaded[name].info
+        assert torch.equal(serial[name].effective_weight(), threaded[name].effective_weight())
