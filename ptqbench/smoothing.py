@@ -398,7 +398,9 @@ def streamed_sq_error(
             y = rows.outputs(lo, hi, select, weight, dtype)
             x = rows.chunk(lo, hi, select, dtype=None)
             with PROFILE.stage("quantize"):
-                x_hat = _spread(x, pos) / sub[0][:, None, :]  # float32: 16-bit rows promote exactly
+                # x / s rounded to the rows' (the model's) dtype, as the deployed layer and
+                # deepcompressor's smoother compute it; float32 rows stay float32.
+                x_hat = (_spread(x, pos) / sub[0][:, None, :]).to(x.dtype)
             extra = None if branch is None else branch(x_hat, slice(glo, ghi), dtype)
             total[glo:ghi] += output_sq_error(x_hat, _spread(y, pos), sub[1], act_format, extra, dtype).double()
     return total
