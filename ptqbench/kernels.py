@@ -122,14 +122,17 @@ def _launchable(x: torch.Tensor) -> bool:
     return _available() and x.is_cuda and x.dtype in _INPUT_DTYPES and x.numel() > 0 and x.dim() >= 1
 
 
+def _triton_allowed(chosen: Backend) -> bool:
+    return chosen == "triton" or (chosen == "auto" and _env_on("PTQBENCH_KERNELS"))
+
+
 def choose(x: torch.Tensor, backend: Backend | None, spec: KernelSpec | None, compiles: bool) -> Path:
     """The path that quantizes ``x`` under ``backend`` (``None``: the current backend), given the
     format's kernel (``spec``, ``None`` if it has none) and whether it compiles exactly."""
     chosen = current_backend() if backend is None else check_backend(backend)
     if chosen == "eager":
         return "eager"
-    triton_allowed = chosen == "triton" or (chosen == "auto" and _env_on("PTQBENCH_KERNELS"))
-    if triton_allowed and spec is not None and _launchable(x):
+    if _triton_allowed(chosen) and spec is not None and _launchable(x):
         return "triton"
     if not compiles or (x.requires_grad and torch.is_grad_enabled()):
         return "eager"
@@ -300,20 +303,12 @@ if HAVE_TRITON:
         return q * sb
 
     @triton.jit
-    def _fq_kernel(
-        x_ptr, out_ptr, g_ptr, M, K,
-        KIND: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, BLOCK_M: tl.constexpr, AWAY: tl.constexpr,
-        IS_INT: tl.constexpr = False, EMIN: tl.constexpr = 0, MBITS: tl.constexpr = 0, MAXV: tl.constexpr = 1.0,
-        EMAX: tl.constexpr = 0, INT_STEP: tl.constexpr = 1.0, RULE: tl.constexpr = 0,
-        QMIN: tl.constexpr = -7, QMAX: tl.constexpr = 7, SCALE_BF16: tl.constexpr = False,
-        SCALE_MAX: tl.constexpr = 65504.0, TWO_LEVEL: tl.constexpr = False,
+    def _fq_tile(
+        x, g_ptr, KIND, AWAY, IS_INT, EMIN, MBITS, MAXV, EMAX, INT_STEP, RULE, QMIN, QMAX, SCALE_BF16, SCALE_MAX,
+        TWO_LEVEL,
     ):  # fmt: skip
-        """Fake-quantize a [BLOCK_M rows, NB blocks of BLOCK columns] tile (KIND 0: MX, 1: INT, 2: NVFP4)."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = (tl.program_id(1) * NB + tl.arange(0, NB))[None, :, None] * BLOCK + tl.arange(0, BLOCK)[None, None, :]
-        mask = (rows[:, None, None] < M) & (cols < K)
-        offs = rows[:, None, None].to(tl.int64) * K + cols
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        """Fake-quantize a float32 [BLOCK_M, NB, BLOCK] tile (KIND 0: MX, 1: INT, 2: NVFP4 with its
+        ``g, 1/g`` at ``g_ptr``); NaNs are left out of the block abs-maxima."""
         ax = tl.abs(x)
         amax = tl.max(tl.where(ax != ax, 0.0, ax), axis=2)
         if KIND == 0:
@@ -322,24 +317,153 @@ if HAVE_TRITON:
             q = _int_tile(x, amax, QMIN, QMAX, SCALE_BF16, SCALE_MAX, AWAY)
         else:
             q = _nvfp4_tile(x, amax, tl.load(g_ptr), tl.load(g_ptr + 1), TWO_LEVEL, AWAY)
+        return q
+
+    @triton.jit
+    def _fq_kernel(
+        x_ptr, out_ptr, g_ptr, M, K,
+        BLOCK: tl.constexpr, NB: tl.constexpr, BLOCK_M: tl.constexpr, KIND: tl.constexpr, AWAY: tl.constexpr,
+        IS_INT: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr, EMAX: tl.constexpr,
+        INT_STEP: tl.constexpr, RULE: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+        SCALE_BF16: tl.constexpr, SCALE_MAX: tl.constexpr, TWO_LEVEL: tl.constexpr,
+    ):  # fmt: skip
+        """Fake-quantize a [BLOCK_M rows, NB blocks of BLOCK columns] tile."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (tl.program_id(1) * NB + tl.arange(0, NB))[None, :, None] * BLOCK + tl.arange(0, BLOCK)[None, None, :]
+        mask = (rows[:, None, None] < M) & (cols < K)
+        offs = rows[:, None, None].to(tl.int64) * K + cols
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        q = _fq_tile(
+            x, g_ptr, KIND, AWAY, IS_INT, EMIN, MBITS, MAXV, EMAX, INT_STEP, RULE, QMIN, QMAX, SCALE_BF16, SCALE_MAX,
+            TWO_LEVEL,
+        )  # fmt: skip
         tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _absmax_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
-        """NaN-ignoring abs-max of a flat tensor into out_ptr (int32 bits of a float32, start 0)."""
+    def _shift_smooth(x, cols, cmask, smooth_ptr, shift, HAS_SHIFT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+        """``(x + c) / s`` as float32 values of ``x``'s dtype, each step rounded to it as torch's
+        16-bit ops round (float32 arithmetic, IEEE division); padding (``~cmask``) is 0 afterwards."""
+        y = x.to(tl.float32)
+        if HAS_SHIFT:
+            y = (y + shift).to(x.dtype).to(tl.float32)
+        if HAS_SMOOTH:
+            s = tl.load(smooth_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+            y = libdevice.div_rn(y, s).to(x.dtype).to(tl.float32)
+        return tl.where(cmask, y, 0.0)
+
+    @triton.jit
+    def _absmax_kernel(
+        x_ptr, out_ptr, N, K, smooth_ptr, shift,
+        BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+    ):  # fmt: skip
+        """NaN-ignoring abs-max of a flat [.., K] tensor, optionally of ``(x + c) / s`` (see
+        :func:`_shift_smooth`), into out_ptr (int32 bits of a float32, start 0)."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        a = tl.abs(tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32))
+        inside = offs < N
+        x = tl.load(x_ptr + offs, mask=inside, other=0.0)
+        a = tl.abs(_shift_smooth(x, offs % K, inside, smooth_ptr, shift, HAS_SHIFT, HAS_SMOOTH))
         m = tl.max(tl.where(a != a, 0.0, a), axis=0)
         tl.atomic_max(out_ptr, m.to(tl.int32, bitcast=True))  # non-negative floats order as their bits
 
+    @triton.jit
+    def _branch_kernel(
+        x_ptr, down_ptr, out_ptr, smooth_ptr, g_ptr, M, K, R, LDO, shift,
+        BLOCK_M: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        HAS_SMOOTH: tl.constexpr, SOURCE: tl.constexpr, HAS_MID: tl.constexpr,
+        BLOCK: tl.constexpr, KIND: tl.constexpr, AWAY: tl.constexpr, IS_INT: tl.constexpr, EMIN: tl.constexpr,
+        MBITS: tl.constexpr, MAXV: tl.constexpr, EMAX: tl.constexpr, INT_STEP: tl.constexpr, RULE: tl.constexpr,
+        QMIN: tl.constexpr, QMAX: tl.constexpr, SCALE_BF16: tl.constexpr, SCALE_MAX: tl.constexpr,
+        TWO_LEVEL: tl.constexpr,
+        S_BLOCK: tl.constexpr, S_KIND: tl.constexpr, S_AWAY: tl.constexpr, S_IS_INT: tl.constexpr,
+        S_EMIN: tl.constexpr, S_MBITS: tl.constexpr, S_MAXV: tl.constexpr, S_EMAX: tl.constexpr,
+        S_INT_STEP: tl.constexpr, S_RULE: tl.constexpr, S_QMIN: tl.constexpr, S_QMAX: tl.constexpr,
+        S_SCALE_BF16: tl.constexpr, S_SCALE_MAX: tl.constexpr, S_TWO_LEVEL: tl.constexpr,
+        M_BLOCK: tl.constexpr, M_KIND: tl.constexpr, M_AWAY: tl.constexpr, M_IS_INT: tl.constexpr,
+        M_EMIN: tl.constexpr, M_MBITS: tl.constexpr, M_MAXV: tl.constexpr, M_EMAX: tl.constexpr,
+        M_INT_STEP: tl.constexpr, M_RULE: tl.constexpr, M_QMIN: tl.constexpr, M_QMAX: tl.constexpr,
+        M_SCALE_BF16: tl.constexpr, M_SCALE_MAX: tl.constexpr, M_TWO_LEVEL: tl.constexpr,
+    ):  # fmt: skip
+        """BLOCK_M rows of ``out [M, LDO]``: columns ``:K`` get Qa(x'), columns ``K:`` the rank-r
+        product ``src @ down^T`` (float32 accumulation over K, rounded to x's dtype, then the
+        intermediate's format when HAS_MID; zero past R), ``x' = (x + c) / s`` and ``src`` x'
+        (SOURCE 0), Qa(x') (1) or the branch's own Qa2(x') (2, the S_ format). Each x tile is read once."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows[:, None] < M
+        x_row = rows[:, None].to(tl.int64) * K
+        o_row = rows[:, None].to(tl.int64) * LDO
+        ranks = tl.arange(0, R_PAD)[None, :]
+        dt = out_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)[None, :]
+            cmask = cols < K
+            x = tl.load(x_ptr + x_row + cols, mask=rmask & cmask, other=0.0)
+            xs = _shift_smooth(x, cols, cmask, smooth_ptr, shift, HAS_SHIFT, HAS_SMOOTH)
+            q = _fq_tile(
+                tl.reshape(xs, (BLOCK_M, BK // BLOCK, BLOCK)), g_ptr, KIND, AWAY, IS_INT, EMIN, MBITS, MAXV, EMAX,
+                INT_STEP, RULE, QMIN, QMAX, SCALE_BF16, SCALE_MAX, TWO_LEVEL,
+            )  # fmt: skip
+            q = tl.reshape(q, (BLOCK_M, BK)).to(dt)
+            tl.store(out_ptr + o_row + cols, q, mask=rmask & cmask)
+            if SOURCE == 0:
+                src = xs.to(dt)
+            elif SOURCE == 1:
+                src = q
+            else:
+                src = _fq_tile(
+                    tl.reshape(xs, (BLOCK_M, BK // S_BLOCK, S_BLOCK)), g_ptr + 2, S_KIND, S_AWAY, S_IS_INT, S_EMIN,
+                    S_MBITS, S_MAXV, S_EMAX, S_INT_STEP, S_RULE, S_QMIN, S_QMAX, S_SCALE_BF16, S_SCALE_MAX,
+                    S_TWO_LEVEL,
+                )  # fmt: skip
+                src = tl.reshape(src, (BLOCK_M, BK)).to(dt)
+            kcol = k0 + tl.arange(0, BK)[:, None]
+            d = tl.load(down_ptr + ranks.to(tl.int64) * K + kcol, mask=(kcol < K) & (ranks < R), other=0.0)
+            acc = tl.dot(src, d, acc)
+        h = acc.to(dt)
+        if HAS_MID:
+            h = _fq_tile(
+                tl.reshape(h.to(tl.float32), (BLOCK_M, R_PAD // M_BLOCK, M_BLOCK)), g_ptr + 4, M_KIND, M_AWAY,
+                M_IS_INT, M_EMIN, M_MBITS, M_MAXV, M_EMAX, M_INT_STEP, M_RULE, M_QMIN, M_QMAX, M_SCALE_BF16,
+                M_SCALE_MAX, M_TWO_LEVEL,
+            )  # fmt: skip
+            h = tl.reshape(h, (BLOCK_M, R_PAD)).to(dt)
+        tl.store(out_ptr + o_row + K + ranks, h, mask=rmask & (ranks < LDO - K))
 
-def tensor_absmax(x: torch.Tensor) -> torch.Tensor:
-    """NaN-ignoring ``max |x|`` as a float32 0-d tensor, in one pass (no host sync)."""
+
+_META_DEFAULTS: dict[str, Any] = {
+    "KIND": 0, "AWAY": False, "IS_INT": False, "EMIN": 0, "MBITS": 0, "MAXV": 1.0, "EMAX": 0, "INT_STEP": 1.0,
+    "RULE": 0, "QMIN": -7, "QMAX": 7, "SCALE_BF16": False, "SCALE_MAX": 65504.0, "TWO_LEVEL": False,
+}  # fmt: skip  # a spec's meta names those of its kind; the kernels take every name
+
+
+def _kernel_meta(spec: KernelSpec | None, prefix: str = "") -> dict[str, Any]:
+    """``spec``'s block and constexprs (defaults filled in) as a kernel's keyword arguments, names
+    prefixed; ``None`` gives placeholders of a role the kernel does not use."""
+    meta = {**_META_DEFAULTS, **(dict(spec.meta) if spec else {}), "BLOCK": spec.block if spec else 16}
+    return {prefix + name: value for name, value in meta.items()}
+
+
+def tensor_absmax(x: torch.Tensor, shift: float | None = None, smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """NaN-ignoring ``max |x|`` (of ``(x + shift) / smooth`` rounded as torch rounds each step, when
+    given) as a float32 0-d tensor, in one pass (no host sync)."""
     flat = x.reshape(-1)
     out = torch.zeros(1, dtype=torch.int32, device=x.device)
     block = 8192
-    _absmax_kernel[(triton.cdiv(flat.numel(), block),)](flat, out, flat.numel(), BLOCK=block)
+    _absmax_kernel[(triton.cdiv(flat.numel(), block),)](
+        flat, out, flat.numel(), x.shape[-1], flat if smooth is None else smooth, shift or 0.0,
+        BLOCK=block, HAS_SHIFT=bool(shift), HAS_SMOOTH=smooth is not None,
+    )  # fmt: skip
     return out.view(torch.float32)[0]
+
+
+def _scale_pair(spec: KernelSpec, absmax: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``[g, 1/g]`` float32 of a spec's per-tensor scale (ones when it has none)."""
+    if spec.tensor_scale != "absmax":
+        return torch.ones(2, device=device, dtype=torch.float32)
+    a = absmax()
+    g = a / a.new_full((), spec.tensor_scale_div)  # IEEE division (a tensor divisor)
+    g = torch.where(g == 0, torch.ones_like(g), g)
+    return torch.stack([g, 1.0 / g])
 
 
 COLS_PER_STEP = 256  # columns of a tile (NB blocks of BLOCK); rows fill it to 4096 elements
@@ -351,18 +475,97 @@ def fake_quant(x: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     m, k = x2.shape
     out = torch.empty_like(x2)
-    block, meta = spec.block, dict(spec.meta)
+    block = spec.block
     nb = max(1, min(COLS_PER_STEP // block, triton.next_power_of_2(triton.cdiv(k, block))))
     block_m = max(1, min(64, 4096 // (nb * block)))
-    if spec.tensor_scale == "absmax":
-        absmax = tensor_absmax(x2)
-        g = absmax / absmax.new_full((), spec.tensor_scale_div)  # IEEE division (a tensor divisor)
-        g = torch.where(g == 0, torch.ones_like(g), g)
-        gs = torch.stack([g, 1.0 / g])
-    elif spec.tensor_scale == "unit":
-        gs = torch.ones(2, device=x.device, dtype=torch.float32)
+    gs = out if spec.tensor_scale == "none" else _scale_pair(spec, lambda: tensor_absmax(x2), x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(triton.cdiv(k, block), nb))
+    _fq_kernel[grid](x2, out, gs, m, k, NB=nb, BLOCK_M=block_m, **_kernel_meta(spec))
+    return out.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- the fused low-rank branch
+
+MAX_PRODUCT_PAD = 256  # widest (padded) rank-r product the fused branch kernel accumulates in registers
+_fused_on: list[bool] = [True]
+
+
+@contextmanager
+def use_fused_branch(on: bool) -> Iterator[None]:
+    """Within the block, quantized layers with a low-rank branch use the fused branch kernel where
+    it applies (``on``, the default) or the unfused path (benchmarks compare them)."""
+    previous = _fused_on[0]
+    _fused_on[0] = on
+    try:
+        yield
+    finally:
+        _fused_on[0] = previous
+
+
+def fused_branch_allowed(x: torch.Tensor) -> bool:
+    """Whether the fused branch kernel may run on ``x``: where Triton would (CUDA, backend ``auto``
+    or ``triton``, ``PTQBENCH_KERNELS`` not 0), a 16-bit input, and not switched off
+    (:func:`use_fused_branch`, or ``PTQBENCH_FUSED_BRANCH=0`` under ``auto``)."""
+    chosen = current_backend()
+    if not _fused_on[0] or x.dtype not in (torch.bfloat16, torch.float16) or not _triton_allowed(chosen):
+        return False
+    return (chosen == "triton" or _env_on("PTQBENCH_FUSED_BRANCH")) and _launchable(x)
+
+
+def branch_width(k: int, rank: int) -> int:
+    """Columns of the fused buffer ``[Qa(x) | h | 0]``: ``k + rank`` rounded up to a multiple of 16."""
+    return -(-(k + rank) // 16) * 16
+
+
+def product_pad(columns: int, mid: KernelSpec | None) -> int:
+    """The kernel's width of the rank-r product for ``columns`` buffer columns: a power of two, at
+    least 16 (the matrix units') and the intermediate format's block."""
+    return max(16, 1 << max(0, columns - 1).bit_length(), mid.block if mid else 16)
+
+
+def branch_config(m: int, r_pad: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BK, num_warps)`` of the fused branch kernel for ``m`` rows and a ``r_pad``-wide product."""
+    block_m = 32 if m <= 32768 or r_pad > 128 else 64
+    return block_m, 128, 4
+
+
+def fused_branch(
+    x: torch.Tensor,
+    down: torch.Tensor,
+    main: KernelSpec,
+    source: KernelSpec | None,
+    mid: KernelSpec | None,
+    width: int,
+    shift: float = 0.0,
+    smooth: torch.Tensor | None = None,
+    config: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """``[M, width]`` in ``x``'s dtype: ``[Qa(x') | Qmid(src @ down^T) | 0]`` for ``x [M, K]`` (contiguous)
+    and ``down [r, K]``, ``x' = (x + shift) / smooth`` rounded as torch rounds each step, ``src`` x'
+    (``source`` None), Qa(x') (``source == main``) or ``source``'s own fake-quant of x'; the product
+    accumulated in float32 and rounded to x's dtype before ``mid`` (None: none). Reads x once (plus
+    one read for a per-tensor scale). Call only where :func:`fused_branch_allowed` holds."""
+    m, k = x.shape
+    rank = down.shape[0]
+    blocks = [main.block] + ([source.block] if source is not None else []) + ([mid.block] if mid else [])
+    r_pad = product_pad(width - k, mid)
+    if width - k < rank or r_pad > MAX_PRODUCT_PAD or (mid is not None and mid.tensor_scale == "absmax"):
+        raise ValueError(f"fused_branch: rank {rank}, {width - k} product columns, mid {mid}: not supported")
+    block_m, bk, warps = config or branch_config(m, r_pad)
+    bk = max(bk, *blocks)
+    out = torch.empty(m, width, device=x.device, dtype=x.dtype)
+    shift_smooth = (shift or None, smooth)
+    specs = (main, source or main, mid or main)
+    if any(s.tensor_scale != "none" for s in specs):
+        absmax = cache(lambda: tensor_absmax(x, *shift_smooth))
+        gs = torch.cat([_scale_pair(s, absmax, x.device) for s in specs])
     else:
         gs = out  # not read
-    grid = (triton.cdiv(m, block_m), triton.cdiv(triton.cdiv(k, block), nb))
-    _fq_kernel[grid](x2, out, gs, m, k, BLOCK=block, NB=nb, BLOCK_M=block_m, **meta)
-    return out.reshape(x.shape)
+    flag = 0 if source is None else (1 if source == main else 2)
+    _branch_kernel[(triton.cdiv(m, block_m),)](
+        x, down, out, x if smooth is None else smooth, gs, m, k, rank, width, shift or 0.0,
+        BLOCK_M=block_m, BK=bk, R_PAD=r_pad, HAS_SHIFT=bool(shift), HAS_SMOOTH=smooth is not None,
+        SOURCE=flag, HAS_MID=mid is not None, num_warps=warps,
+        **_kernel_meta(main), **_kernel_meta(source, "S_"), **_kernel_meta(mid, "M_"),
+    )  # fmt: skip
+    return out
