@@ -54,7 +54,7 @@ VARIANTS = (  # "core" variants are also timed at batch sizes above --all-up-to
     (False, Variant("SVDQuant r32 int4_g64 fused", "int4_g64", "int4_g64", 32, smooth=True, shift=True)),
     (False, Variant("SVDQuant r32 int4_g64 unfused", "int4_g64", "int4_g64", 32, smooth=True, shift=True,
                     fused_branch=False)),
-    (True, Variant("LoRaQ W4A8 r108 mxfp4 fused", "mxfp4", "mxfp4", 108, branch_weight="mxfp4",
+    (False, Variant("LoRaQ W4A8 r108 mxfp4 fused", "mxfp4", "mxfp4", 108, branch_weight="mxfp4",
                    branch_act="mxfp8_e4m3", mid="mxfp8_e4m3", smooth=True)),
     (False, Variant("LoRaQ W4A8 r108 mxfp4 unfused", "mxfp4", "mxfp4", 108, branch_weight="mxfp4",
                     branch_act="mxfp8_e4m3", mid="mxfp8_e4m3", smooth=True, fused_branch=False)),

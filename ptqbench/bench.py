@@ -277,12 +277,13 @@ BRANCH_SHAPES = (  # (rows, in, rank, main format, branch act format (None: the 
     (8192, 4608, 32, "mxfp4", None, None),
     (8192, 1152, 108, "mxfp4", "mxfp8_e4m3", "mxfp8_e4m3"),
 )
-BRANCH_CONFIGS = ((16, 128, 4), (32, 128, 4), (64, 128, 4), (64, 64, 4))
+BRANCH_CONFIGS = (None, (32, 128, 4, 256), (32, 128, 4, 512), (64, 128, 4, 256), (32, 64, 4, 256), (32, 128, 8, 256))
 
 
 def branch_kernel_table(device: torch.device, iters: int = 20, configs: tuple = BRANCH_CONFIGS) -> list[dict]:
-    """The fused branch kernel (smoothed input) per tile config (BLOCK_M, BK, warps) against the
-    fake-quant kernel alone and a copy of x, graph-timed (PixArt-Sigma shapes at batch 1 and 4)."""
+    """The fused branch kernel (smoothed input) per tile config (BLOCK_M, BK, warps, KC; None: the
+    heuristic's) against the fake-quant kernel alone and a copy of x, graph-timed (PixArt-Sigma shapes
+    at batch 1)."""
     return [row for shape in BRANCH_SHAPES for row in _branch_rows(device, shape, iters, configs)]
 
 

@@ -366,10 +366,32 @@ if HAVE_TRITON:
         tl.atomic_max(out_ptr, m.to(tl.int32, bitcast=True))  # non-negative floats order as their bits
 
     @triton.jit
+    def _branch_epilogue(
+        acc, out_ptr, g_ptr, rows, M, K, LDO,
+        BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, HAS_MID: tl.constexpr,
+        M_BLOCK, M_KIND, M_AWAY, M_IS_INT, M_EMIN, M_MBITS, M_MAXV, M_EMAX, M_INT_STEP, M_RULE, M_QMIN, M_QMAX,
+        M_SCALE_BF16, M_SCALE_MAX, M_TWO_LEVEL,
+    ):  # fmt: skip
+        """Store the float32 product ``acc [BLOCK_M, R_PAD]`` into columns ``K:LDO`` of ``out``:
+        rounded to out's dtype, then (HAS_MID) fake-quantized in the intermediate's format."""
+        dt = out_ptr.dtype.element_ty
+        ranks = tl.arange(0, R_PAD)[None, :]
+        h = acc.to(dt)
+        if HAS_MID:
+            h = _fq_tile(
+                tl.reshape(h.to(tl.float32), (BLOCK_M, R_PAD // M_BLOCK, M_BLOCK)), g_ptr + 4, M_KIND, M_AWAY,
+                M_IS_INT, M_EMIN, M_MBITS, M_MAXV, M_EMAX, M_INT_STEP, M_RULE, M_QMIN, M_QMAX, M_SCALE_BF16,
+                M_SCALE_MAX, M_TWO_LEVEL,
+            )  # fmt: skip
+            h = tl.reshape(h, (BLOCK_M, R_PAD)).to(dt)
+        mask = (rows[:, None] < M) & (ranks < LDO - K)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * LDO + K + ranks, h, mask=mask)
+
+    @triton.jit
     def _branch_kernel(
-        x_ptr, down_ptr, out_ptr, smooth_ptr, g_ptr, M, K, R, LDO, shift,
+        x_ptr, down_ptr, out_ptr, ws_ptr, smooth_ptr, g_ptr, M, K, R, LDO, KC, shift,
         BLOCK_M: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        HAS_SMOOTH: tl.constexpr, SOURCE: tl.constexpr, HAS_MID: tl.constexpr,
+        HAS_SMOOTH: tl.constexpr, SOURCE: tl.constexpr, HAS_MID: tl.constexpr, DIRECT: tl.constexpr,
         BLOCK: tl.constexpr, KIND: tl.constexpr, AWAY: tl.constexpr, IS_INT: tl.constexpr, EMIN: tl.constexpr,
         MBITS: tl.constexpr, MAXV: tl.constexpr, EMAX: tl.constexpr, INT_STEP: tl.constexpr, RULE: tl.constexpr,
         QMIN: tl.constexpr, QMAX: tl.constexpr, SCALE_BF16: tl.constexpr, SCALE_MAX: tl.constexpr,
@@ -383,51 +405,75 @@ if HAVE_TRITON:
         M_INT_STEP: tl.constexpr, M_RULE: tl.constexpr, M_QMIN: tl.constexpr, M_QMAX: tl.constexpr,
         M_SCALE_BF16: tl.constexpr, M_SCALE_MAX: tl.constexpr, M_TWO_LEVEL: tl.constexpr,
     ):  # fmt: skip
-        """BLOCK_M rows of ``out [M, LDO]``: columns ``:K`` get Qa(x'), columns ``K:`` the rank-r
-        product ``src @ down^T`` (float32 accumulation over K, rounded to x's dtype, then the
-        intermediate's format when HAS_MID; zero past R), ``x' = (x + c) / s`` and ``src`` x'
-        (SOURCE 0), Qa(x') (1) or the branch's own Qa2(x') (2, the S_ format). Each x tile is read once."""
+        """BLOCK_M rows and the KC columns of split ``program_id(1)`` of ``x [M, K]``: Qa(x') into
+        ``out[:, :K]`` and the partial rank-r product ``src @ down^T`` (float32) into the workspace
+        ``ws [splits, M, R_PAD]``, or (DIRECT, one split) through :func:`_branch_epilogue` into
+        ``out[:, K:]``; ``x' = (x + c) / s``, ``src`` x' (SOURCE 0), Qa(x') (1) or the branch's own
+        Qa2(x') (2, the S_ format). Each x tile is read once."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows[:, None] < M
-        x_row = rows[:, None].to(tl.int64) * K
-        o_row = rows[:, None].to(tl.int64) * LDO
-        ranks = tl.arange(0, R_PAD)[None, :]
+        r3 = rows[:, None, None]
+        nb = tl.arange(0, BK // BLOCK)[None, :, None] * BLOCK + tl.arange(0, BLOCK)[None, None, :]
+        ranks = tl.arange(0, R_PAD)[:, None]
         dt = out_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            cols = k0 + tl.arange(0, BK)[None, :]
+        k_lo = tl.program_id(1) * KC
+        for k0 in range(k_lo, tl.minimum(k_lo + KC, K), BK):
+            cols = k0 + nb
             cmask = cols < K
-            x = tl.load(x_ptr + x_row + cols, mask=rmask & cmask, other=0.0)
+            mask = (r3 < M) & cmask
+            x = tl.load(x_ptr + r3.to(tl.int64) * K + cols, mask=mask, other=0.0)
             xs = _shift_smooth(x, cols, cmask, smooth_ptr, shift, HAS_SHIFT, HAS_SMOOTH)
             q = _fq_tile(
-                tl.reshape(xs, (BLOCK_M, BK // BLOCK, BLOCK)), g_ptr, KIND, AWAY, IS_INT, EMIN, MBITS, MAXV, EMAX,
-                INT_STEP, RULE, QMIN, QMAX, SCALE_BF16, SCALE_MAX, TWO_LEVEL,
-            )  # fmt: skip
-            q = tl.reshape(q, (BLOCK_M, BK)).to(dt)
-            tl.store(out_ptr + o_row + cols, q, mask=rmask & cmask)
+                xs, g_ptr, KIND, AWAY, IS_INT, EMIN, MBITS, MAXV, EMAX, INT_STEP, RULE, QMIN, QMAX, SCALE_BF16,
+                SCALE_MAX, TWO_LEVEL,
+            ).to(dt)  # fmt: skip
+            tl.store(out_ptr + r3.to(tl.int64) * LDO + cols, q, mask=mask)
             if SOURCE == 0:
-                src = xs.to(dt)
+                src = tl.reshape(xs.to(dt), (BLOCK_M, BK))
             elif SOURCE == 1:
-                src = q
+                src = tl.reshape(q, (BLOCK_M, BK))
             else:
                 src = _fq_tile(
                     tl.reshape(xs, (BLOCK_M, BK // S_BLOCK, S_BLOCK)), g_ptr + 2, S_KIND, S_AWAY, S_IS_INT, S_EMIN,
                     S_MBITS, S_MAXV, S_EMAX, S_INT_STEP, S_RULE, S_QMIN, S_QMAX, S_SCALE_BF16, S_SCALE_MAX,
                     S_TWO_LEVEL,
                 )  # fmt: skip
-                src = tl.reshape(src, (BLOCK_M, BK)).to(dt)
-            kcol = k0 + tl.arange(0, BK)[:, None]
+                src = tl.reshape(src.to(dt), (BLOCK_M, BK))
+            kcol = k0 + tl.arange(0, BK)[None, :]
             d = tl.load(down_ptr + ranks.to(tl.int64) * K + kcol, mask=(kcol < K) & (ranks < R), other=0.0)
-            acc = tl.dot(src, d, acc)
-        h = acc.to(dt)
-        if HAS_MID:
-            h = _fq_tile(
-                tl.reshape(h.to(tl.float32), (BLOCK_M, R_PAD // M_BLOCK, M_BLOCK)), g_ptr + 4, M_KIND, M_AWAY,
-                M_IS_INT, M_EMIN, M_MBITS, M_MAXV, M_EMAX, M_INT_STEP, M_RULE, M_QMIN, M_QMAX, M_SCALE_BF16,
-                M_SCALE_MAX, M_TWO_LEVEL,
+            acc = tl.dot(src, tl.trans(d), acc)
+        if DIRECT:
+            _branch_epilogue(
+                acc, out_ptr, g_ptr, rows, M, K, LDO, BLOCK_M, R_PAD, HAS_MID, M_BLOCK, M_KIND, M_AWAY, M_IS_INT,
+                M_EMIN, M_MBITS, M_MAXV, M_EMAX, M_INT_STEP, M_RULE, M_QMIN, M_QMAX, M_SCALE_BF16, M_SCALE_MAX,
+                M_TWO_LEVEL,
             )  # fmt: skip
-            h = tl.reshape(h, (BLOCK_M, R_PAD)).to(dt)
-        tl.store(out_ptr + o_row + K + ranks, h, mask=rmask & (ranks < LDO - K))
+        else:
+            offs = (tl.program_id(1) * M + rows[:, None]).to(tl.int64) * R_PAD + tl.arange(0, R_PAD)[None, :]
+            tl.store(ws_ptr + offs, acc, mask=rows[:, None] < M)
+
+    @triton.jit
+    def _branch_sum_kernel(
+        ws_ptr, out_ptr, g_ptr, M, K, LDO, SPLITS,
+        BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, HAS_MID: tl.constexpr,
+        M_BLOCK: tl.constexpr, M_KIND: tl.constexpr, M_AWAY: tl.constexpr, M_IS_INT: tl.constexpr,
+        M_EMIN: tl.constexpr, M_MBITS: tl.constexpr, M_MAXV: tl.constexpr, M_EMAX: tl.constexpr,
+        M_INT_STEP: tl.constexpr, M_RULE: tl.constexpr, M_QMIN: tl.constexpr, M_QMAX: tl.constexpr,
+        M_SCALE_BF16: tl.constexpr, M_SCALE_MAX: tl.constexpr, M_TWO_LEVEL: tl.constexpr,
+    ):  # fmt: skip
+        """The splits' partial products summed in split order (deterministic), then the epilogue."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs = rows[:, None].to(tl.int64) * R_PAD + tl.arange(0, R_PAD)[None, :]
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        part = ws_ptr + offs
+        for _ in range(0, SPLITS):
+            acc += tl.load(part, mask=rows[:, None] < M, other=0.0)
+            part += M * R_PAD
+        _branch_epilogue(
+            acc, out_ptr, g_ptr, rows, M, K, LDO, BLOCK_M, R_PAD, HAS_MID, M_BLOCK, M_KIND, M_AWAY, M_IS_INT,
+            M_EMIN, M_MBITS, M_MAXV, M_EMAX, M_INT_STEP, M_RULE, M_QMIN, M_QMAX, M_SCALE_BF16, M_SCALE_MAX,
+            M_TWO_LEVEL,
+        )  # fmt: skip
 
 
 _META_DEFAULTS: dict[str, Any] = {
@@ -486,6 +532,7 @@ def fake_quant(x: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the fused low-rank branch
 
+TARGET_PROGRAMS = 1024  # programs of the fused branch kernel that fill an H100/H200 with memory traffic
 MAX_PRODUCT_PAD = 256  # widest (padded) rank-r product the fused branch kernel accumulates in registers
 _fused_on: list[bool] = [True]
 
@@ -523,10 +570,17 @@ def product_pad(columns: int, mid: KernelSpec | None) -> int:
     return max(16, 1 << max(0, columns - 1).bit_length(), mid.block if mid else 16)
 
 
-def branch_config(m: int, r_pad: int) -> tuple[int, int, int]:
-    """``(BLOCK_M, BK, num_warps)`` of the fused branch kernel for ``m`` rows and a ``r_pad``-wide product."""
-    block_m = 32 if m <= 32768 or r_pad > 128 else 64
-    return block_m, 128, 4
+def branch_config(m: int, k: int, r_pad: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BK, num_warps, KC)`` of the fused branch kernel for ``m x k`` inputs and a
+    ``r_pad``-wide product: K is split into chunks of KC columns until about 1024 programs run
+    (the partial products are summed by a second, small kernel)."""
+    block_m, bk = 32, 128
+    splits = max(1, min(_ceil_div(k, bk), round(TARGET_PROGRAMS / _ceil_div(m, block_m))))
+    return block_m, bk, 4, _ceil_div(_ceil_div(k, splits), bk) * bk
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def fused_branch(
@@ -538,7 +592,7 @@ def fused_branch(
     width: int,
     shift: float = 0.0,
     smooth: torch.Tensor | None = None,
-    config: tuple[int, int, int] | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """``[M, width]`` in ``x``'s dtype: ``[Qa(x') | Qmid(src @ down^T) | 0]`` for ``x [M, K]`` (contiguous)
     and ``down [r, K]``, ``x' = (x + shift) / smooth`` rounded as torch rounds each step, ``src`` x'
@@ -551,8 +605,10 @@ def fused_branch(
     r_pad = product_pad(width - k, mid)
     if width - k < rank or r_pad > MAX_PRODUCT_PAD or (mid is not None and mid.tensor_scale == "absmax"):
         raise ValueError(f"fused_branch: rank {rank}, {width - k} product columns, mid {mid}: not supported")
-    block_m, bk, warps = config or branch_config(m, r_pad)
+    block_m, bk, warps, kc = config or branch_config(m, k, r_pad)
     bk = max(bk, *blocks)
+    kc = _ceil_div(kc, bk) * bk
+    splits = _ceil_div(k, kc)
     out = torch.empty(m, width, device=x.device, dtype=x.dtype)
     shift_smooth = (shift or None, smooth)
     specs = (main, source or main, mid or main)
@@ -561,11 +617,16 @@ def fused_branch(
         gs = torch.cat([_scale_pair(s, absmax, x.device) for s in specs])
     else:
         gs = out  # not read
-    flag = 0 if source is None else (1 if source == main else 2)
-    _branch_kernel[(triton.cdiv(m, block_m),)](
-        x, down, out, x if smooth is None else smooth, gs, m, k, rank, width, shift or 0.0,
+    ws = out if splits == 1 else torch.empty(splits, m, r_pad, device=x.device, dtype=torch.float32)
+    mid_meta = _kernel_meta(mid, "M_")
+    _branch_kernel[(triton.cdiv(m, block_m), splits)](
+        x, down, out, ws, x if smooth is None else smooth, gs, m, k, rank, width, kc, shift or 0.0,
         BLOCK_M=block_m, BK=bk, R_PAD=r_pad, HAS_SHIFT=bool(shift), HAS_SMOOTH=smooth is not None,
-        SOURCE=flag, HAS_MID=mid is not None, num_warps=warps,
-        **_kernel_meta(main), **_kernel_meta(source, "S_"), **_kernel_meta(mid, "M_"),
+        SOURCE=0 if source is None else (1 if source == main else 2), HAS_MID=mid is not None, DIRECT=splits == 1,
+        num_warps=warps, **_kernel_meta(main), **_kernel_meta(source, "S_"), **mid_meta,
     )  # fmt: skip
+    if splits > 1:
+        _branch_sum_kernel[(triton.cdiv(m, 32),)](
+            ws, out, gs, m, k, width, splits, BLOCK_M=32, R_PAD=r_pad, HAS_MID=mid is not None, **mid_meta
+        )
     return out

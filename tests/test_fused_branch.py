@@ -166,9 +166,10 @@ def test_kernel_parts(cuda: torch.device, case: tuple) -> None:
     s = _smooth(k, "cuda") if smooth else None
     down = (torch.randn(rank, k, device="cuda") / k**0.5).to(BF16)
     width = kernels.branch_width(k, rank)
-    for kind in ("normal", "outlier"):
+    # K split over programs (the heuristic at 300 rows), and one program per row block (the epilogue inline)
+    for kind, config in [("normal", None), ("outlier", None), ("outlier", (32, 128, 4, 1 << 20))]:
         x = _x(300, k, kind, "cuda")
-        buf = kernels.fused_branch(x, down, spec, src_spec, None, width, fmt.shift, s)
+        buf = kernels.fused_branch(x, down, spec, src_spec, None, width, fmt.shift, s, config)
         xs = _torch_prepare(x, fmt.shift, s)
         for want_q in (act.quantize(xs), act.reference(xs)):  # the fake-quant kernel and the torch definition
             same = (buf[:, :k] == want_q) | (buf[:, :k].isnan() & want_q.isnan())
@@ -182,7 +183,9 @@ def test_kernel_parts(cuda: torch.device, case: tuple) -> None:
         assert not bool(buf[:, k + rank :].any())
         if mid is not None:
             mfmt = get_format(mid)
-            with_mid = kernels.fused_branch(x, down, spec, src_spec, mfmt.kernel_spec(BF16), width, fmt.shift, s)
+            with_mid = kernels.fused_branch(
+                x, down, spec, src_spec, mfmt.kernel_spec(BF16), width, fmt.shift, s, config
+            )
             assert torch.equal(with_mid[:, :k], buf[:, :k])
             assert torch.equal(with_mid[:, k : k + rank], mfmt.quantize(buf[:, k : k + rank]))
             assert not bool(with_mid[:, k + rank :].any())
