@@ -142,7 +142,8 @@ def fused_plan(
     """The fused kernel's plan for main activation format ``act`` (unshifted), a branch reading
     ``branch_act`` with intermediate format ``mid``, ``dtype`` inputs of width ``k`` and ``rank``;
     None where the fused path does not apply (no kernel for a format, a shifted branch format,
-    a product wider than :data:`~ptqbench.kernels.MAX_PRODUCT_PAD`): the unfused path runs."""
+    a product wider than :data:`~ptqbench.kernels.MAX_PRODUCT_PAD`) or is slower (a per-tensor
+    scale, NVFP4's, whose abs-max pass the kernel adds): the unfused path runs."""
     main = act.kernel_spec(dtype)
     if mid is not None and _identity_cast(mid, dtype):
         mid = None
@@ -156,6 +157,8 @@ def fused_plan(
         source = None if branch_act.shift else branch_act.kernel_spec(dtype)
         if source is None:
             return None
+    if main.tensor_scale == "absmax" or (source is not None and source.tensor_scale == "absmax"):
+        return None  # measured slower fused (PixArt-Sigma, H200: NVFP4 + branch 1.76x fused, 1.56x unfused)
     mid_spec = None if mid is None else mid.kernel_spec(dtype)
     if mid_spec is not None and mid_spec.tensor_scale == "absmax":
         mid_spec = None

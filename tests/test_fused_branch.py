@@ -62,6 +62,10 @@ def test_plan_sources_and_fallbacks() -> None:
     w4a8 = fused_plan(mx, get_format("mxfp8_e4m3"), get_format("mxfp8_e4m3"), BF16, 1152, 108)
     assert w4a8.source == get_format("mxfp8_e4m3").kernel_spec(BF16) and w4a8.mid == w4a8.source
     assert fused_plan(mx, mx, nv, BF16, 1152, 32).mid_after == nv  # a per-tensor scale: torch after the kernel
+    # NVFP4 activations (a per-tensor scale, one more pass): measured slower fused, so unfused
+    assert fused_plan(nv, get_format("bf16"), None, BF16, 1152, 32) is None
+    assert fused_plan(mx, nv, None, BF16, 1152, 32) is None
+    assert fused_plan(get_format("nvfp4_1l"), get_format("bf16"), None, BF16, 1152, 32) is not None
     assert fused_plan(mx, mx, get_format("bf16"), BF16, 1152, 32).mid_after is None  # identity mid: none
     uint4 = get_format("uint4_g64")
     assert fused_plan(uint4, get_format("int8_g64"), None, BF16, 4608, 56) is not None
@@ -196,14 +200,14 @@ def test_kernel_parts(cuda: torch.device, case: tuple) -> None:
 LAYER_CASES = [  # (main act format, branch weight / act / mid formats, rank, smoothed), after KERNEL_CASES
     ("mxfp4", "bf16", "bf16", None, 32, False),
     ("mxfp4", "bf16", "bf16", None, 32, True),
-    ("nvfp4", "bf16", "bf16", None, 108, True),
+    ("nvfp4_1l", "bf16", "bf16", None, 108, True),
     ("int4_g64", "bf16", "bf16", None, 73, False),
     ("uint4_g64:shift=0.171875", "bf16", "bf16", None, 73, True),
     ("mxfp4", "mxfp4", "mxfp8_e4m3", "mxfp8_e4m3", 108, True),
     ("mxfp4", "mxfp4", "mxfp4", "mxfp4", 108, False),
     ("int4_g64", "int8_g64", "int8_g64", "int8_g64", 73, True),
     ("uint4_g64:shift=0.171875", "int4_g64", "int8_g64", "int8_g64", 108, True),
-    ("nvfp4", "nvfp4", "nvfp4", "nvfp4", 32, True),  # two-level mid: torch after the kernel
+    ("mxfp4", "mxfp4", "mxfp4", "nvfp4", 32, True),  # two-level mid: torch after the kernel
 ]
 
 
@@ -255,7 +259,7 @@ def test_autograd_keeps_unfused_path(cuda: torch.device) -> None:
 def test_cuda_graph_replay(cuda: torch.device) -> None:
     from ptqbench.cudagraph import cuda_graphs
 
-    q = _layer(1152, 256, 108, "nvfp4", "bf16", "bf16", None, True, "cuda")
+    q = _layer(1152, 256, 108, "mxfp4", "mxfp4", "mxfp8_e4m3", "mxfp8_e4m3", True, "cuda")
     x = _x(512, 1152, "outlier", "cuda")
     eager = q(x)
     with cuda_graphs(q, enabled=True):
