@@ -154,8 +154,8 @@ def profile_forward(model: nn.Module, inputs: tuple, top: int = 12) -> dict[str,
 
 def kernel_group(name: str) -> str:
     low = name.lower()
-    if "_branch_kernel" in low:
-        return "fused branch kernel (Qa + x R^T)"
+    if "_branch_kernel" in low or "_branch_sum_kernel" in low:
+        return "fused branch kernels (Qa + x R^T, split sum)"
     if "_fq_kernel" in low or "_absmax_kernel" in low:
         return "fake-quant kernels"
     if "gemm" in low or "cutlass" in low or "sm90_xmma" in low or "nvjet" in low:

@@ -307,7 +307,15 @@ def _branch_rows(device: torch.device, shape: tuple, iters: int, configs: tuple)
     rows = []
     for config in configs:
         ms = per_call(lambda c=config: kernels.fused_branch(x, down, spec, src, mspec, width, 0.0, smooth, c))
-        rows.append({"shape": [m, k, rank], "formats": [main, source, mid], "config": list(config), "ms": ms, **base})
+        rows.append(
+            {
+                "shape": [m, k, rank],
+                "formats": [main, source, mid],
+                "config": list(config or ["auto"]),
+                "ms": ms,
+                **base,
+            }
+        )
         print(
             f"{m}x{k} r{rank} {main}/{source}/{mid} {config}: fused {ms * 1e3:7.1f} us  fake-quant alone "
             f"{base['fake_quant_ms'] * 1e3:7.1f} us  copy {base['copy_ms'] * 1e3:7.1f} us",
