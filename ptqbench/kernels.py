@@ -13,6 +13,11 @@ default, uses Triton on CUDA where a kernel exists and ``torch.compile`` for lar
 formats that compile exactly; the environment narrows ``"auto"`` only (``PTQBENCH_KERNELS=0``: no
 Triton, ``PTQBENCH_COMPILE=0``: no ``torch.compile``). ``"triton"``: Triton where a kernel exists,
 else eager. ``"compiled"``: ``torch.compile`` on any device and size where it is exact, else eager.
+
+:func:`fused_branch` is the low-rank branch's kernel (used by :class:`~ptqbench.layers.QuantLinear`
+where :func:`fused_branch_allowed`): from one read of x it writes the fake-quantized activations and
+the rank-r product beside them, built from the same tile helpers as :func:`fake_quant`, so its
+activations are bit-identical to the format's kernel.
 """
 
 from __future__ import annotations
