@@ -16,6 +16,7 @@ import inspect
 import json
 import statistics
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,19 +25,36 @@ from torch import nn
 
 from ptqbench import kernels
 from ptqbench.errors import UserError
+from ptqbench.formats import can_shift, get_format
 from ptqbench.layers import LowRankBranch, QuantLinear, dense_weight
 from ptqbench.patching import PatchReport, replace_module, restore_model, select_layers
+from ptqbench.shifting import layer_shift
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One timed configuration: formats of the main branch and an optional 16-bit branch."""
+    """One timed configuration: formats of the main layers and of an optional low-rank branch
+    (random factors: timing does not depend on values), a random smoothing vector, shifted inputs
+    where the model's activation floors call for them (deepcompressor's INT4), and the kernel paths."""
 
     label: str
     weight_format: str | None  # None: the untouched bf16 model
     act_format: str = "bf16"
     rank: int = 0
     fused: bool = True  # use the fused activation kernels
+    branch_weight: str = "bf16"
+    branch_act: str = "bf16"
+    mid: str | None = None
+    smooth: bool = False
+    shift: bool = False
+    fused_branch: bool = True  # the fused branch kernel (one read of x, one GEMM) where it applies
+
+    def paths(self) -> ExitStack:
+        """The kernel paths this variant runs under (enter with ``with``)."""
+        stack = ExitStack()
+        stack.enter_context(kernels.use_kernels(self.fused))
+        stack.enter_context(kernels.use_fused_branch(self.fused_branch))
+        return stack
 
 
 VARIANTS = (
@@ -45,9 +63,11 @@ VARIANTS = (
     Variant("W4A4 mxfp4 (eager torch fake-quant)", "mxfp4", "mxfp4", 0, fused=False),
     Variant("W4A4 mxfp4", "mxfp4", "mxfp4"),
     Variant("W4A4 mxfp4 + rank-32 bf16 branch", "mxfp4", "mxfp4", 32),
+    Variant("W4A4 mxfp4 + rank-32 bf16 branch (unfused)", "mxfp4", "mxfp4", 32, fused_branch=False),
     Variant("W4A4 int4_g64", "int4_g64", "int4_g64"),
     Variant("W4A4 int4_g64 + rank-32 bf16 branch", "int4_g64", "int4_g64", 32),
     Variant("W4A4 nvfp4 + rank-32 bf16 branch", "nvfp4", "nvfp4", 32),
+    Variant("W4A4 nvfp4 + rank-32 bf16 branch (unfused)", "nvfp4", "nvfp4", 32, fused_branch=False),
 )
 
 
@@ -94,7 +114,8 @@ def make_inputs(transformer: nn.Module, batch: int, tokens: int, device: torch.d
 
 
 def apply_variant(transformer: nn.Module, variant: Variant) -> PatchReport | None:
-    """Swap every targeted layer for a QuantLinear of ``variant`` (random branch factors)."""
+    """Swap every targeted layer for a QuantLinear of ``variant`` (random branch factors and
+    smoothing, seeded)."""
     if variant.weight_format is None:
         return None
     selection = select_layers(transformer)
@@ -102,13 +123,19 @@ def apply_variant(transformer: nn.Module, variant: Variant) -> PatchReport | Non
     g = torch.Generator(device=next(transformer.parameters()).device).manual_seed(1)
     for name, layer in selection.layers.items():
         w = dense_weight(layer).detach()
-        branch = None
+        out_f, in_f = w.shape
+        branch = smooth = None
         if variant.rank:
-            out_f, in_f = w.shape
             down = torch.randn(variant.rank, in_f, generator=g, device=w.device, dtype=w.dtype) * 0.02
             up = torch.randn(out_f, variant.rank, generator=g, device=w.device, dtype=w.dtype) * 0.02
-            branch = LowRankBranch(down, up, "bf16", "bf16")
-        quantized[name] = QuantLinear.from_layer(layer, variant.weight_format, variant.act_format, branch=branch)
+            branch = LowRankBranch(down, up, variant.branch_weight, variant.branch_act, variant.mid)
+        if variant.smooth:
+            smooth = 2.0 ** (torch.rand(in_f, generator=g, device=w.device) * 2 - 1)
+        act = get_format(variant.act_format)
+        floor = selection.floors.get(name)
+        if variant.shift and floor is not None and floor < 0 and can_shift(act):
+            act = act.with_shift(layer_shift(floor, "deepcompressor", w.dtype)[0])
+        quantized[name] = QuantLinear.from_layer(layer, variant.weight_format, act, smooth=smooth, branch=branch)
     for name, q in quantized.items():
         replace_module(transformer, name, q)
     return PatchReport(quantized, selection.skipped, dict(selection.layers))
@@ -180,7 +207,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f"{'variant':<42} {'eager ms':>9} {'ratio':>6}" + (f" {'graph ms':>9} {'ratio':>6}" if use_graph else ""))
     for variant in VARIANTS:
         report = apply_variant(transformer, variant)
-        with kernels.use_kernels(variant.fused):
+        with variant.paths():
             forward = lambda: transformer(**inputs)  # noqa: E731
             row = {"variant": variant.label, "eager_ms": time_forward(forward, args.iters, args.warmup, device)}
             if use_graph:
@@ -198,8 +225,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         print(line, flush=True)
     n_layers = len(select_layers(transformer).layers)
     ref = base.get("graph", base["eager"])
-    print(f"floor of one extra read+write pass over each of {n_layers} linears' inputs: "
-          f"{floor:.2f} ms ({floor / ref:.1%} of the bf16 forward)")
+    print(
+        f"floor of one extra read+write pass over each of {n_layers} linears' inputs: "
+        f"{floor:.2f} ms ({floor / ref:.1%} of the bf16 forward)"
+    )
     rows.append({"variant": "floor: one extra pass per layer input", "ms": floor, "ratio": floor / ref})
     return rows
 
@@ -212,6 +241,7 @@ def kernel_table(device: torch.device, iters: int = 50) -> list[dict]:
     rows = []
     for shape in ((8192, 1152), (8192, 4608)):
         x = torch.randn(*shape, device=device, dtype=torch.bfloat16)
+
         def per_call(fn: Callable[[], object], reps: int = 20) -> float:
             """Milliseconds per call, ``reps`` calls per graph replay so launch gaps do not count."""
             return time_forward(graphed(lambda: [fn() for _ in range(reps)]), iters, 3, device) / reps
@@ -223,20 +253,91 @@ def kernel_table(device: torch.device, iters: int = 50) -> list[dict]:
             with kernels.use_kernels(False):
                 eager = time_forward(lambda fmt=fmt, x=x: fmt.quantize(x), max(5, iters // 10), 2, device)
             gbs = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
-            rows.append({"shape": list(shape), "format": name, "kernel_ms": ms, "copy_ms": copy_ms,
-                         "vs_copy": ms / copy_ms, "GB_s": gbs, "eager_ms": eager})
-            print(f"{shape!s:<13} {name:<11} kernel {ms * 1e3:7.1f} us  copy {copy_ms * 1e3:7.1f} us  "
-                  f"{ms / copy_ms:5.2f}x copy  {gbs:6.0f} GB/s   eager torch {eager * 1e3:8.1f} us", flush=True)
+            rows.append(
+                {
+                    "shape": list(shape),
+                    "format": name,
+                    "kernel_ms": ms,
+                    "copy_ms": copy_ms,
+                    "vs_copy": ms / copy_ms,
+                    "GB_s": gbs,
+                    "eager_ms": eager,
+                }
+            )
+            print(
+                f"{shape!s:<13} {name:<11} kernel {ms * 1e3:7.1f} us  copy {copy_ms * 1e3:7.1f} us  "
+                f"{ms / copy_ms:5.2f}x copy  {gbs:6.0f} GB/s   eager torch {eager * 1e3:8.1f} us",
+                flush=True,
+            )
+    return rows
+
+
+BRANCH_SHAPES = (  # (rows, in, rank, main format, branch act format (None: the input), mid)
+    (8192, 1152, 32, "mxfp4", None, None),
+    (8192, 4608, 32, "mxfp4", None, None),
+    (8192, 1152, 108, "mxfp4", "mxfp8_e4m3", "mxfp8_e4m3"),
+)
+BRANCH_CONFIGS = (None, (32, 128, 4, 256), (32, 128, 4, 512), (64, 128, 4, 256), (32, 64, 4, 256), (32, 128, 8, 256))
+
+
+def branch_kernel_table(device: torch.device, iters: int = 20, configs: tuple = BRANCH_CONFIGS) -> list[dict]:
+    """The fused branch kernel (smoothed input) per tile config (BLOCK_M, BK, warps, KC; None: the
+    heuristic's) against the fake-quant kernel alone and a copy of x, graph-timed (PixArt-Sigma shapes
+    at batch 1)."""
+    return [row for shape in BRANCH_SHAPES for row in _branch_rows(device, shape, iters, configs)]
+
+
+def _branch_rows(device: torch.device, shape: tuple, iters: int, configs: tuple) -> list[dict]:
+    from ptqbench.formats import get_format
+
+    m, k, rank, main, source, mid = shape
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    down = torch.randn(rank, k, device=device, dtype=torch.bfloat16) * 0.02
+    smooth = torch.rand(k, device=device, dtype=torch.bfloat16) + 0.5
+    fmt = get_format(main)
+    spec = fmt.kernel_spec(torch.bfloat16)
+    src = None if source is None else get_format(source).kernel_spec(torch.bfloat16)
+    mspec = None if mid is None else get_format(mid).kernel_spec(torch.bfloat16)
+    width = kernels.branch_width(k, rank)
+
+    def per_call(fn: Callable[[], object], reps: int = 10) -> float:
+        return time_forward(graphed(lambda: [fn() for _ in range(reps)]), iters, 3, device) / reps
+
+    base = {"copy_ms": per_call(lambda: x.clone()), "fake_quant_ms": per_call(lambda: fmt.quantize(x))}
+    rows = []
+    for config in configs:
+        ms = per_call(lambda c=config: kernels.fused_branch(x, down, spec, src, mspec, width, 0.0, smooth, c))
+        rows.append(
+            {
+                "shape": [m, k, rank],
+                "formats": [main, source, mid],
+                "config": list(config or ["auto"]),
+                "ms": ms,
+                **base,
+            }
+        )
+        print(
+            f"{m}x{k} r{rank} {main}/{source}/{mid} {config}: fused {ms * 1e3:7.1f} us  fake-quant alone "
+            f"{base['fake_quant_ms'] * 1e3:7.1f} us  copy {base['copy_ms'] * 1e3:7.1f} us",
+            flush=True,
+        )
     return rows
 
 
 def main(args: argparse.Namespace) -> int:
     rows = run(args)
     kernel_rows = kernel_table(torch.device("cuda")) if torch.cuda.is_available() else []
+    if torch.cuda.is_available():
+        kernel_rows += branch_kernel_table(torch.device("cuda"))
     if args.out:
-        info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                "torch": torch.__version__, "model": args.model, "small": args.small, "rows": rows,
-                "kernels": kernel_rows}
+        info = {
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
+            "model": args.model,
+            "small": args.small,
+            "rows": rows,
+            "kernels": kernel_rows,
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(info, indent=2))
     return 0

@@ -9,18 +9,30 @@ A shifted activation format (``Qa.shift = c``) runs as deepcompressor's ``Shifte
 input is shifted first, ``u = x + c``, then smoothed and quantized without the shift,
 ``y = Qa'(u / s) Q1(W_main)^T + branch(u / s) + (b - c W 1)``, the compensation computed in
 float64 from the original weight ``W`` and folded into the bias (which the layer then always has).
+
+With a branch, on the GPU, where Triton runs (:func:`ptqbench.kernels.fused_branch_allowed`) and
+the formats allow (:func:`fused_plan`), one kernel reads x once and writes ``[Qa(x') | h]``
+(``x' = (x + c) / s``, ``h = Qmid(src @ down^T)``, ``src`` x' or its fake-quant) and one GEMM
+against ``[Q1(W_main) | up]`` adds the up-projection: the same Qa(x') and h values as the unfused
+path, only the GEMMs accumulate in another order. ``weight`` and ``branch.up`` are then views of
+that concatenated buffer (no second copy; rebuilt when either is reassigned). Under autograd and
+on the CPU the unfused path runs.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptqbench import kernels
 from ptqbench.errors import UserError
-from ptqbench.formats import Format, get_format
+from ptqbench.formats import CastFormat, Format, get_format
+from ptqbench.kernels import KernelSpec
 
 BIAS_BITS = 16
 SMOOTH_BITS = 16
@@ -106,6 +118,56 @@ class LowRankBranch(nn.Module):
         return f"rank={self.rank}, weights={self.weight_format}, acts={self.act_format}{mid}, rotation={self.rotation}"
 
 
+@dataclass(frozen=True)
+class FusedPlan:
+    """How the fused branch kernel computes a layer: the main activations' kernel, the rank-r
+    product's source (None: the 16-bit input itself; ``main``: Qa(x')), the intermediate's kernel
+    (``mid``) or, for a mid format the kernel cannot apply, that format applied after it."""
+
+    main: KernelSpec
+    source: KernelSpec | None
+    mid: KernelSpec | None
+    mid_after: Format | None
+
+
+def _identity_cast(fmt: Format, dtype: torch.dtype) -> bool:
+    """A cast format that leaves ``dtype`` values unchanged (its own dtype, or fp32)."""
+    return isinstance(fmt, CastFormat) and fmt.torch_dtype in (dtype, torch.float32)
+
+
+@functools.cache
+def fused_plan(
+    act: Format, branch_act: Format, mid: Format | None, dtype: torch.dtype, k: int, rank: int
+) -> FusedPlan | None:
+    """The fused kernel's plan for main activation format ``act`` (unshifted), a branch reading
+    ``branch_act`` with intermediate format ``mid``, ``dtype`` inputs of width ``k`` and ``rank``;
+    None where the fused path does not apply (no kernel for a format, a shifted branch format,
+    a product wider than :data:`~ptqbench.kernels.MAX_PRODUCT_PAD`) or is slower (a per-tensor
+    scale, NVFP4's, whose abs-max pass the kernel adds): the unfused path runs."""
+    main = act.kernel_spec(dtype)
+    if mid is not None and _identity_cast(mid, dtype):
+        mid = None
+    if main is None or dtype not in (torch.bfloat16, torch.float16) or act.shift:
+        return None
+    if _identity_cast(branch_act, dtype):
+        source = None
+    elif branch_act == act:
+        source = main
+    else:
+        source = None if branch_act.shift else branch_act.kernel_spec(dtype)
+        if source is None:
+            return None
+    if main.tensor_scale == "absmax" or (source is not None and source.tensor_scale == "absmax"):
+        return None  # measured slower fused (PixArt-Sigma, H200: NVFP4 + branch 1.76x fused, 1.56x unfused)
+    mid_spec = None if mid is None else mid.kernel_spec(dtype)
+    if mid_spec is not None and mid_spec.tensor_scale == "absmax":
+        mid_spec = None
+    columns = kernels.branch_width(k, rank) - k
+    if kernels.product_pad(columns, mid_spec) > kernels.MAX_PRODUCT_PAD:
+        return None
+    return FusedPlan(main, source, mid_spec, mid if mid is not None and mid_spec is None else None)
+
+
 class QuantLinear(nn.Module):
     """An emulated quantized Linear (or 1x1 Conv2d when ``conv=True``).
 
@@ -185,6 +247,9 @@ class QuantLinear(nn.Module):
         return self._linear(x)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._fused_plan(x)
+        if plan is not None:
+            return self._fused_linear(x, plan)
         act = self.act_format
         if act.shift:  # shift before smoothing; the -c is in the bias
             x, act = act.shift_input(x), act.unshifted()
@@ -195,6 +260,57 @@ class QuantLinear(nn.Module):
         # The branch reads x first, while x is likely still in the GPU's L2 cache.
         h = self.branch.down_project(x)
         return self.branch.up_project_into(F.linear(act.quantize(x), self.weight, self.bias), h)
+
+    def _fused_plan(self, x: torch.Tensor) -> FusedPlan | None:
+        """The fused branch path's plan for input ``x``, or None for the unfused path (no branch,
+        no Triton here, autograd, mixed dtypes, or formats :func:`fused_plan` does not fuse)."""
+        branch = self.branch
+        if branch is None or not kernels.fused_branch_allowed(x):
+            return None
+        tensors = (x, self.weight, branch.down, branch.up) + (() if self.smooth is None else (self.smooth,))
+        if any(t.dtype != x.dtype for t in tensors):
+            return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
+        return fused_plan(
+            self.act_format.unshifted(), branch.act_format, branch.mid_format, x.dtype, self.in_features, branch.rank
+        )
+
+    def concat_weight(self) -> torch.Tensor:
+        """``[Q1(W_main) | up | 0]`` ``[out, branch_width(in, r)]``, of which ``weight`` and
+        ``branch.up`` are views (built on first use, rebuilt when either was reassigned)."""
+        w, up = self.weight, self.branch.up
+        k, r = self.in_features, up.shape[1]
+        cat = w._base
+        width = kernels.branch_width(k, r)
+        if (
+            cat is not None
+            and up._base is cat
+            and cat.shape == (w.shape[0], width)
+            and cat.is_contiguous()
+            and w.data_ptr() == cat.data_ptr()
+            and up.data_ptr() == cat.data_ptr() + k * cat.element_size()
+        ):
+            return cat
+        cat = w.new_zeros(w.shape[0], width)
+        cat[:, :k] = w
+        cat[:, k : k + r] = up
+        self.weight, self.branch.up = cat[:, :k], cat[:, k : k + r]
+        return cat
+
+    def _fused_linear(self, x: torch.Tensor, plan: FusedPlan) -> torch.Tensor:
+        """The fused branch path: one kernel writes ``[Qa(x') | h | 0]``, one GEMM adds both products."""
+        k, rank = self.in_features, self.branch.rank
+        x2 = x.reshape(-1, k).contiguous()
+        cat = self.concat_weight()
+        shift = _rounded_shift(self.act_format.shift, x.dtype)
+        buf = kernels.fused_branch(
+            x2, self.branch.down.contiguous(), plan.main, plan.source, plan.mid, cat.shape[1], shift, self.smooth
+        )
+        if plan.mid_after is not None:
+            h = buf[:, k : k + rank]
+            h.copy_(plan.mid_after.quantize(h))
+        return F.linear(buf, cat, self.bias).reshape(*x.shape[:-1], self.out_features)
 
     def effective_weight(self) -> torch.Tensor:
         """The dense ``[out, in]`` matrix the layer applies to unquantized activations:
@@ -226,6 +342,12 @@ class QuantLinear(nn.Module):
             f"{kind} {self.in_features}->{self.out_features}, weights={self.weight_format}, "
             f"acts={self.act_format}{smooth}"
         )
+
+
+@functools.cache
+def _rounded_shift(shift: float, dtype: torch.dtype) -> float:
+    """The shift ``c`` rounded to ``dtype``, as :meth:`Format.shift_input` adds it."""
+    return float(torch.tensor(shift, dtype=dtype)) if shift else 0.0
 
 
 def shift_compensated_bias(
