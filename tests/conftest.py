@@ -39,6 +39,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def eager_formats():
+    """Eager fake-quant for a module (``PTQBENCH_COMPILE=0``; ``pytestmark = pytest.mark.usefixtures(
+    "eager_formats")``): the compiled CPU path is bit-identical to eager (tests/test_formats.py), and
+    compiling each format and row width costs seconds that short tests never win back."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PTQBENCH_COMPILE", "0")
+        yield
+
+
 @pytest.fixture
 def cuda() -> torch.device:
     """The GPU, or skip."""
