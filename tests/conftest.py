@@ -124,7 +124,8 @@ def served(folder: Path, template: Path | None = None, deadline_s: float = 240.0
             "--backend-store-uri", f"sqlite:///{folder}/server.db", "--artifacts-destination", str(folder / "art"),
         ],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        # without its job runners (two more processes importing mlflow; ptqbench submits no server jobs)
+        env={**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     url = f"http://127.0.0.1:{port}"
     try:

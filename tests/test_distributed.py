@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import fresh_store
+from conftest import free_port, fresh_store
 from torch import nn
 
 from ptqbench import cli
@@ -190,7 +189,7 @@ def _env() -> dict[str, str]:
 
 def _launch(ranks: int) -> list[str]:
     return [] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                                  "--master-port", str(_free_port())]
+                                  "--master-port", str(free_port())]
 
 
 def test_collectives_on_two_gloo_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,16 +233,10 @@ methods:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run(root: Path, suite: Path, ranks: int, template: Path) -> None:
     """``ptqbench run`` of ``suite`` into a copy of the migrated ``template`` store under ``root``: one
-    process in this interpreter (what a plain ``ptqbench run`` does, with the environment of
-    :func:`_env`), or ``ranks`` gloo processes under torchrun."""
+    process in this interpreter (a plain ``ptqbench run``; eager fake-quant as :func:`_env` gives the
+    torchrun processes), or ``ranks`` gloo processes under torchrun."""
     args = ["run", str(suite), "--threads", "1", "--device", "cpu", "--tracking-uri",
             fresh_store(root, template), "--cache-dir", str(root / "cache")]
     if ranks == 1:
