@@ -5,7 +5,6 @@ real ``ptqbench run`` processes on one suite, over SQLite and over a real ``mlfl
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -14,7 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_tracking import expire, served
+from conftest import Server, fresh_store
+from test_tracking import expire
 
 from ptqbench.cache import Cache
 from ptqbench.errors import UserError
@@ -38,8 +38,7 @@ methods:
 
 @pytest.fixture
 def uri(tmp_path: Path, template_db: Path) -> str:
-    shutil.copyfile(template_db, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path}/mlflow.db"
+    return fresh_store(tmp_path, template_db)
 
 
 # ============================================================================ the lease
@@ -193,8 +192,9 @@ def run_twice_at_once(tmp_path: Path, uri: str) -> list[str]:
     """Two ``python -m ptqbench run`` processes on one suite, store and cache; their stderr."""
     suite = tmp_path / "duo.yaml"
     suite.write_text(SUITE, encoding="utf-8")
+    # eager fake-quant (no torch.compile warm-up in each process: the lease and the locks are under test)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PTQBENCH_HEARTBEAT_S": "1",
-           "PTQBENCH_LEASE_S": "20"}
+           "PTQBENCH_LEASE_S": "20", "PTQBENCH_COMPILE": "0"}
     args = [sys.executable, "-m", "ptqbench", "run", str(suite), "--tracking-uri", uri, "--cache-dir",
             str(tmp_path / "cache"), "--device", "cpu", "--threads", "1"]
     logs = [tmp_path / f"run{i}.log" for i in range(2)]
@@ -238,10 +238,8 @@ def test_two_processes_share_a_sqlite_store(tmp_path: Path, uri: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_share_an_mlflow_server(tmp_path: Path) -> None:
-    (tmp_path / "server").mkdir()
-    with served(tmp_path / "server") as url:
-        start = time.time()
-        texts = run_twice_at_once(tmp_path, url)
-        check_each_cell_finished_once(tmp_path, url, texts)
-        print(f"two processes over mlflow server: {time.time() - start:.1f} s")
+def test_two_processes_share_an_mlflow_server(tmp_path: Path, mlflow_server: Server) -> None:
+    start = time.time()
+    texts = run_twice_at_once(tmp_path, mlflow_server.url)  # the session's server: experiment "duo" is this test's
+    check_each_cell_finished_once(tmp_path, mlflow_server.url, texts)
+    print(f"two processes over mlflow server: {time.time() - start:.1f} s")

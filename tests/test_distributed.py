@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, fresh_store
 from torch import nn
 
+from ptqbench import cli
 from ptqbench import distributed as dist
 from ptqbench.patching import batch_families
 from ptqbench.stats import ALL_ROWS, StatsCollector, StatsSpec, merge_partials, row_keys, row_positions
@@ -188,21 +189,25 @@ def _env() -> dict[str, str]:
 
 def _launch(ranks: int) -> list[str]:
     return [] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                                  "--master-port", str(_free_port())]
+                                  "--master-port", str(free_port())]
 
 
-def test_collectives_on_two_gloo_ranks(tmp_path: Path) -> None:
+def test_collectives_on_two_gloo_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
     script = tmp_path / "collectives.py"
     script.write_text(COLLECTIVES, encoding="utf-8")
-    results = {}
-    for ranks in (1, 2):
-        out = tmp_path / f"out{ranks}"
-        cmd = [sys.executable, *_launch(ranks), str(script), str(out)]
-        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-4000:]
-        results[ranks] = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(ranks)]
+    out = tmp_path / "out1"  # one process (no torchrun): here, which saves an interpreter's start
+    monkeypatch.setattr(sys, "argv", [str(script), str(out)])
+    with torch.random.fork_rng():
+        exec(compile(COLLECTIVES, str(script), "exec"), {"__name__": "__main__"})
+    results = {1: [json.loads(Path(f"{out}.0").read_text())]}
+    out = tmp_path / "out2"
+    cmd = [sys.executable, *_launch(2), str(script), str(out)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results[2] = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    assert results[1][0]["size"] == 1 and results[1][0]["main"] == 0
     a, b = results[2]
     assert a["size"] == b["size"] == 2 and a["backend"] == "gloo"
     assert a["max"] == b["max"] == [1.0, 0.0] and a["sum"] == b["sum"] == [3.0]
@@ -228,16 +233,23 @@ methods:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _run(root: Path, suite: Path, ranks: int) -> None:
-    cmd = [sys.executable, *_launch(ranks), "-m", "ptqbench", "run", str(suite), "--threads", "1",
-           "--device", "cpu", "--tracking-uri", f"sqlite:///{root}/mlflow.db", "--cache-dir", str(root / "cache")]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+def _run(root: Path, suite: Path, ranks: int, template: Path) -> None:
+    """``ptqbench run`` of ``suite`` into a copy of the migrated ``template`` store under ``root``: one
+    process in this interpreter (a plain ``ptqbench run``; eager fake-quant as :func:`_env` gives the
+    torchrun processes), or ``ranks`` gloo processes under torchrun."""
+    args = ["run", str(suite), "--threads", "1", "--device", "cpu", "--tracking-uri",
+            fresh_store(root, template), "--cache-dir", str(root / "cache")]
+    if ranks == 1:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PTQBENCH_COMPILE", "0")
+            before = torch.get_num_threads()
+            try:
+                assert cli.main(args) == 0
+            finally:
+                torch.set_num_threads(before)
+        return
+    done = subprocess.run([sys.executable, *_launch(ranks), "-m", "ptqbench", *args], env=_env(),
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -256,11 +268,11 @@ def _metrics(root: Path) -> dict[str, dict[str, float]]:
     return {r.data.tags["cell_hash"]: {k: v for k, v in r.data.metrics.items() if k.startswith(keep)} for r in runs}
 
 
-def test_one_and_two_gloo_processes_give_the_same_suite(tmp_path: Path) -> None:
+def test_one_and_two_gloo_processes_give_the_same_suite(tmp_path: Path, template_db: Path) -> None:
     suite = tmp_path / "dist.yaml"
     suite.write_text(SUITE, encoding="utf-8")
-    _run(tmp_path / "one", suite, 1)
-    _run(tmp_path / "two", suite, 2)
+    _run(tmp_path / "one", suite, 1, template_db)
+    _run(tmp_path / "two", suite, 2, template_db)
     one, two = _files(tmp_path / "one" / "cache"), _files(tmp_path / "two" / "cache")
     made = [k for k in one if k.endswith(".png") and ("reference" in k or "/images/" in k)]
     assert len(made) == 12  # the reference and two quantized cells' images (and the artifacts' PNGs)

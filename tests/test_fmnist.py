@@ -276,10 +276,11 @@ def test_feature_stats_of_another_classifier_are_computed_and_cached(tmp_path) -
 
 @pytest.fixture(scope="module")
 def shipped():
+    """The shipped DiT and its images of two prompts per class at the main job's 8 steps."""
     pipe = get_model("fmnist-dit").load("cpu")
     prompts = [c for c in fmnist_data.FMNIST_CLASSES for _ in range(2)]
     seeds = list(range(len(prompts)))
-    settings = GenSettings(steps=10, guidance=2.0, resolution=32, batch_size=len(prompts))
+    settings = GenSettings(steps=8, guidance=2.0, resolution=32, batch_size=len(prompts))
     return pipe, prompts, seeds, settings, pipe.generate(prompts, seeds, settings)
 
 
@@ -298,14 +299,17 @@ def test_shipped_dit_samples_are_recognized(shipped) -> None:
     assert acc.value >= 0.8, acc
 
 
-def test_shipped_dit_w8a8_closer_than_w4a4(shipped) -> None:
+def test_shipped_dit_w8a8_closer_than_w4a4(shipped, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two images (the measured gap is ~25 dB: W8A8 ~52 dB, W4A4 ~27 dB); eager fake-quant, as
+    # compiling the two formats for one short generation costs more than it saves.
+    monkeypatch.setenv("PTQBENCH_COMPILE", "0")
     pipe, prompts, seeds, settings, images = shipped
     psnr = {}
     for label, fmt in (("w8a8", "int8_pc"), ("w4a4", "mxfp4")):
         report = quantize_model(pipe.transformer, get_method("rtn", weight_format=fmt, act_format=fmt))
         try:
-            q = pipe.generate(prompts[:4], seeds[:4], settings)
+            q = pipe.generate(prompts[:2], seeds[:2], settings)
         finally:
             restore_model(pipe.transformer, report)
-        psnr[label] = _psnr(q, images[:4])
+        psnr[label] = _psnr(q, images[:2])
     assert psnr["w8a8"] > psnr["w4a4"] + 3.0 and psnr["w4a4"] > 12.0, psnr

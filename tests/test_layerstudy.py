@@ -15,10 +15,10 @@ from ptqbench.memory import LayerShape, solve_rank
 ATTN = "encoder.layer.0.attention.*"  # query, key, value, output.dense: four 384x384 layers
 RTN = "rtn:weight_format=mxfp4,act_format=mxfp4"
 LORAQ = "loraq:weight_format=mxfp4,act_format=mxfp4,steps=5,smooth_alpha=0.5"
-SVDQ = "svdquant:weight_format=mxfp4,act_format=mxfp4,num_grids=2"
+SVDQ = "svdquant:weight_format=mxfp4,act_format=mxfp4,num_grids=2,svd=gram"  # gram: exact float64, cheaper
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
+pytestmark = pytest.mark.usefixtures("one_thread", "eager_formats")  # tiny tensors: threads only add overhead
 
 
 @pytest.fixture(scope="module")

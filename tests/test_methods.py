@@ -49,7 +49,7 @@ W8A8 = {"weight_format": "int8_pc", "act_format": "int8_pc"}
 # ----------------------------------------------------------------------------- fixtures
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
+pytestmark = pytest.mark.usefixtures("one_thread", "eager_formats")  # tiny tensors: threads only add overhead
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,9 @@ def test_svdquant_refinement_keeps_the_best_iterate(layers, calib, eval_rows):
 
 def test_loraq_improves_on_its_init_and_beats_svdquant_at_equal_memory(layers):
     shapes = [LayerShape(n, lay.out_features, lay.in_features, True) for n, lay in layers.items()]
-    reference = get_method("svdquant", **MX, rank=32)
+    # deepcompressor's SVDQuant (100 refinement iterates, early stop); its float64 SVDs through the Gram
+    # matrix: the same errors to 6 digits and the same best iterates here as svd="exact", 3x faster
+    reference = get_method("svdquant", **MX, rank=32, svd="gram")
     candidate = get_method("loraq", **MX, branch_format="mxfp8_e4m3", branch_act_format="mxfp8_e4m3", steps=40)
     rank = solve_rank(reference, candidate, shapes)
     assert 55 <= rank <= 64
@@ -332,7 +334,7 @@ def test_shared_qkv_down_projection(layers, minilm):
         downs = [q.branch.down for q in out.values()]
         assert all(torch.equal(downs[0], d) for d in downs[1:])
         assert out["attn.to_k"].info["shared_with"] == list(named)
-    separate = get_method("svdquant", **MX, rank=16, share_qkv=False).quantize_layers(named)
+    separate = get_method("svdquant", **MX, rank=16, share_qkv=False, num_iters=2).quantize_layers(named)
     assert not torch.equal(separate["attn.to_q"].branch.down, separate["attn.to_k"].branch.down)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import tomllib
 import torch
+from conftest import fresh_store
 from torch import nn
 
 from ptqbench.cli import build_parser
@@ -285,7 +286,7 @@ def _files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
 
 
-def test_method_example_in_a_suite_writes_only_to_its_cache_and_store(tmp_path: Path) -> None:
+def test_method_example_in_a_suite_writes_only_to_its_cache_and_store(tmp_path: Path, template_db: Path) -> None:
     """A user's view: a fresh interpreter, the README's plugin installed as a distribution, HOME and
     the temp folder empty, no XDG_* / TORCH_HOME / MPLCONFIGDIR / PTQBENCH_CACHE. Its metrics include
     fd_fmnist with another classifier, so real-image statistics are computed and cached too."""
@@ -314,8 +315,7 @@ def test_method_example_in_a_suite_writes_only_to_its_cache_and_store(tmp_path: 
             format: mxfp4
             {field_line}
         """), encoding="utf-8")
-    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
-    (tmp_path / "store").mkdir()
+    uri = fresh_store(tmp_path / "store", template_db)  # a migrated store: the run need not create one
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TMPDIR": str(tmp),
         "PYTHONPATH": os.pathsep.join([str(plugin), str(ROOT)]), "HF_HUB_OFFLINE": "1",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sigkill_when
+from conftest import fresh_store, sigkill_when
 
 from ptqbench import cli
 from ptqbench.imagestore import PARTS, ImageFolder, ImageWriter
@@ -20,7 +20,7 @@ from ptqbench.prompts import PromptSet, get_prompt_set
 from ptqbench.suite import expand, load_suite
 from ptqbench.tracking import Tracker
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "eager_formats")  # the killed subprocess inherits the environment
 
 N = 6
 SUITE = f"""
@@ -67,7 +67,9 @@ def _lines(folder: Path) -> int:
     return sum(len(p.read_text().splitlines()) for p in (folder / PARTS).glob("*.jsonl")) if folder.exists() else 0
 
 
-def test_killed_cell_resumes_with_only_the_missing_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_cell_resumes_with_only_the_missing_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, template_db: Path
+) -> None:
     suite = tmp_path / "suite.yaml"
     suite.write_text(SUITE, encoding="utf-8")
     cell = expand(load_suite(suite))[1]
@@ -75,7 +77,7 @@ def test_killed_cell_resumes_with_only_the_missing_images(tmp_path: Path, monkey
     images = killed / "cells" / cell.hash / "images"
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER, encoding="utf-8")
-    killed.mkdir()
+    fresh_store(killed, template_db)
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(launcher), *_args(killed, suite)], stdout=log, stderr=log)
     sigkill_when(proc, lambda: _lines(images) >= 2, "the cell wrote 2 images", (tmp_path / "killed.log").read_text)
@@ -97,7 +99,7 @@ def test_killed_cell_resumes_with_only_the_missing_images(tmp_path: Path, monkey
     assert not (killed / "cells" / cell.hash / "quantized").exists()  # dropped once the cell finished
 
     monkeypatch.undo()
-    clean.mkdir()
+    fresh_store(clean, template_db)
     assert cli.main(_args(clean, suite)) == 0
     fresh = _run(clean)
     assert fresh["generated"] == N and fresh["psnr"] == resumed["psnr"]

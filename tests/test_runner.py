@@ -76,7 +76,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
+# tiny tensors: threads only add overhead, and compiling each format costs more than it saves (the
+# environment reaches the subprocesses too)
+pytestmark = pytest.mark.usefixtures("one_thread", "eager_formats")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import fresh_store
 
 from ptqbench import cli
 from ptqbench.errors import UserError
@@ -19,7 +20,7 @@ from ptqbench.suite import expand, load_suite
 from ptqbench.tracking import Tracker
 from ptqbench.uncertainty import Bootstrap, paired_difference
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
+pytestmark = pytest.mark.usefixtures("one_thread", "eager_formats")  # tiny tensors: threads only add overhead
 
 N = 5
 SUITE = f"""
@@ -43,10 +44,10 @@ def write(folder: Path, text: str, name: str = "suite.yaml") -> Path:
 
 
 @pytest.fixture(scope="module")
-def done(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def done(tmp_path_factory: pytest.TempPathFactory, template_db: Path) -> dict:
     """The suite run into a fresh sqlite store, then reported."""
     root = tmp_path_factory.mktemp("stats")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = fresh_store(root, template_db)
     suite = write(root, SUITE)
     code = cli.main(["run", str(suite), "--tracking-uri", uri, "--cache-dir", str(root / "cache"), "--device", "cpu"])
     assert code == 0

@@ -3,19 +3,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import Server, free_port, fresh_store
 
 from ptqbench.tracking import (
     DEFAULT_URI,
@@ -33,8 +25,7 @@ from ptqbench.tracking import (
 
 @pytest.fixture
 def tracker(tmp_path: Path, template_db: Path) -> Tracker:
-    shutil.copyfile(template_db, tmp_path / "mlflow.db")
-    return Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    return Tracker(fresh_store(tmp_path, template_db))
 
 
 def test_uri_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -132,63 +123,12 @@ def test_unreachable_store_is_a_user_error() -> None:
 
     start = time.time()
     with pytest.raises(UserError, match="no MLflow server answers"):
-        Tracker(f"http://127.0.0.1:{_free_port()}").experiment("x")
+        Tracker(f"http://127.0.0.1:{free_port()}").experiment("x")
     assert time.time() - start < 15
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def served(folder: Path, deadline_s: float = 240.0) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 (a free port; sqlite backend and artifacts in ``folder``),
-    its URL; stopped (SIGTERM, then SIGKILL) on exit. It can take a minute to start on a busy machine."""
-    port = _free_port()
-    log = open(folder / "server.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{folder}/server.db", "--artifacts-destination", str(folder / "art"),
-        ],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + deadline_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                log.flush()
-                pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
-
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    with served(tmp_path) as url:
-        yield url
-
-
-def test_real_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
-    tracker = Tracker(mlflow_server)
+def test_real_mlflow_server(mlflow_server: Server, tmp_path: Path) -> None:
+    tracker = Tracker(mlflow_server.url)
     exp = tracker.experiment("served")
     run = tracker.start(exp, "cell", {"cell_hash": "0a1b", "is_reference": "false"})
     tracker.log_params(run, {"method": "rtn", "weight_format": {"block": 32}})
@@ -210,4 +150,4 @@ def test_real_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
     assert found.params == {"method": "rtn", "weight_format.block": "32"}
     assert found.metrics == {"psnr": 30.0}
     assert tracker.artifacts(run) == ["layer_errors.csv"]
-    assert (tmp_path / "art").is_dir()  # proxied to the server's artifact folder
+    assert list((mlflow_server.folder / "art").rglob("layer_errors.csv"))  # proxied to the server's artifact folder
