@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import fresh_store
 
 from ptqbench.cli import main as cli_main
 from ptqbench.metrics.base import MetricResult, write_per_image
@@ -89,13 +90,10 @@ def log_run(client: Any, exp: str, tmp: Path, method: str, replicate: int | None
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory, template_db: Path) -> dict[str, Any]:
-    import shutil
-
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("replicates")
-    shutil.copyfile(template_db, root / "mlflow.db")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = fresh_store(root, template_db)
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("reps", artifact_location=(root / "art").as_uri())
     ids = {"ref": log_run(client, exp, root, "none", None, "aaaa"),
@@ -229,11 +227,8 @@ def test_a_suite_with_replicates_reports_one_row_per_group(tmp_path: Path, templ
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """``replicates: 2`` through ``ptqbench run`` and ``ptqbench report``: the runner's tags and params
     (replicate, replicate_group, re-drawn calibration seed) give one smoothquant row with its spread."""
-    import shutil
-
     monkeypatch.setenv("PTQBENCH_COMPILE", "0")
-    shutil.copyfile(template_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = fresh_store(tmp_path, template_db)
     suite = tmp_path / "suite.yaml"
     suite.write_text("""
 name: rep

@@ -5,13 +5,13 @@ reduced grid (one model, two or three cells, fewer steps) so that it runs in sec
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import yaml
+from conftest import fresh_store
 
 from ptqbench import cli
 
@@ -53,8 +53,7 @@ def test_suite_report_shows_intervals_and_the_paired_best(
 ) -> None:
     monkeypatch.setenv("PTQBENCH_COMPILE", "0")  # eager fake-quant: no kernel builds for a few images
     suite, data = reduced_suite(name, tmp_path)
-    shutil.copyfile(template_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = fresh_store(tmp_path, template_db)
     common = ["--tracking-uri", uri, "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
     assert cli.main(["run", str(suite), *common]) == 0
     assert cli.main(["report", "--tracking-uri", uri, "--out", str(tmp_path / "report")]) == 0

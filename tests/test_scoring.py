@@ -3,10 +3,10 @@ the existing runs; ``ptqbench score`` re-scores a suite or one run from the save
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
+from conftest import fresh_store
 
 from ptqbench import cli
 from ptqbench.tracking import Tracker
@@ -34,15 +34,9 @@ def _runs(uri: str) -> dict[str, object]:
     return {r.tags["method"]: r for r in tracker.runs(tracker.experiment("scoring"))}
 
 
-def store(tmp_path: Path, template_db: Path) -> str:
-    """A fresh sqlite store (a copy of the migrated template: creating one takes seconds)."""
-    shutil.copyfile(template_db, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path}/mlflow.db"
-
-
 def test_added_metric_is_scored_from_saved_images(tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    uri = store(tmp_path, template_db)
+    uri = fresh_store(tmp_path, template_db)  # a migrated store: creating one takes seconds
     suite = tmp_path / "suite.yaml"
     suite.write_text(SUITE, encoding="utf-8")
     common = ["--tracking-uri", uri, "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
@@ -111,7 +105,7 @@ def test_rescoring_keeps_the_runs_settings_and_merges_its_per_image_table(
     from ptqbench.metrics.base import read_per_image
     from ptqbench.uncertainty import Bootstrap, mean_interval
 
-    uri = store(tmp_path, template_db)
+    uri = fresh_store(tmp_path, template_db)  # a migrated store: creating one takes seconds
     suite = tmp_path / "suite.yaml"
     suite.write_text(RESCORE, encoding="utf-8")
     common = ["--tracking-uri", uri, "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
