@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqbench.bench import Variant, apply_variant
+from ptqbench.bench import Variant, apply_variant, condition_kwargs
 from ptqbench.cudagraph import cuda_graphs
 from ptqbench.models import diffusers_models as dm
 from ptqbench.patching import restore_model
@@ -75,9 +75,7 @@ def transformer_kwargs(model: nn.Module, captions: torch.Tensor) -> dict[str, An
     """The caption arguments of ``model``'s forward (PixArt's ``added_cond_kwargs``, not SANA's)."""
     mask = torch.ones(captions.shape[:2], device=captions.device)
     kwargs = {"encoder_hidden_states": captions, "encoder_attention_mask": mask, "return_dict": False}
-    if type(model).__name__.startswith("PixArt"):
-        kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-    return kwargs
+    return {**kwargs, **condition_kwargs(model)}
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -108,9 +109,16 @@ def make_inputs(transformer: nn.Module, batch: int, tokens: int, device: torch.d
         "timestep": torch.full((batch,), 500, device=device, dtype=torch.long),
         "return_dict": False,
     }
-    if "added_cond_kwargs" in inspect.signature(transformer.forward).parameters:  # PixArt's, not SANA's
-        inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-    return inputs
+    return {**inputs, **condition_kwargs(transformer)}
+
+
+def condition_kwargs(transformer: nn.Module) -> dict[str, Any]:
+    """``added_cond_kwargs`` (no resolution/aspect-ratio conditioning) where the transformer's
+    forward takes it (PixArt's does, SANA's does not); else nothing. The class's forward is read:
+    :func:`~ptqbench.cudagraph.cuda_graphs` replaces the instance's with a ``(*args, **kwargs)`` one."""
+    if "added_cond_kwargs" in inspect.signature(type(transformer).forward).parameters:
+        return {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    return {}
 
 
 def apply_variant(transformer: nn.Module, variant: Variant) -> PatchReport | None:
