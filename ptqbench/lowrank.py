@@ -334,11 +334,13 @@ def map_batches(batches: list[Batch], fn: Callable[[Batch], T], workers: int = 1
     if workers <= 1 or len(batches) < 2 or not batches[0].weight.is_cuda or PROFILE.enabled:
         return [fn(b) for b in batches]
 
+    grad = torch.is_grad_enabled()  # thread-local: a worker starts with autograd on
+
     def run(batch: Batch) -> T:
         device = batch.weight.device
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), torch.set_grad_enabled(grad):
             out = fn(batch)
         stream.synchronize()  # its tensors are complete before another stream reads them
         return out

@@ -231,7 +231,9 @@ def _sq_error_fn(cuda: bool) -> Callable[..., torch.Tensor]:
     rows = torch.compile(_row_sq_error, dynamic=True)
 
     def call(y: torch.Tensor, yq: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-        with COMPILE_LOCK:  # dynamo is not thread-safe (batches may be calibrated in threads)
+        # dynamo is not thread-safe (batches may be calibrated in threads); past its default 8 graphs
+        # (dtypes x with or without a branch x ...) it would fall back to eager, summing in another order
+        with COMPILE_LOCK, torch._dynamo.config.patch(recompile_limit=512, accumulated_recompile_limit=4096):
             per_row = rows(y, yq, extra)
         return per_row.sum(-1)
 
