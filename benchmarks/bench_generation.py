@@ -47,13 +47,16 @@ VARIANTS = (  # "core" variants are also timed at batch sizes above --all-up-to
     (False, Variant("RTN W4A4 mxfp4", "mxfp4", "mxfp4")),
     (False, Variant("RTN W4A4 nvfp4", "nvfp4", "nvfp4")),
     (False, Variant("RTN W4A4 int4_g64", "int4_g64", "int4_g64", shift=True)),
-    (True, Variant("SVDQuant r32 mxfp4 fused", "mxfp4", "mxfp4", 32, smooth=True)),
-    (False, Variant("SVDQuant r32 mxfp4 unfused", "mxfp4", "mxfp4", 32, smooth=True, fused_branch=False)),
-    (False, Variant("SVDQuant r32 nvfp4 fused", "nvfp4", "nvfp4", 32, smooth=True)),
-    (False, Variant("SVDQuant r32 nvfp4 unfused", "nvfp4", "nvfp4", 32, smooth=True, fused_branch=False)),
-    (False, Variant("SVDQuant r32 int4_g64 fused", "int4_g64", "int4_g64", 32, smooth=True, shift=True)),
-    (False, Variant("SVDQuant r32 int4_g64 unfused", "int4_g64", "int4_g64", 32, smooth=True, shift=True,
+    (True, Variant("SVDQuant r32 mxfp4 fused", "mxfp4", "mxfp4", 32, smooth=True, share_qkv=True)),
+    (False, Variant("SVDQuant r32 mxfp4 unfused", "mxfp4", "mxfp4", 32, smooth=True, share_qkv=True,
                     fused_branch=False)),
+    (False, Variant("SVDQuant r32 nvfp4 fused", "nvfp4", "nvfp4", 32, smooth=True, share_qkv=True)),
+    (False, Variant("SVDQuant r32 nvfp4 unfused", "nvfp4", "nvfp4", 32, smooth=True, share_qkv=True,
+                    fused_branch=False)),
+    (False, Variant("SVDQuant r32 int4_g64 fused", "int4_g64", "int4_g64", 32, smooth=True, share_qkv=True,
+                    shift=True)),
+    (False, Variant("SVDQuant r32 int4_g64 unfused", "int4_g64", "int4_g64", 32, smooth=True, share_qkv=True,
+                    shift=True, fused_branch=False)),
     (False, Variant("LoRaQ W4A8 r108 mxfp4 fused", "mxfp4", "mxfp4", 108, branch_weight="mxfp4",
                    branch_act="mxfp8_e4m3", mid="mxfp8_e4m3", smooth=True)),
     (False, Variant("LoRaQ W4A8 r108 mxfp4 unfused", "mxfp4", "mxfp4", 108, branch_weight="mxfp4",
@@ -152,10 +155,8 @@ def profile_forward(model: nn.Module, inputs: tuple, top: int = 12) -> dict[str,
 
 def kernel_group(name: str) -> str:
     low = name.lower()
-    if "_branch_kernel" in low or "_branch_sum_kernel" in low:
-        return "fused branch kernels (Qa + x R^T, split sum)"
     if "_fq_kernel" in low or "_absmax_kernel" in low:
-        return "fake-quant kernels"
+        return "fake-quant kernels (the fused branch's included: Qa(x') and x' from one read)"
     if "gemm" in low or "cutlass" in low or "sm90_xmma" in low or "nvjet" in low:
         return "GEMMs"
     if "flash" in low or "fmha" in low or "attention" in low:

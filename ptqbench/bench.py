@@ -49,6 +49,7 @@ class Variant:
     smooth: bool = False
     shift: bool = False
     fused_branch: bool = True  # the fused branch kernel (one read of x, one GEMM) where it applies
+    share_qkv: bool = False  # q/k/v reading one input share smoothing and down-projection (SVDQuant's native)
 
     def paths(self) -> ExitStack:
         """The kernel paths this variant runs under (enter with ``with``)."""
@@ -123,27 +124,38 @@ def condition_kwargs(transformer: nn.Module) -> dict[str, Any]:
 
 def apply_variant(transformer: nn.Module, variant: Variant) -> PatchReport | None:
     """Swap every targeted layer for a QuantLinear of ``variant`` (random branch factors and
-    smoothing, seeded)."""
+    smoothing, seeded; with ``share_qkv``, the layers of one share group take their group's first
+    smoothing vector, down-projection and input key, as SVDQuant builds them)."""
     if variant.weight_format is None:
         return None
     selection = select_layers(transformer)
-    quantized = {}
+    quantized: dict[str, QuantLinear] = {}
+    leaders: dict[str, QuantLinear] = {}
     g = torch.Generator(device=next(transformer.parameters()).device).manual_seed(1)
     for name, layer in selection.layers.items():
         w = dense_weight(layer).detach()
         out_f, in_f = w.shape
+        group = selection.groups.get(name) if variant.share_qkv else None
+        leader = leaders.get(group) if group else None
         branch = smooth = None
         if variant.rank:
             down = torch.randn(variant.rank, in_f, generator=g, device=w.device, dtype=w.dtype) * 0.02
             up = torch.randn(out_f, variant.rank, generator=g, device=w.device, dtype=w.dtype) * 0.02
+            down = leader.branch.down if leader else down
             branch = LowRankBranch(down, up, variant.branch_weight, variant.branch_act, variant.mid)
         if variant.smooth:
             smooth = 2.0 ** (torch.rand(in_f, generator=g, device=w.device) * 2 - 1)
+            smooth = leader.smooth if leader else smooth
         act = get_format(variant.act_format)
         floor = selection.floors.get(name)
         if variant.shift and floor is not None and floor < 0 and can_shift(act):
             act = act.with_shift(layer_shift(floor, "deepcompressor", w.dtype)[0])
-        quantized[name] = QuantLinear.from_layer(layer, variant.weight_format, act, smooth=smooth, branch=branch)
+        q = QuantLinear.from_layer(layer, variant.weight_format, act, smooth=smooth, branch=branch)
+        if leader:
+            q.input_key = leader.input_key
+        elif group:
+            leaders[group] = q
+        quantized[name] = q
     for name, q in quantized.items():
         replace_module(transformer, name, q)
     return PatchReport(quantized, selection.skipped, dict(selection.layers))
@@ -285,47 +297,41 @@ BRANCH_SHAPES = (  # (rows, in, rank, main format, branch act format (None: the 
     (8192, 4608, 32, "mxfp4", None, None),
     (8192, 1152, 108, "mxfp4", "mxfp8_e4m3", "mxfp8_e4m3"),
 )
-BRANCH_CONFIGS = (None, (32, 128, 4, 256), (32, 128, 4, 512), (64, 128, 4, 256), (32, 64, 4, 256), (32, 128, 8, 256))
+BRANCH_TILES = (None, (4, 32), (8, 32), (2, 64), (8, 8))  # (NB, BLOCK_M) of the kernel; None: tile_config's
 
 
-def branch_kernel_table(device: torch.device, iters: int = 20, configs: tuple = BRANCH_CONFIGS) -> list[dict]:
-    """The fused branch kernel (smoothed input) per tile config (BLOCK_M, BK, warps, KC; None: the
-    heuristic's) against the fake-quant kernel alone and a copy of x, graph-timed (PixArt-Sigma shapes
-    at batch 1)."""
-    return [row for shape in BRANCH_SHAPES for row in _branch_rows(device, shape, iters, configs)]
+def branch_kernel_table(device: torch.device, iters: int = 20, tiles: tuple = BRANCH_TILES) -> list[dict]:
+    """The fused branch path (smoothed input: the kernel writing Qa(x') and x', the product's GEMM,
+    the mid format) per kernel tile against the fake-quant kernel alone and a copy of x, graph-timed
+    (PixArt-Sigma shapes at batch 1)."""
+    return [row for shape in BRANCH_SHAPES for row in _branch_rows(device, shape, iters, tiles)]
 
 
-def _branch_rows(device: torch.device, shape: tuple, iters: int, configs: tuple) -> list[dict]:
+def _branch_rows(device: torch.device, shape: tuple, iters: int, tiles: tuple) -> list[dict]:
     from ptqbench.formats import get_format
 
     m, k, rank, main, source, mid = shape
+    width = kernels.branch_width(k, rank)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-    down = torch.randn(rank, k, device=device, dtype=torch.bfloat16) * 0.02
+    down = torch.zeros(width - k, k, device=device, dtype=torch.bfloat16)
+    down[:rank] = torch.randn(rank, k, device=device, dtype=torch.bfloat16) * 0.02
     smooth = torch.rand(k, device=device, dtype=torch.bfloat16) + 0.5
     fmt = get_format(main)
     spec = fmt.kernel_spec(torch.bfloat16)
     src = None if source is None else get_format(source).kernel_spec(torch.bfloat16)
     mspec = None if mid is None else get_format(mid).kernel_spec(torch.bfloat16)
-    width = kernels.branch_width(k, rank)
 
     def per_call(fn: Callable[[], object], reps: int = 10) -> float:
         return time_forward(graphed(lambda: [fn() for _ in range(reps)]), iters, 3, device) / reps
 
     base = {"copy_ms": per_call(lambda: x.clone()), "fake_quant_ms": per_call(lambda: fmt.quantize(x))}
     rows = []
-    for config in configs:
-        ms = per_call(lambda c=config: kernels.fused_branch(x, down, spec, src, mspec, width, 0.0, smooth, c))
-        rows.append(
-            {
-                "shape": [m, k, rank],
-                "formats": [main, source, mid],
-                "config": list(config or ["auto"]),
-                "ms": ms,
-                **base,
-            }
-        )
+    for tile in tiles:
+        ms = per_call(lambda t=tile: kernels.fused_branch(x, down, spec, src, mspec, width, 0.0, smooth, t))
+        rows.append({"shape": [m, k, rank], "formats": [main, source, mid], "tile": list(tile or ["auto"]), "ms": ms})
+        rows[-1].update(base)
         print(
-            f"{m}x{k} r{rank} {main}/{source}/{mid} {config}: fused {ms * 1e3:7.1f} us  fake-quant alone "
+            f"{m}x{k} r{rank} {main}/{source}/{mid} tile {tile}: fused {ms * 1e3:7.1f} us  fake-quant alone "
             f"{base['fake_quant_ms'] * 1e3:7.1f} us  copy {base['copy_ms'] * 1e3:7.1f} us",
             flush=True,
         )

@@ -11,17 +11,21 @@ input is shifted first, ``u = x + c``, then smoothed and quantized without the s
 float64 from the original weight ``W`` and folded into the bias (which the layer then always has).
 
 With a branch, on the GPU, where Triton runs (:func:`ptqbench.kernels.fused_branch_allowed`) and
-the formats allow (:func:`fused_plan`), one kernel reads x once and writes ``[Qa(x') | h]``
-(``x' = (x + c) / s``, ``h = Qmid(src @ down^T)``, ``src`` x' or its fake-quant) and one GEMM
-against ``[Q1(W_main) | up]`` adds the up-projection: the same Qa(x') and h values as the unfused
-path, only the GEMMs accumulate in another order. ``weight`` and ``branch.up`` are then views of
-that concatenated buffer (no second copy; rebuilt when either is reassigned). Under autograd and
-on the CPU the unfused path runs.
+the formats allow (:func:`fused_plan`), :func:`ptqbench.kernels.fused_branch` fills ``[Qa(x') | h]``
+(``x' = (x + c) / s``, ``h = Qmid(src @ down^T)``, ``src`` x' or its fake-quant; x read once) and one
+GEMM against ``[Q1(W_main) | up]`` adds the up-projection: the same Qa(x') and h values as the
+unfused path, only the GEMMs accumulate in another order. ``weight`` and ``branch.up`` are then
+views of that concatenated buffer, ``branch.down`` of a zero-padded one (no second copy; rebuilt
+when reassigned). Layers that read one tensor in turn reuse what they compute from it alone
+(:func:`_prepared`). Under autograd and on the CPU the unfused path runs.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,9 +145,9 @@ def fused_plan(
 ) -> FusedPlan | None:
     """The fused kernel's plan for main activation format ``act`` (unshifted), a branch reading
     ``branch_act`` with intermediate format ``mid``, ``dtype`` inputs of width ``k`` and ``rank``;
-    None where the fused path does not apply (no kernel for a format, a shifted branch format,
-    a product wider than :data:`~ptqbench.kernels.MAX_PRODUCT_PAD`) or is slower (a per-tensor
-    scale, NVFP4's, whose abs-max pass the kernel adds): the unfused path runs."""
+    None where the fused path does not apply (no kernel for a format, a shifted branch format) or
+    is slower (a per-tensor scale, NVFP4's, whose abs-max pass the kernel adds): the unfused path
+    runs. A mid format with a per-tensor scale runs after the kernel, in torch (``mid_after``)."""
     main = act.kernel_spec(dtype)
     if mid is not None and _identity_cast(mid, dtype):
         mid = None
@@ -162,9 +166,6 @@ def fused_plan(
     mid_spec = None if mid is None else mid.kernel_spec(dtype)
     if mid_spec is not None and mid_spec.tensor_scale == "absmax":
         mid_spec = None
-    columns = kernels.branch_width(k, rank) - k
-    if kernels.product_pad(columns, mid_spec) > kernels.MAX_PRODUCT_PAD:
-        return None
     return FusedPlan(main, source, mid_spec, mid if mid is not None and mid_spec is None else None)
 
 
@@ -177,9 +178,14 @@ class QuantLinear(nn.Module):
     written to the per-layer error CSV. ``original_weight`` (the layer's ``[out, in]`` weight
     before any method touched it) is read only for a shifted ``act_format``'s bias compensation;
     without it the compensation uses ``(weight + branch) / smooth``.
+
+    ``input_key`` names what the fused path's ``[Qa(x') | h]`` reads besides x (smoothing vector,
+    down-projection, formats): unique per layer, and the same for layers built to share them (a
+    fused q/k/v unit), which then reuse one buffer when they read the same tensor in turn.
     """
 
     info: dict[str, Any]
+    input_key: str
 
     def __init__(
         self,
@@ -206,6 +212,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight", self.weight_format.quantize(weight))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.info = {}
+        self.input_key = uuid.uuid4().hex
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("input_key", uuid.uuid4().hex)  # layers pickled before input keys existed
+        super().__setstate__(state)
 
     def _unquantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``(weight + branch) / smooth`` in float64, the layer's weight before quantization."""
@@ -256,7 +267,8 @@ class QuantLinear(nn.Module):
         if self.smooth is not None:
             x = x / self.smooth
         if self.branch is None:
-            return F.linear(act.quantize(x), self.weight, self.bias)
+            xq = act.quantize(x) if self.smooth is not None else _prepared(x, ("act", act), lambda: act.quantize(x))
+            return F.linear(xq, self.weight, self.bias)
         # The branch reads x first, while x is likely still in the GPU's L2 cache.
         h = self.branch.down_project(x)
         return self.branch.up_project_into(F.linear(act.quantize(x), self.weight, self.bias), h)
@@ -279,38 +291,47 @@ class QuantLinear(nn.Module):
     def concat_weight(self) -> torch.Tensor:
         """``[Q1(W_main) | up | 0]`` ``[out, branch_width(in, r)]``, of which ``weight`` and
         ``branch.up`` are views (built on first use, rebuilt when either was reassigned)."""
-        w, up = self.weight, self.branch.up
-        k, r = self.in_features, up.shape[1]
-        cat = w._base
+        k, r = self.in_features, self.branch.rank
         width = kernels.branch_width(k, r)
-        if (
-            cat is not None
-            and up._base is cat
-            and cat.shape == (w.shape[0], width)
-            and cat.is_contiguous()
-            and w.data_ptr() == cat.data_ptr()
-            and up.data_ptr() == cat.data_ptr() + k * cat.element_size()
-        ):
-            return cat
-        cat = w.new_zeros(w.shape[0], width)
-        cat[:, :k] = w
-        cat[:, k : k + r] = up
-        self.weight, self.branch.up = cat[:, :k], cat[:, k : k + r]
+        cat = _padded_base([self.weight, self.branch.up], (self.out_features, width), [0, k])
+        if cat is None:
+            cat = self.weight.new_zeros(self.out_features, width)
+            cat[:, :k] = self.weight
+            cat[:, k : k + r] = self.branch.up
+            self.weight, self.branch.up = cat[:, :k], cat[:, k : k + r]
         return cat
 
+    def padded_down(self) -> torch.Tensor:
+        """``[down; 0]`` ``[branch_width(in, r) - in, in]`` (the product's columns of the fused buffer),
+        of which ``branch.down`` is a view (built on first use, rebuilt when it was reassigned)."""
+        k, down = self.in_features, self.branch.down
+        rows = kernels.branch_width(k, self.branch.rank) - k
+        pad = _padded_base([down], (rows, k), [0])
+        if pad is None:
+            pad = down.new_zeros(rows, k)
+            pad[: down.shape[0]] = down
+            self.branch.down = pad[: down.shape[0]]
+        return pad
+
     def _fused_linear(self, x: torch.Tensor, plan: FusedPlan) -> torch.Tensor:
-        """The fused branch path: one kernel writes ``[Qa(x') | h | 0]``, one GEMM adds both products."""
-        k, rank = self.in_features, self.branch.rank
-        x2 = x.reshape(-1, k).contiguous()
+        """The fused branch path: one kernel writes ``[Qa(x') | h | 0]`` (reused by the next layer
+        that reads the same ``x`` and shares this one's input key), one GEMM adds both products."""
         cat = self.concat_weight()
+        key = ("fused", self.input_key, plan, self.act_format)
+        buf = _prepared(x, key, lambda: self._fused_buffer(x, plan, cat.shape[1]))
+        return F.linear(buf, cat, self.bias).reshape(*x.shape[:-1], self.out_features)
+
+    def _fused_buffer(self, x: torch.Tensor, plan: FusedPlan, width: int) -> torch.Tensor:
+        k, rank = self.in_features, self.branch.rank
         shift = _rounded_shift(self.act_format.shift, x.dtype)
         buf = kernels.fused_branch(
-            x2, self.branch.down.contiguous(), plan.main, plan.source, plan.mid, cat.shape[1], shift, self.smooth
-        )
+            x.reshape(-1, k).contiguous(), self.padded_down(), plan.main, plan.source, plan.mid, width, shift,
+            self.smooth,
+        )  # fmt: skip
         if plan.mid_after is not None:
             h = buf[:, k : k + rank]
             h.copy_(plan.mid_after.quantize(h))
-        return F.linear(buf, cat, self.bias).reshape(*x.shape[:-1], self.out_features)
+        return buf
 
     def effective_weight(self) -> torch.Tensor:
         """The dense ``[out, in]`` matrix the layer applies to unquantized activations:
@@ -342,6 +363,47 @@ class QuantLinear(nn.Module):
             f"{kind} {self.in_features}->{self.out_features}, weights={self.weight_format}, "
             f"acts={self.act_format}{smooth}"
         )
+
+
+class _LastInput(threading.local):
+    """The prepared activations of the last input a quantized layer read (one entry per thread)."""
+
+    x: torch.Tensor | None = None
+    version: int = -1
+    key: tuple = ()
+    value: Any = None
+
+
+_LAST = _LastInput()
+
+
+def _prepared(x: torch.Tensor, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, or its value for the previous call when that had the same ``x`` (the same tensor
+    object, unmodified since) and ``key``: q, k and v of an attention read one tensor in turn, and
+    what they compute from it alone (its fake-quant; a shared fused buffer) is computed once. Off
+    under autograd and for inference-mode tensors (no version counter to see in-place changes by).
+    The entry holds ``x`` until the next call, so its identity cannot be reused."""
+    if torch.is_grad_enabled() or x.is_inference():
+        return make()
+    last = _LAST
+    if last.x is x and last.version == x._version and last.key == key:
+        return last.value
+    last.x, last.version, last.key, last.value = None, -1, (), None  # drop the old entry before computing
+    value = make()
+    last.x, last.version, last.key, last.value = x, x._version, key, value
+    return value
+
+
+def _padded_base(views: list[torch.Tensor], shape: tuple[int, int], offsets: list[int]) -> torch.Tensor | None:
+    """The contiguous ``shape`` buffer that each of ``views`` is a view of, starting ``offsets[i]``
+    elements into it, or None when they are not (any more: a view was reassigned)."""
+    base = views[0]._base
+    if base is None or base.shape != shape or not base.is_contiguous():
+        return None
+    for view, offset in zip(views, offsets, strict=True):
+        if view._base is not base or view.data_ptr() != base.data_ptr() + offset * base.element_size():
+            return None
+    return base
 
 
 @functools.cache

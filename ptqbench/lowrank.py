@@ -547,6 +547,7 @@ def build_layers(
                 first = q
             else:
                 q.shared_bits = shared_part_bits(first)
+                q.input_key = first.input_key  # same smoothing vector and down-projection: one fused buffer
             out[name] = set_info(q, **info[b], **shared)
     return out
 

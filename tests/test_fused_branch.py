@@ -70,22 +70,23 @@ def test_plan_sources_and_fallbacks() -> None:
     uint4 = get_format("uint4_g64")
     assert fused_plan(uint4, get_format("int8_g64"), None, BF16, 4608, 56) is not None
     # the unfused path: no kernel for the main or the branch format, a shifted branch format, fp16 cast of
-    # bf16 (rounds), float32 inputs, a product wider than the kernel's registers
+    # bf16 (rounds), float32 inputs
     assert fused_plan(get_format("bf16"), get_format("bf16"), None, BF16, 1152, 32) is None
     assert fused_plan(mx, get_format("int4_pc"), None, BF16, 1152, 32) is None  # per-channel: no kernel
     assert fused_plan(mx, get_format("uint4_g64:shift=0.171875"), None, BF16, 1152, 32) is None
     assert fused_plan(mx, get_format("fp16"), None, BF16, 1152, 32) is None
     assert fused_plan(mx, get_format("bf16"), None, torch.float32, 1152, 32) is None
-    assert fused_plan(mx, get_format("bf16"), None, BF16, 1152, 256) is not None  # 256 columns: the widest
-    assert fused_plan(mx, get_format("bf16"), None, BF16, 1000, 250) is None  # 264 columns with the padding
+    assert fused_plan(mx, get_format("bf16"), None, BF16, 1000, 250) is not None  # any rank: the product is a GEMM
 
 
 def test_widths() -> None:
     assert kernels.branch_width(1152, 32) == 1184 and kernels.branch_width(1152, 73) == 1232
     assert kernels.branch_width(1000, 1) == 1008
-    mid = get_format("int8_g64").kernel_spec(BF16)
-    assert [kernels.product_pad(c, None) for c in (1, 16, 17, 80, 112)] == [16, 16, 32, 128, 128]
-    assert kernels.product_pad(48, mid) == 64
+    # tiles: 128 columns (64 with a second output), at least every format's block, 16+ rows
+    assert kernels.tile_config(1152, [32]) == (4, 16) and kernels.tile_config(200, [32]) == (4, 16)
+    assert kernels.tile_config(40, [16]) == (4, 16) and kernels.tile_config(8, [2]) == (4, 64)
+    assert kernels.tile_config(1152, [16, 64]) == (4, 16) and kernels.tile_config(1152, [32, 1]) == (2, 16)
+    assert kernels.tile_config(64, [16, 128]) == (8, 16) and kernels.tile_config(4608, [256]) == (1, 16)
 
 
 def test_cpu_path_is_unchanged() -> None:
@@ -121,6 +122,38 @@ def test_concat_weight_views_and_rebuild() -> None:
     plain.weight, plain.branch.up = w * 2, up + 1
     x = _x(5, 64, "normal")  # the unfused path reads the strided views as it reads plain tensors
     assert torch.equal(q(x), plain(x))
+
+
+def test_layers_reading_one_tensor_compute_its_fake_quant_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """q, k and v without smoothing read one tensor: its fake-quant is computed once and reused
+    while the tensor is unchanged; another format, an in-place change or autograd recompute."""
+    mx = get_format("mxfp4")
+    calls: list[str] = []
+    real = type(mx).quantize
+
+    def counted(self, x, backend=None):
+        calls.append(str(self))
+        return real(self, x, backend)
+
+    monkeypatch.setattr(type(mx), "quantize", counted)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (QuantLinear(torch.randn(24, 64, generator=g).to(BF16), None, "mxfp4", "mxfp4") for _ in range(3))
+    other = QuantLinear(torch.randn(24, 64, generator=g).to(BF16), None, "mxfp4", "mxfp6_e2m3")
+    x = _x(10, 64, "outlier")
+    with torch.no_grad():
+        calls.clear()
+        ys = [layer(x) for layer in (q, k, v)]
+        assert calls == ["mxfp4"]
+        assert all(torch.equal(y, F.linear(mx.quantize(x), m.weight)) for y, m in zip(ys, (q, k, v), strict=True))
+        calls.clear()
+        other(x), q(x)
+        assert calls == ["mxfp6_e2m3", "mxfp4"]
+        x.mul_(2.0)  # changed in place: recomputed
+        calls.clear()
+        assert torch.equal(k(x), F.linear(real(mx, x), k.weight)) and calls == ["mxfp4"]
+    calls.clear()
+    q(x), k(x)
+    assert calls == ["mxfp4", "mxfp4"]  # autograd on: no reuse
 
 
 def test_switch_and_cpu() -> None:
@@ -168,12 +201,14 @@ def test_kernel_parts(cuda: torch.device, case: tuple) -> None:
     spec = act.kernel_spec(BF16)
     src_spec = None if source == "bf16" else src_fmt.kernel_spec(BF16)
     s = _smooth(k, "cuda") if smooth else None
-    down = (torch.randn(rank, k, device="cuda") / k**0.5).to(BF16)
     width = kernels.branch_width(k, rank)
-    # K split over programs (the heuristic at 300 rows), and one program per row block (the epilogue inline)
-    for kind, config in [("normal", None), ("outlier", None), ("outlier", (32, 128, 4, 1 << 20))]:
+    padded = torch.zeros(width - k, k, device="cuda", dtype=BF16)
+    padded[:rank] = (torch.randn(rank, k, device="cuda") / k**0.5).to(BF16)
+    down = padded[:rank]
+    # the heuristic's tile, and a narrow one (one block of 64 columns, 8 rows)
+    for kind, tile in [("normal", None), ("outlier", None), ("outlier", (max(1, 64 // spec.block), 8))]:
         x = _x(300, k, kind, "cuda")
-        buf = kernels.fused_branch(x, down, spec, src_spec, None, width, fmt.shift, s, config)
+        buf = kernels.fused_branch(x, padded, spec, src_spec, None, width, fmt.shift, s, tile)
         xs = _torch_prepare(x, fmt.shift, s)
         for want_q in (act.quantize(xs), act.reference(xs)):  # the fake-quant kernel and the torch definition
             same = (buf[:, :k] == want_q) | (buf[:, :k].isnan() & want_q.isnan())
@@ -188,7 +223,7 @@ def test_kernel_parts(cuda: torch.device, case: tuple) -> None:
         if mid is not None:
             mfmt = get_format(mid)
             with_mid = kernels.fused_branch(
-                x, down, spec, src_spec, mfmt.kernel_spec(BF16), width, fmt.shift, s, config
+                x, padded, spec, src_spec, mfmt.kernel_spec(BF16), width, fmt.shift, s, tile
             )
             assert torch.equal(with_mid[:, :k], buf[:, :k])
             assert torch.equal(with_mid[:, k : k + rank], mfmt.quantize(buf[:, k : k + rank]))
@@ -230,6 +265,24 @@ def test_layer_matches_unfused(cuda: torch.device, case: tuple) -> None:
             unfused = q(x)
         assert fused.shape == unfused.shape == (2, 300, 640)
         assert _rel(fused, unfused) < 6e-3, f"{case} {kind}: {_rel(fused, unfused):.2e}"
+
+
+def test_shared_input_key_reuses_one_fused_buffer(cuda: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers of one fused q/k/v unit (one smoothing vector, one down-projection, one input key)
+    run the fused kernel once for the tensor they all read; a layer with its own key runs it again."""
+    qs = [_layer(1152, 640, 32, "mxfp4", "bf16", "bf16", None, True, "cuda") for _ in range(4)]
+    for q in qs[1:3]:
+        q.smooth, q.branch.down, q.input_key = qs[0].smooth, qs[0].branch.down.clone(), qs[0].input_key
+    calls = []
+    real = kernels.fused_branch
+    monkeypatch.setattr(kernels, "fused_branch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = _x(2 * 300, 1152, "outlier", "cuda").view(2, 300, 1152)
+    with torch.no_grad():
+        ys = [q(x) for q in qs]
+        assert len(calls) == 2  # q, k, v share one; the fourth has its own key
+        with kernels.use_fused_branch(False):
+            for q, y in zip(qs, ys, strict=True):
+                assert _rel(y, q(x)) < 6e-3
 
 
 def test_conv1x1_and_reassignment(cuda: torch.device) -> None:

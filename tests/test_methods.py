@@ -334,8 +334,10 @@ def test_shared_qkv_down_projection(layers, minilm):
         downs = [q.branch.down for q in out.values()]
         assert all(torch.equal(downs[0], d) for d in downs[1:])
         assert out["attn.to_k"].info["shared_with"] == list(named)
+        assert len({q.input_key for q in out.values()}) == 1  # one fused buffer for the three
     separate = get_method("svdquant", **MX, rank=16, share_qkv=False, num_iters=2).quantize_layers(named)
     assert not torch.equal(separate["attn.to_q"].branch.down, separate["attn.to_k"].branch.down)
+    assert len({q.input_key for q in separate.values()}) == 3
 
 
 def _qkv(minilm):
