@@ -48,7 +48,7 @@ class Variant:
     mid: str | None = None
     smooth: bool = False
     shift: bool = False
-    fused_branch: bool = True  # the fused branch kernel (one read of x, one GEMM) where it applies
+    fused_branch: bool = True  # the fused branch path (x read once, one GEMM adds the branch) where it applies
     share_qkv: bool = False  # q/k/v reading one input share smoothing and down-projection (SVDQuant's native)
 
     def paths(self) -> ExitStack:

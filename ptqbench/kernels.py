@@ -489,7 +489,7 @@ _fused_on: list[bool] = [True]
 
 @contextmanager
 def use_fused_branch(on: bool) -> Iterator[None]:
-    """Within the block, quantized layers with a low-rank branch use the fused branch kernel where
+    """Within the block, quantized layers with a low-rank branch use the fused branch path where
     it applies (``on``, the default) or the unfused path (benchmarks compare them)."""
     previous = _fused_on[0]
     _fused_on[0] = on
@@ -500,7 +500,7 @@ def use_fused_branch(on: bool) -> Iterator[None]:
 
 
 def fused_branch_allowed(x: torch.Tensor) -> bool:
-    """Whether the fused branch kernel may run on ``x``: where Triton would (CUDA, backend ``auto``
+    """Whether the fused branch path may run on ``x``: where Triton would (CUDA, backend ``auto``
     or ``triton``, ``PTQBENCH_KERNELS`` not 0), a 16-bit input, and not switched off
     (:func:`use_fused_branch`, or ``PTQBENCH_FUSED_BRANCH=0`` under ``auto``)."""
     chosen = current_backend()

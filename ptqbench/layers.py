@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +125,7 @@ class LowRankBranch(nn.Module):
 
 @dataclass(frozen=True)
 class FusedPlan:
-    """How the fused branch kernel computes a layer: the main activations' kernel, the rank-r
+    """How the fused branch path computes a layer: the main activations' kernel, the rank-r
     product's source (None: the 16-bit input itself; ``main``: Qa(x')), the intermediate's kernel
     (``mid``) or, for a mid format the kernel cannot apply, that format applied after it."""
 
@@ -366,12 +367,21 @@ class QuantLinear(nn.Module):
 
 
 class _LastInput(threading.local):
-    """The prepared activations of the last input a quantized layer read (one entry per thread)."""
+    """The prepared activations of the last input a quantized layer read (one entry per thread),
+    held while that input lives: a weak reference to it, its version, the key and the value."""
 
-    x: torch.Tensor | None = None
+    ref: weakref.ref | None = None
     version: int = -1
     key: tuple = ()
     value: Any = None
+
+    def set(self, x: torch.Tensor | None, key: tuple = (), value: Any = None) -> None:
+        self.ref = None if x is None else weakref.ref(x, self._dropped)
+        self.version, self.key, self.value = (-1 if x is None else x._version), key, value
+
+    def _dropped(self, ref: weakref.ref) -> None:
+        if self.ref is ref:  # the input of the current entry died: nothing reads its value again
+            self.set(None)
 
 
 _LAST = _LastInput()
@@ -382,15 +392,15 @@ def _prepared(x: torch.Tensor, key: tuple, make: Callable[[], Any]) -> Any:
     object, unmodified since) and ``key``: q, k and v of an attention read one tensor in turn, and
     what they compute from it alone (its fake-quant; a shared fused buffer) is computed once. Off
     under autograd and for inference-mode tensors (no version counter to see in-place changes by).
-    The entry holds ``x`` until the next call, so its identity cannot be reused."""
+    The value is released with ``x`` (or the next entry)."""
     if torch.is_grad_enabled() or x.is_inference():
         return make()
     last = _LAST
-    if last.x is x and last.version == x._version and last.key == key:
+    if last.ref is not None and last.ref() is x and last.version == x._version and last.key == key:
         return last.value
-    last.x, last.version, last.key, last.value = None, -1, (), None  # drop the old entry before computing
+    last.set(None)  # drop the old entry before computing
     value = make()
-    last.x, last.version, last.key, last.value = x, x._version, key, value
+    last.set(x, key, value)
     return value
 
 

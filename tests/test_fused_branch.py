@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ptqbench import kernels
+from ptqbench import layers as layers_module
 from ptqbench.formats import get_format
 from ptqbench.layers import LowRankBranch, QuantLinear, fused_plan
 
@@ -151,7 +152,11 @@ def test_layers_reading_one_tensor_compute_its_fake_quant_once(monkeypatch: pyte
         x.mul_(2.0)  # changed in place: recomputed
         calls.clear()
         assert torch.equal(k(x), F.linear(real(mx, x), k.weight)) and calls == ["mxfp4"]
+        assert layers_module._LAST.value is not None
+        del x, ys
+        assert layers_module._LAST.value is None  # released with its input
     calls.clear()
+    x = _x(10, 64, "normal")
     q(x), k(x)
     assert calls == ["mxfp4", "mxfp4"]  # autograd on: no reuse
 
