@@ -81,3 +81,18 @@ def test_run_times_every_variant(name: str, monkeypatch: pytest.MonkeyPatch, cap
     assert rows[-1]["ms"] > 0 and "floor of one extra read+write pass" in capsys.readouterr().out
     # the transformer came back unpatched after every variant
     assert all(type(m).__name__ != "QuantLinear" for m in model.modules())
+
+
+def test_shared_qkv_variant_builds_svdquants_fused_units() -> None:
+    """``share_qkv``: q/k/v of an attention take their unit's first smoothing vector, down-projection
+    and input key (as SVDQuant builds them); other layers and the unshared variant keep their own."""
+    model = tiny("pixart-sigma")
+    shared = bench.Variant("s", "mxfp4", "mxfp4", 4, smooth=True, share_qkv=True)
+    report = bench.apply_variant(model, shared)
+    q = report.quantized
+    unit = [q[f"transformer_blocks.0.attn1.{p}"] for p in ("to_q", "to_k", "to_v")]
+    assert len({u.input_key for u in unit}) == 1
+    assert all(u.smooth is unit[0].smooth and torch.equal(u.branch.down, unit[0].branch.down) for u in unit)
+    assert len({layer.input_key for layer in q.values()}) == len(q) - 2
+    separate = bench.apply_variant(tiny("pixart-sigma"), bench.Variant("s", "mxfp4", "mxfp4", 4, smooth=True))
+    assert len({layer.input_key for layer in separate.quantized.values()}) == len(separate.quantized)
