@@ -281,3 +281,38 @@ def test_one_and_two_gloo_processes_give_the_same_suite(tmp_path: Path, template
     metrics = _metrics(tmp_path / "one")
     assert len(metrics) == 3 and any("psnr" in m for m in metrics.values())
     assert metrics == _metrics(tmp_path / "two")
+
+
+# ------------------------------------------------------------------ the scaling benchmark, 1 vs 2 processes
+
+
+def test_scaling_benchmark_on_one_and_two_gloo_processes(tmp_path: Path) -> None:
+    """``benchmarks/bench_scaling.py --small``: one process and two gloo processes give the same
+    latents for every variant, each stage is timed with every rank's memory, and ``--compare``
+    prints the speed-ups and the agreement."""
+    import json
+
+    script = REPO / "benchmarks" / "bench_scaling.py"
+    args = ["--small", "--device", "cpu", "--prompts", "4", "--calib-prompts", "2", "--batch", "1", "--steps", "2",
+            "--tokens", "8", "--rows", "16"]  # fmt: skip
+    outs = {}
+    for ranks in (1, 2):
+        outs[ranks] = tmp_path / f"scaling_{ranks}.json"
+        cmd = [sys.executable, *_launch(ranks), str(script), *args, "--out", str(outs[ranks])]
+        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+    one, two = (json.loads(outs[r].read_text()) for r in (1, 2))
+    assert (one["processes"], two["processes"], two["backend"]) == (1, 2, "gloo")
+    assert list(one["variants"]) == ["16-bit", "svdquant", "loraq-w4a8"]
+    for label, record in two["variants"].items():
+        assert record["latents_sha256"] == one["variants"][label]["latents_sha256"], label
+        stages = ["generation"] if label == "16-bit" else ["calibration", "quantization", "generation"]
+        assert [k for k, v in record.items() if isinstance(v, dict)] == stages
+        for name in stages:
+            assert len(record[name]["host_peak_rss_bytes"]) == 2 and record[name]["gpu_peak_bytes"] == [None, None]
+    done = subprocess.run([sys.executable, str(script), "--compare", str(outs[2]), str(outs[1])], env=_env(),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("| variant | stage | 1 proc") and len(lines) == 2 + 7 + 1
+    assert lines[-1] == "latents identical across process counts: True"
