@@ -19,10 +19,11 @@ import datetime
 import io
 import os
 import pickle
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as td
@@ -230,8 +231,32 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             _SOLO[0] = False
     kind, value = broadcast_object(outcome)
     if kind == "error":
+        with contextlib.suppress(AttributeError):  # an exception type without a __dict__
+            value.ptqbench_every_rank = True  # every rank raises it here (see raised_on_every_rank)
         raise value
     return value
+
+
+def raised_on_every_rank(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised on every rank at the same point (by :func:`on_main`), so that the
+    ranks may go on together; any other exception may have left the others inside a collective."""
+    return _WORLD.size == 1 or bool(getattr(exc, "ptqbench_every_rank", False))
+
+
+def abandon(message: str, traceback_text: str) -> NoReturn:
+    """Stop this process at once after an exception the other ranks did not share: they may be
+    waiting in a collective this rank will never join, and any collective it called next (a
+    tracker call, the shutdown barrier) would pair with theirs. Exits with status 1 without
+    touching the process group; torchrun then stops the other ranks."""
+    print(
+        f"{traceback_text}ptqbench: rank {_WORLD.rank} of {_WORLD.size}: {message}\n"
+        f"ptqbench: rank {_WORLD.rank}: stopping the job (the other ranks may be waiting in a collective); "
+        "rerun to resume: finished cells, verified images and cached layers are kept, --only skips cells",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def _picklable(obj: object) -> bool:

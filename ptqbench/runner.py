@@ -408,6 +408,8 @@ class Runner:
             raise
         except Exception as exc:
             progress.close()
+            if not dist.raised_on_every_rank(exc):  # the others may wait in this cell's collectives
+                dist.abandon(f"cell failed: {cell.label}: {_error_text(exc)}", traceback.format_exc())
             self.tracker.fail(run_id, _error_text(exc), traceback.format_exc())
             self.outcome.failed.append(cell.hash)
             print(f"cell failed: {cell.label}: {_error_text(exc)}", file=sys.stderr)

@@ -159,8 +159,9 @@ out["gather"] = dist.all_gather_object(r * 10)
 out["main"] = dist.on_main(lambda: dist.rank())
 try:
     dist.on_main(lambda: 1 / 0)
-except ZeroDivisionError:
-    out["error"] = "raised"
+except ZeroDivisionError as exc:
+    out["error"] = "raised" if dist.raised_on_every_rank(exc) else "raised here only"
+out["local"] = dist.raised_on_every_rank(ValueError("a rank's own error"))
 tracker = dist.main_only(lambda: {"made on": dist.rank()})
 out["tracker"] = tracker.get("made on")
 torch.manual_seed(r)
@@ -212,7 +213,8 @@ def test_collectives_on_two_gloo_ranks(tmp_path: Path, monkeypatch: pytest.Monke
     assert a["size"] == b["size"] == 2 and a["backend"] == "gloo"
     assert a["max"] == b["max"] == [1.0, 0.0] and a["sum"] == b["sum"] == [3.0]
     assert a["bcast"] == b["bcast"] == {"r": 0} and a["gather"] == b["gather"] == [0, 10]
-    assert a["main"] == b["main"] == 0 and a["error"] == b["error"] == "raised"
+    assert a["main"] == b["main"] == 0 and a["error"] == b["error"] == "raised"  # on every rank, marked so
+    assert a["local"] is b["local"] is False and results[1][0]["local"] is True  # one process: always together
     assert a["tracker"] == b["tracker"] == 0
     assert a["modules"] == b["modules"] == ["l0", "l1"] and a["weights"] == b["weights"]
     assert a["stats"] == b["stats"] == results[1][0]["stats"]  # 2 ranks reduce to what 1 process collects
@@ -281,6 +283,49 @@ def test_one_and_two_gloo_processes_give_the_same_suite(tmp_path: Path, template
     metrics = _metrics(tmp_path / "one")
     assert len(metrics) == 3 and any("psnr" in m for m in metrics.values())
     assert metrics == _metrics(tmp_path / "two")
+
+
+# ------------------------------------------------------------------ a cell failing on one rank
+
+FAIL_ON_RANK_1 = """\
+import os, sys
+import ptqbench.evaluate as ev
+from ptqbench import cli
+
+real = ev.evaluate
+
+
+def failing(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("injected failure on rank 1")
+    return real(*args, **kwargs)
+
+
+ev.evaluate = failing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_cell_failing_on_one_rank_stops_the_job_at_once(tmp_path: Path, template_db: Path) -> None:
+    """Rank 1 fails inside a cell while rank 0 goes on into the cell's collectives: rank 1 exits at
+    once (no tracker call, no shutdown barrier: either would pair with rank 0's collective) and
+    torchrun stops rank 0, long before the collective timeout; the error names the rank."""
+    import time
+
+    suite = tmp_path / "dist.yaml"
+    suite.write_text(SUITE, encoding="utf-8")
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(FAIL_ON_RANK_1, encoding="utf-8")
+    args = ["run", str(suite), "--threads", "1", "--device", "cpu", "--tracking-uri",
+            fresh_store(tmp_path, template_db), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    start = time.monotonic()
+    env = {**_env(), "PTQBENCH_DIST_TIMEOUT": "900"}
+    done = subprocess.run([sys.executable, *_launch(2), str(script), *args], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode != 0
+    assert time.monotonic() - start < 300  # not the 900 s collective timeout
+    assert "ptqbench: rank 1 of 2: cell failed:" in done.stderr and "injected failure on rank 1" in done.stderr
+    assert "stopping the job" in done.stderr
 
 
 # ------------------------------------------------------------------ the scaling benchmark, 1 vs 2 processes
