@@ -344,6 +344,8 @@ class Runner:
         except UserError:
             raise
         except Exception as exc:
+            if not dist.raised_on_every_rank(exc):  # the others may be in the cells' collectives by now
+                dist.abandon(f"loading {entry} failed: {_error_text(exc)}", traceback.format_exc())
             for cell in cells:
                 self.record_failure(cell, exc, traceback.format_exc(), stage="load")
                 bar.update(1)
