@@ -141,7 +141,7 @@ def apply_variant(transformer: nn.Module, variant: Variant) -> PatchReport | Non
         if variant.rank:
             down = torch.randn(variant.rank, in_f, generator=g, device=w.device, dtype=w.dtype) * 0.02
             up = torch.randn(out_f, variant.rank, generator=g, device=w.device, dtype=w.dtype) * 0.02
-            down = leader.branch.down if leader else down
+            down = leader.branch.down if leader else down  # drawn anyway: the same stream as unshared
             branch = LowRankBranch(down, up, variant.branch_weight, variant.branch_act, variant.mid)
         if variant.smooth:
             smooth = 2.0 ** (torch.rand(in_f, generator=g, device=w.device) * 2 - 1)

@@ -515,7 +515,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 def branch_width(k: int, rank: int) -> int:
     """Columns of the fused buffer ``[Qa(x) | h | 0]``: ``k + rank`` rounded up to a multiple of 16."""
-    return -(-(k + rank) // 16) * 16
+    return _ceil_div(k + rank, 16) * 16
 
 
 def fused_branch(

@@ -141,12 +141,10 @@ def _identity_cast(fmt: Format, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def fused_plan(
-    act: Format, branch_act: Format, mid: Format | None, dtype: torch.dtype, k: int, rank: int
-) -> FusedPlan | None:
+def fused_plan(act: Format, branch_act: Format, mid: Format | None, dtype: torch.dtype) -> FusedPlan | None:
     """The fused kernel's plan for main activation format ``act`` (unshifted), a branch reading
-    ``branch_act`` with intermediate format ``mid``, ``dtype`` inputs of width ``k`` and ``rank``;
-    None where the fused path does not apply (no kernel for a format, a shifted branch format) or
+    ``branch_act`` with intermediate format ``mid`` and ``dtype`` inputs (any width and rank: the
+    product is a GEMM); None where the fused path does not apply (no kernel for a format, a shifted branch format) or
     is slower (a per-tensor scale, NVFP4's, whose abs-max pass the kernel adds): the unfused path
     runs. A mid format with a per-tensor scale runs after the kernel, in torch (``mid_after``)."""
     main = act.kernel_spec(dtype)
@@ -285,9 +283,7 @@ class QuantLinear(nn.Module):
             return None
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return None
-        return fused_plan(
-            self.act_format.unshifted(), branch.act_format, branch.mid_format, x.dtype, self.in_features, branch.rank
-        )
+        return fused_plan(self.act_format.unshifted(), branch.act_format, branch.mid_format, x.dtype)
 
     def concat_weight(self) -> torch.Tensor:
         """``[Q1(W_main) | up | 0]`` ``[out, branch_width(in, r)]``, of which ``weight`` and

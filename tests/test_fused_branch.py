@@ -56,28 +56,28 @@ def _layer(
 
 def test_plan_sources_and_fallbacks() -> None:
     mx, nv = get_format("mxfp4"), get_format("nvfp4")
-    plan = fused_plan(mx, get_format("bf16"), None, BF16, 1152, 32)
+    plan = fused_plan(mx, get_format("bf16"), None, BF16)
     assert plan.source is None and plan.main == mx.kernel_spec(BF16) and plan.mid is None
-    assert fused_plan(mx, get_format("fp32"), None, BF16, 1152, 32).source is None  # fp32 cast: identity too
-    assert fused_plan(mx, mx, None, BF16, 1152, 32).source == plan.main  # LoRaQ reading Qa(x) itself
-    w4a8 = fused_plan(mx, get_format("mxfp8_e4m3"), get_format("mxfp8_e4m3"), BF16, 1152, 108)
+    assert fused_plan(mx, get_format("fp32"), None, BF16).source is None  # fp32 cast: identity too
+    assert fused_plan(mx, mx, None, BF16).source == plan.main  # LoRaQ reading Qa(x) itself
+    w4a8 = fused_plan(mx, get_format("mxfp8_e4m3"), get_format("mxfp8_e4m3"), BF16)
     assert w4a8.source == get_format("mxfp8_e4m3").kernel_spec(BF16) and w4a8.mid == w4a8.source
-    assert fused_plan(mx, mx, nv, BF16, 1152, 32).mid_after == nv  # a per-tensor scale: torch after the kernel
+    assert fused_plan(mx, mx, nv, BF16).mid_after == nv  # a per-tensor scale: torch after the kernel
     # NVFP4 activations (a per-tensor scale, one more pass): measured slower fused, so unfused
-    assert fused_plan(nv, get_format("bf16"), None, BF16, 1152, 32) is None
-    assert fused_plan(mx, nv, None, BF16, 1152, 32) is None
-    assert fused_plan(get_format("nvfp4_1l"), get_format("bf16"), None, BF16, 1152, 32) is not None
-    assert fused_plan(mx, mx, get_format("bf16"), BF16, 1152, 32).mid_after is None  # identity mid: none
+    assert fused_plan(nv, get_format("bf16"), None, BF16) is None
+    assert fused_plan(mx, nv, None, BF16) is None
+    assert fused_plan(get_format("nvfp4_1l"), get_format("bf16"), None, BF16) is not None
+    assert fused_plan(mx, mx, get_format("bf16"), BF16).mid_after is None  # identity mid: none
     uint4 = get_format("uint4_g64")
-    assert fused_plan(uint4, get_format("int8_g64"), None, BF16, 4608, 56) is not None
+    assert fused_plan(uint4, get_format("int8_g64"), None, BF16) is not None
     # the unfused path: no kernel for the main or the branch format, a shifted branch format, fp16 cast of
     # bf16 (rounds), float32 inputs
-    assert fused_plan(get_format("bf16"), get_format("bf16"), None, BF16, 1152, 32) is None
-    assert fused_plan(mx, get_format("int4_pc"), None, BF16, 1152, 32) is None  # per-channel: no kernel
-    assert fused_plan(mx, get_format("uint4_g64:shift=0.171875"), None, BF16, 1152, 32) is None
-    assert fused_plan(mx, get_format("fp16"), None, BF16, 1152, 32) is None
-    assert fused_plan(mx, get_format("bf16"), None, torch.float32, 1152, 32) is None
-    assert fused_plan(mx, get_format("bf16"), None, BF16, 1000, 250) is not None  # any rank: the product is a GEMM
+    assert fused_plan(get_format("bf16"), get_format("bf16"), None, BF16) is None
+    assert fused_plan(mx, get_format("int4_pc"), None, BF16) is None  # per-channel: no kernel
+    assert fused_plan(mx, get_format("uint4_g64:shift=0.171875"), None, BF16) is None
+    assert fused_plan(mx, get_format("fp16"), None, BF16) is None
+    assert fused_plan(mx, get_format("bf16"), None, torch.float32) is None
+    assert fused_plan(mx, get_format("bf16"), None, BF16) is not None  # no width or rank: any rank fuses (GEMM)
 
 
 def test_widths() -> None:
