@@ -20,6 +20,10 @@ computes it), and the script prints:
   all-rows layer's (``e/e_nat``: the largest ratio, the fraction within 0.1 % and 1 %), plus
   ``obj gap``: where the pair agrees, how much worse the all-rows objective is at the subsample's
   iterate than at the all-rows best (each layer's ``iterate_errors`` curve is in the JSON);
+- with ``--search-rows K``, the same for the smoothing searched on K rows and refined on all of
+  them (SVDQuant's ``search_rows``): the refinement scores on the Gram matrices of all rows
+  (``--refine-objective gram``, the default), so its iterate follows the all-rows one wherever
+  the pair does;
 - the seconds of one SVD per unit shape (SVDs are outside the floor; the search does one per
   candidate and per evaluated iterate). The report is printed (and ``--out`` written) after
   every run (one block at one size), so a run cut short still leaves its numbers.
@@ -37,14 +41,16 @@ at 1024 px, not 128 x 20 x 2 x 4096.
 
   GPU (the native size), one block:
       python benchmarks/bench_svdquant_calib.py --device cuda --layers 8 --svd gram --subsample 4096 16384 65536 131072
+      python benchmarks/bench_svdquant_calib.py --device cuda --layers 8 --svd gram --subsample --search-rows 4096 16384
       python benchmarks/bench_svdquant_calib.py --device cuda --layers 8 --workers 1 --profile --out svdq_calib.json
   CPU smoke test (tiny PixArt config):
-      python benchmarks/bench_svdquant_calib.py --small --device cpu --rows 512 --subsample 64 256
+      python benchmarks/bench_svdquant_calib.py --small --device cpu --rows 512 --subsample 64 256 --search-rows 64
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -73,6 +79,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="the model's dtype")
     p.add_argument("--rows", type=int, default=NATIVE_ROWS, help="calibration rows per layer input (all rows)")
     p.add_argument("--subsample", type=int, nargs="*", default=[4096, 16384, 65536])
+    p.add_argument("--search-rows", type=int, nargs="*", default=[],
+                   help="also run with the smoothing searched on this many rows, refined on all (search_rows)")
+    p.add_argument("--refine-objective", default="gram", choices=("gram", "rows"))
     p.add_argument("--layers", type=int, default=0, help="calibrate only the first L quantized layers (0: all)")
     p.add_argument("--format", default="int4_g64", help="main weight and activation format")
     p.add_argument("--rank", type=int, default=32)
@@ -171,8 +180,11 @@ def sync(layers: dict[str, nn.Module]) -> None:
     sync_device(next(iter(layers.values())).weight)
 
 
-def floor_flops(shapes: dict[str, tuple[int, int]], names: list[str], info: dict, args, n_rows: int) -> float:
-    """Matrix-product FLOPs on the rows the search and refinement must do (see the module docstring)."""
+def floor_flops(
+    shapes: dict[str, tuple[int, int]], names: list[str], info: dict, args, n_rows: int, searched: int | None = None
+) -> float:
+    """Matrix-product FLOPs on the rows the search (on ``searched`` of them, default all) and the
+    refinement must do scored per row (see the module docstring)."""
     units: dict[str, list[str]] = {}
     for name in names:
         units.setdefault(qkv_group(name) or name, []).append(name)
@@ -182,8 +194,8 @@ def floor_flops(shapes: dict[str, tuple[int, int]], names: list[str], info: dict
         n = shapes[members[0]][1]
         m = sum(shapes[k][0] for k in members)
         iterates = len(info[members[0]]["iterate_errors"])  # evaluated iterates
-        per_score = 2 * n_rows * n * m + 2 * n_rows * args.rank * (n + m)
-        total += 2 * n_rows * n * m + (candidates + iterates) * per_score
+        per_row = 2 * n * m + 2 * args.rank * (n + m)
+        total += 2 * n_rows * n * m + (candidates * (searched or n_rows) + iterates * n_rows) * per_row
     return total
 
 
@@ -194,10 +206,12 @@ def run(args: argparse.Namespace) -> dict:
     method = get_method(
         "svdquant", weight_format=args.format, act_format=args.format, rank=args.rank,
         num_grids=args.num_grids, num_iters=args.num_iters, svd=args.svd, rows="all", score_dtype=args.score_dtype,
+        refine_objective=args.refine_objective,
     )
     PROFILE.enabled = args.profile
     svdquant.GPU_WORKERS = args.workers
-    sizes = [k for k in args.subsample if k < args.rows]
+    sizes: list[int | str] = [k for k in args.subsample if k < args.rows]
+    sizes += [f"search {k}" for k in args.search_rows if k < args.rows]
     results = {"all": {"seconds": 0.0, "flops": 0.0}} | {k: {"seconds": 0.0, "flops": 0.0} for k in sizes}
     choices: dict[object, dict[str, dict]] = {key: {} for key in results}
     svd_seconds = svd_probe(shapes, list(shapes), args)
@@ -211,24 +225,30 @@ def run(args: argparse.Namespace) -> dict:
                 few = {id(x): x[: min(size, args.rows)] for x in rows.values()}
                 calibrate(method, layers, {name: few[id(x)] for name, x in rows.items()}, absmax)
         for key in results:
+            run_method, searched = method, None
             if key == "all":
+                picked, n_rows = rows, args.rows
+            elif isinstance(key, str):  # "search K": the search on K rows, the refinement on all
+                searched = int(key.split()[1])
+                run_method = dataclasses.replace(method, search_rows=searched)
                 picked, n_rows = rows, args.rows
             else:
                 keep = perm[:key].to(args.device)
                 subsets = {id(x): x[keep] for x in rows.values()}
                 picked, n_rows = {name: subsets[id(x)] for name, x in rows.items()}, key
             PROFILE.reset()
-            quantized, seconds = calibrate(method, layers, picked, absmax)
+            quantized, seconds = calibrate(run_method, layers, picked, absmax)
             info = {name: q.info for name, q in quantized.items()}
             errors = heldout_errors(layers, quantized, heldout)
             results[key]["seconds"] += seconds
-            results[key]["flops"] += floor_flops(shapes, names, info, args, n_rows)
+            results[key]["flops"] += floor_flops(shapes, names, info, args, n_rows, searched)
             choices[key].update({
                 name: {"pair": i["smooth_pair"], "iterate": i["best_iteration"], "heldout_error": errors[name],
                        "iterate_errors": i["iterate_errors"]} for name, i in info.items()})
             out = summarize(results, choices, args, len(choices["all"]))
             out["svd_seconds_per_call"] = svd_seconds
-            print(f"block {index}, rows {n_rows}: {seconds:.2f} s\n{report(out)}", flush=True)
+            print(f"block {index}, rows {key if isinstance(key, str) else n_rows}: {seconds:.2f} s\n{report(out)}",
+                  flush=True)
             if args.profile:
                 out.setdefault("profile", {})[f"block {index}, rows {n_rows}"] = stages = profile_table()
                 print("  stages: " + ", ".join(f"{k} {v[0]:.3f} s / {v[1]} calls" for k, v in stages.items()))
@@ -336,7 +356,7 @@ def report(out: dict) -> str:
     lines = [f"SVDQuant calibration: {out['model']}, {out['layers']} layers, {out['format']}, svd {out['svd']}, "
              f"scores in {out['score_dtype']}, "
              f"{out['device']}; floor at {out['tflops']:g} TFLOP/s",
-             f"{'rows':>9} {'seconds':>10} {'floor s':>10} {'ratio':>8} {'pair':>6} {'iterate':>8} {'both':>6}"
+             f"{'rows':>13} {'seconds':>10} {'floor s':>10} {'ratio':>8} {'pair':>6} {'iterate':>8} {'both':>6}"
              f" {'e/e_nat max':>11} {'<=0.1%':>7} {'<=1%':>6} {'obj gap':>9}"]
     cols = (("same_pair", 6, ".3f"), ("same_iterate", 8, ".3f"), ("same_both", 6, ".3f"),
             ("heldout_ratio_max", 11, ".5f"), ("heldout_within_0.1%", 7, ".3f"), ("heldout_within_1%", 6, ".3f"),
@@ -344,7 +364,7 @@ def report(out: dict) -> str:
     for r in out["runs"]:
         agree = "".join(f" {r[k]:>{w}{f}}" if r.get(k) is not None else f" {'-':>{w}}" for k, w, f in cols
                         ) if "same_pair" in r else ""
-        lines.append(f"{r['rows']:>9} {r['seconds']:>10.2f} {r['floor_seconds']:>10.3f} {r['ratio']:>8.1f}{agree}")
+        lines.append(f"{r['rows']:>13} {r['seconds']:>10.2f} {r['floor_seconds']:>10.3f} {r['ratio']:>8.1f}{agree}")
     return "\n".join(lines)
 
 

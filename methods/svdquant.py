@@ -14,7 +14,12 @@
 3. Refinement (``calib/lowrank.py``, ``num_iters`` 100, ``early_stop``): the SVD of
    ``W^ - Q1(W^ - L R)`` again; the output error decides (also without smoothing, whenever rows
    exist; the weight error only without rows); an iterate counts as better when its error is
-   ``<=`` the best so far, and a unit stops at its first worse iterate.
+   ``<=`` the best so far, and a unit stops at its first worse iterate. The smoothing being
+   fixed, the iterates' output error is evaluated from float64 Gram matrices of the rows
+   (``refine_objective: gram``, :mod:`ptqbench.rowgram`): the same objective without the
+   16-bit rounding of each product, at one pass over the rows instead of one per iterate;
+   ``rows`` scores every iterate per row in ``score_dtype`` as deepcompressor's 16-bit module
+   does. Logged in ``q.info["refine_objective"]``.
 4. ``y = Qa(x/s) Q1(R_es)^T + (x/s) R^T L^T + b``.
 5. Fused q/k/v (deepcompressor ``low_rank.exclusive: false``, ``share_qkv``): the layers of one
    attention that read one input share one smoothing vector and one ``R`` from the SVD of
@@ -44,6 +49,7 @@ from ptqbench.errors import UserError
 from ptqbench.formats import Format
 from ptqbench.layers import SMOOTH_BITS, QuantLinear, dense_weight
 from ptqbench.lowrank import (
+    REFINE_OBJECTIVES,
     STOP_RULES,
     SVD_KINDS,
     Batch,
@@ -54,6 +60,7 @@ from ptqbench.lowrank import (
     make_batches,
     make_units,
     map_batches,
+    subsample,
     svd_label,
 )
 from ptqbench.method import LowRankMethod, format_field, register_method, resolve_format
@@ -70,14 +77,16 @@ class SVDQuant(LowRankMethod):
     """SVDQuant: smoothing searched with the branch in place, 16-bit SVD branch, quantized residual.
 
     ``smoothing`` (with statistics) searches ``2 num_grids - 1`` (a, b) pairs scored on ``rows``
-    calibration rows (``all`` or -1: every row); ``num_iters`` / ``early_stop`` /
+    calibration rows (``all`` or -1: every row), or on a seeded subset of ``search_rows`` of them
+    (the refinement still scores on all ``rows``; default ``all``: the same rows); ``num_iters`` / ``early_stop`` /
     ``early_stop_rule`` (``<=`` or ``<``) refine the branch; ``share_qkv`` fuses q/k/v reading one
     input; ``svd``: exact (float64) | randomized | auto (``seed`` seeds the randomized range
     finder; ``gram``: exact float64 through the Gram matrix's eigendecomposition, cheaper);
     ``branch_format`` ``model``: the layer's own 16-bit dtype; ``score_dtype`` (``model`` |
     ``float32``): dtype of the row products the candidates and iterates are scored with
     (``model``: the layer's fp16/bf16 with float32 accumulation, as deepcompressor runs its
-    candidates; float32 layers always score in float32).
+    candidates; float32 layers always score in float32); ``refine_objective`` (``gram`` |
+    ``rows``): how the refinement's iterates are scored on rows (item 3 above).
     """
 
     branch_format: Format | str = format_field("model", model_dtype=True)
@@ -86,6 +95,7 @@ class SVDQuant(LowRankMethod):
     smoothing: bool = True
     num_grids: int = 20
     rows: int | str = 256
+    search_rows: int | str = "all"
     num_iters: int = 100
     early_stop: bool = True
     early_stop_rule: str = "<="
@@ -93,14 +103,17 @@ class SVDQuant(LowRankMethod):
     svd: str = "exact"
     seed: int = 0
     score_dtype: str = "model"
+    refine_objective: str = "gram"
     model_dtype_branch: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rows == "all":
-            object.__setattr__(self, "rows", ALL_ROWS)
-        if not isinstance(self.rows, int) or (self.rows < 1 and self.rows != ALL_ROWS):
-            raise UserError(f"svdquant: rows must be >= 1, or 'all' / -1 (every row), got {self.rows!r}")
+        for key in ("rows", "search_rows"):
+            value = getattr(self, key)
+            if value == "all":
+                object.__setattr__(self, key, value := ALL_ROWS)
+            if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != ALL_ROWS):
+                raise UserError(f"svdquant: {key} must be >= 1, or 'all' / -1 (every row), got {value!r}")
         if self.num_grids < 2:
             raise UserError(f"svdquant: num_grids must be >= 2, got {self.num_grids}")
         if self.num_iters < 1:
@@ -110,6 +123,11 @@ class SVDQuant(LowRankMethod):
         if self.score_dtype not in SCORE_DTYPES:
             raise UserError(
                 f"svdquant: score_dtype {self.score_dtype!r} is not valid (valid: {', '.join(SCORE_DTYPES)})"
+            )
+        if self.refine_objective not in REFINE_OBJECTIVES:
+            raise UserError(
+                f"svdquant: refine_objective {self.refine_objective!r} is not valid "
+                f"(valid: {', '.join(REFINE_OBJECTIVES)})"
             )
         if self.early_stop_rule not in STOP_RULES:
             raise UserError(
@@ -162,7 +180,7 @@ class SVDQuant(LowRankMethod):
         dtype = torch.float64 if self.svd in ("exact", "gram") else torch.float32
         return Fitter(
             spec, self.weight_format, self.act_format, self.svd, self.seed, dtype, self.early_stop_rule,
-            score_dtype=resolve_score_dtype(self.score_dtype, layer_dtype),
+            score_dtype=resolve_score_dtype(self.score_dtype, layer_dtype), refine_objective=self.refine_objective,
         )
 
     def _quantize_batch(self, batch: Batch, spec: BranchSpec) -> tuple:
@@ -170,7 +188,7 @@ class SVDQuant(LowRankMethod):
         fitter = self._fitter(spec, dense_weight(batch.units[0].layers[0]).dtype)
         pairs = smoothing_grid(self.num_grids)
         if self.smoothing and batch.absmax is not None:
-            smooth, pick = fitter.search(batch, pairs)
+            smooth, pick = fitter.search(subsample(batch, self.search_rows, self.seed), pairs)
             how = "searched on output MSE" if batch.samples is not None else "searched on weight error (no rows)"
             chosen = [pair_label(pairs[int(i)]) for i in pick.tolist()]
         else:
@@ -183,14 +201,19 @@ class SVDQuant(LowRankMethod):
         curves = iterate_errors(history, used, self.early_stop)
         svd = svd_label(fitter.svd_kind(tuple(ws.shape), ws.device), fitter.svd_dtype) if self.rank else "none"
         rows = batch.samples.count if batch.samples is not None else 0
+        searched = rows if self.search_rows == ALL_ROWS else min(rows, self.search_rows)
+        refined_on = None
+        if rows:
+            refined_on = "float64 Gram of the rows" if fitter.refines_on_gram(batch) else "per row"
         info = []
         for unit, pair, it, curve in zip(batch.units, chosen, used.tolist(), curves, strict=True):
-            objective = f"output MSE on {rows} rows" if rows else "weight error (no rows)"
+            on = f"{rows} rows" if searched == rows else f"{rows} rows (smoothing searched on {searched} of them)"
+            objective = f"output MSE on {on}" if rows else "weight error (no rows)"
             if rows and len(unit.names) > 1:
-                objective = f"{QKV_OBJECTIVE} on {rows} rows"
+                objective = f"{QKV_OBJECTIVE} on {on}"
             info.append({
                 "smoothing": how, "smooth_pair": pair, "best_iteration": int(it), "iterate_errors": curve,
-                "objective": objective,
+                "objective": objective, "refine_objective": refined_on,
                 "svd": svd, "branch_format": str(spec.weight_format),
                 "score_dtype": str(fitter.score_dtype).removeprefix("torch.") if rows else None,
             })

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -23,6 +23,7 @@ from ptqbench.formats import CastFormat, Format
 from ptqbench.layers import SMOOTH_BITS, LowRankBranch, QuantLinear, dense_weight
 from ptqbench.memory import qkv_group
 from ptqbench.method import LowRankMethod
+from ptqbench.rowgram import RowGram, applies
 from ptqbench.smoothing import (
     MAX_BATCH_ELEMENTS,
     PROFILE,
@@ -36,11 +37,12 @@ from ptqbench.smoothing import (
     smooth_scale,
     streamed_sq_error,
 )
-from ptqbench.stats import LayerStats
+from ptqbench.stats import ALL_ROWS, LayerStats
 
 T = TypeVar("T")
 SVD_KINDS = ("auto", "exact", "gram", "randomized")
 STOP_RULES = ("<=", "<")
+REFINE_OBJECTIVES = ("gram", "rows")
 
 
 # ----------------------------------------------------------------------------- truncated SVD
@@ -324,6 +326,17 @@ def make_batches(units: list[Unit], use_rows: bool, xtx: str = "none") -> list[B
     return batches
 
 
+def subsample(batch: Batch, rows: int, seed: int) -> Batch:
+    """``batch`` with a seeded subset of ``rows`` of its calibration rows (kept in their order; the
+    same positions for every unit), or ``batch`` itself for ALL_ROWS or when it has no more rows."""
+    if batch.samples is None or rows == ALL_ROWS or rows >= batch.samples.count:
+        return batch
+    perm = torch.randperm(batch.samples.count, generator=torch.Generator().manual_seed(int(seed)))
+    keep = perm[:rows].sort().values
+    parts = [part[keep.to(part.device)] for part in batch.samples.parts]
+    return replace(batch, samples=Rows(parts, batch.samples.device, batch.samples.compact))
+
+
 def map_batches(batches: list[Batch], fn: Callable[[Batch], T], workers: int = 1) -> list[T]:
     """``[fn(b) for b in batches]``; on a GPU with ``workers > 1``, that many batches at a time,
     each in a thread on its own CUDA stream, so that one batch's SVDs (latency-bound solver
@@ -371,6 +384,10 @@ class Fitter:
     or ``"<"``. ``row_chunk``: rows scored per chunk (default: bounded by MAX_BATCH_ELEMENTS).
     ``score_dtype``: of the row products of the output error (see
     :func:`~ptqbench.smoothing.resolve_score_dtype`); float32 accumulation either way.
+    ``refine_objective``: how the refinement's iterates are scored on rows: ``gram``, the same
+    output error evaluated exactly from float64 Gram matrices of the rows (one pass over them,
+    then three ``n x n`` products per iterate; :mod:`ptqbench.rowgram`), where the formats allow
+    it (:meth:`refines_on_gram`), else ``rows``: a pass over every row per iterate.
     """
 
     spec: BranchSpec
@@ -382,6 +399,7 @@ class Fitter:
     rule: str = "<="
     row_chunk: int | None = None
     score_dtype: torch.dtype = torch.float32
+    refine_objective: str = "gram"
 
     def svd_kind(self, shape: tuple[int, ...], device: torch.device) -> str:
         return resolve_svd(self.svd, self.spec.rank, shape, device)
@@ -424,6 +442,14 @@ class Fitter:
         w_eff = main_q if up_q is None else main_q + up_q @ down_q
         return (batch.weight[index] - w_eff / s[..., None, :]).pow(2).sum((-2, -1)).double()
 
+    def refines_on_gram(self, batch: Batch) -> bool:
+        """Whether :meth:`refine` scores ``batch``'s iterates on Gram matrices of its rows."""
+        if self.refine_objective != "gram" or batch.samples is None:
+            return False
+        rows_dtype = batch.samples.chunk(0, 1, dtype=None).dtype
+        branch_act = self.spec.act_format if self.spec.rank else None
+        return applies(self.act_format, branch_act, self.spec.mid_format, rows_dtype)
+
     def search(self, batch: Batch, pairs: list[tuple[float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The smoothing of each unit with the lowest error over ``pairs`` (rounded to 16 bits)
         and the index of the winning pair, per unit. A NaN/inf scale resets its whole vector to 1."""
@@ -460,11 +486,17 @@ class Fitter:
         at its first iterate that is worse. Returns up_q, down_q, residual, error, iterate used;
         ``history`` (if given) receives every evaluated iterate's errors ([units] each)."""
         index = torch.arange(len(batch), device=ws.device)
+        gram = None
+        if self.refines_on_gram(batch):
+            gram = RowGram.build(batch.samples, s, batch.weight, self.act_format, self.score_dtype)
         target = ws
         best = None
         for it in range(max(1, num_iters)):
             up_q, down_q, res, main_q = self.fit(ws, target, batch.segments)
-            err = self.error(batch, index, s, main_q, up_q, down_q)
+            if gram is not None:
+                err = gram.sq_error(main_q, up_q, down_q)
+            else:
+                err = self.error(batch, index, s, main_q, up_q, down_q)
             if history is not None:
                 history.append(err)
             if best is None:

@@ -341,10 +341,11 @@ class Rows:
 
 
 def free_bytes(device: torch.device) -> int:
-    """Free memory on ``device`` (CUDA: as the driver reports it; CPU: unbounded for rows that are
-    already there)."""
+    """Free memory on ``device`` (CUDA: what the driver reports plus what torch's caching allocator
+    holds unused, which it hands out first; CPU: unbounded for rows that are already there)."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + max(0, int(cached))
     return 2**62
 
 

@@ -546,11 +546,13 @@ def test_svdquant_calibration_benchmark_runs_small_on_cpu(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "calib.json"
-    args = ["--small", "--device", "cpu", "--rows", "96", "--subsample", "32", "--layers", "8",
+    args = ["--small", "--device", "cpu", "--rows", "96", "--subsample", "32", "--search-rows", "32", "--layers", "8",
             "--num-grids", "2", "--num-iters", "3", "--rank", "4", "--out", str(out)]
     assert bench.main(args) == 0
     report = json.loads(out.read_text())
-    native, sub = report["runs"]
-    assert report["layers"] == 8 and native["rows"] == 96 and sub["rows"] == 32
-    assert native["floor_flops"] > sub["floor_flops"] > 0 and native["seconds"] > 0
+    native, sub, searched = report["runs"]
+    assert report["layers"] == 8 and native["rows"] == 96 and sub["rows"] == 32 and searched["rows"] == "search 32"
+    assert native["floor_flops"] > searched["floor_flops"] > sub["floor_flops"] > 0 and native["seconds"] > 0
     assert 0.0 <= sub["same_both"] <= min(sub["same_pair"], sub["same_iterate"]) <= 1.0
+    # refined on all rows: the iterate is the native one wherever the searched pair is
+    assert searched["same_both"] == searched["same_pair"]
