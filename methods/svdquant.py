@@ -78,8 +78,8 @@ class SVDQuant(LowRankMethod):
 
     ``smoothing`` (with statistics) searches ``2 num_grids - 1`` (a, b) pairs scored on ``rows``
     calibration rows (``all`` or -1: every row), or on a seeded subset of ``search_rows`` of them
-    (the refinement still scores on all ``rows``; default ``all``: the same rows); ``num_iters`` / ``early_stop`` /
-    ``early_stop_rule`` (``<=`` or ``<``) refine the branch; ``share_qkv`` fuses q/k/v reading one
+    (the refinement still scores on all ``rows``; default ``all``: the same rows);
+    ``num_iters`` / ``early_stop`` / ``early_stop_rule`` (``<=`` or ``<``) refine the branch; ``share_qkv`` fuses q/k/v reading one
     input; ``svd``: exact (float64) | randomized | auto (``seed`` seeds the randomized range
     finder; ``gram``: exact float64 through the Gram matrix's eigendecomposition, cheaper);
     ``branch_format`` ``model``: the layer's own 16-bit dtype; ``score_dtype`` (``model`` |
@@ -187,8 +187,12 @@ class SVDQuant(LowRankMethod):
         """(smooth, up_q, down_q, residual, info per unit) for one batch."""
         fitter = self._fitter(spec, dense_weight(batch.units[0].layers[0]).dtype)
         pairs = smoothing_grid(self.num_grids)
+        rows = batch.samples.count if batch.samples is not None else 0
+        searched = rows  # rows the smoothing search scored on (all of them when there is no search)
         if self.smoothing and batch.absmax is not None:
-            smooth, pick = fitter.search(subsample(batch, self.search_rows, self.seed), pairs)
+            scored = subsample(batch, self.search_rows, self.seed)
+            searched = scored.samples.count if scored.samples is not None else 0
+            smooth, pick = fitter.search(scored, pairs)
             how = "searched on output MSE" if batch.samples is not None else "searched on weight error (no rows)"
             chosen = [pair_label(pairs[int(i)]) for i in pick.tolist()]
         else:
@@ -200,8 +204,6 @@ class SVDQuant(LowRankMethod):
         up_q, down_q, res, _, used = fitter.refine(batch, ws, s, self.num_iters, self.early_stop, history)
         curves = iterate_errors(history, used, self.early_stop)
         svd = svd_label(fitter.svd_kind(tuple(ws.shape), ws.device), fitter.svd_dtype) if self.rank else "none"
-        rows = batch.samples.count if batch.samples is not None else 0
-        searched = rows if self.search_rows == ALL_ROWS else min(rows, self.search_rows)
         refined_on = None
         if rows:
             refined_on = "float64 Gram of the rows" if fitter.refines_on_gram(batch) else "per row"

@@ -112,11 +112,9 @@ class RowGram:
                 for key in BLOCKS:
                     acc[key] += _gram(f[key[0]], f[key[1]])
         w = weight.to(dtype).double()
-        rt, rr = acc["er"].mT / R_SCALE, acc["rr"] / R_SCALE**2
-        return cls(
-            acc["ee"], acc["eh"], acc["hh"], w @ rt, w @ (acc["hr"].mT / R_SCALE), _dot(w @ rr, w),
-            w * s.double()[:, None, :], dtype,
-        )
+        we, wh = w @ (acc["er"].mT / R_SCALE), w @ (acc["hr"].mT / R_SCALE)
+        ww = _dot(w @ (acc["rr"] / R_SCALE**2), w)
+        return cls(acc["ee"], acc["eh"], acc["hh"], we, wh, ww, w * s.double()[:, None, :], dtype)
 
     @torch.no_grad()
     def sq_error(
