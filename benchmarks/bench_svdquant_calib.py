@@ -216,6 +216,7 @@ def run(args: argparse.Namespace) -> dict:
     choices: dict[object, dict[str, dict]] = {key: {} for key in results}
     svd_seconds = svd_probe(shapes, list(shapes), args)
     out: dict = {}
+    profiles: dict[str, dict] = {}  # per run, kept across the runs (``out`` is rebuilt after each)
     for index, names in enumerate(blocks(list(shapes)).values()):
         layers, rows, heldout = synthetic_block(shapes, names, args, dtype, index)
         absmax = {name: x.abs().amax(0) for name, x in rows.items()}
@@ -225,17 +226,15 @@ def run(args: argparse.Namespace) -> dict:
                 few = {id(x): x[: min(size, args.rows)] for x in rows.values()}
                 calibrate(method, layers, {name: few[id(x)] for name, x in rows.items()}, absmax)
         for key in results:
-            run_method, searched = method, None
-            if key == "all":
-                picked, n_rows = rows, args.rows
-            elif isinstance(key, str):  # "search K": the search on K rows, the refinement on all
-                searched = int(key.split()[1])
-                run_method = dataclasses.replace(method, search_rows=searched)
-                picked, n_rows = rows, args.rows
-            else:
+            run_method, searched, picked, n_rows = method, None, rows, args.rows
+            if isinstance(key, int):  # a subsample of the rows for the search and the refinement
                 keep = perm[:key].to(args.device)
                 subsets = {id(x): x[keep] for x in rows.values()}
                 picked, n_rows = {name: subsets[id(x)] for name, x in rows.items()}, key
+            elif key != "all":  # "search K": the search on K rows, the refinement on all
+                searched = int(key.split()[1])
+                run_method = dataclasses.replace(method, search_rows=searched)
+            label = f"block {index}, rows {n_rows if isinstance(key, int) or key == 'all' else key}"
             PROFILE.reset()
             quantized, seconds = calibrate(run_method, layers, picked, absmax)
             info = {name: q.info for name, q in quantized.items()}
@@ -247,10 +246,10 @@ def run(args: argparse.Namespace) -> dict:
                        "iterate_errors": i["iterate_errors"]} for name, i in info.items()})
             out = summarize(results, choices, args, len(choices["all"]))
             out["svd_seconds_per_call"] = svd_seconds
-            print(f"block {index}, rows {key if isinstance(key, str) else n_rows}: {seconds:.2f} s\n{report(out)}",
-                  flush=True)
+            print(f"{label}: {seconds:.2f} s\n{report(out)}", flush=True)
             if args.profile:
-                out.setdefault("profile", {})[f"block {index}, rows {n_rows}"] = stages = profile_table()
+                profiles[label] = stages = profile_table()
+                out["profile"] = profiles
                 print("  stages: " + ", ".join(f"{k} {v[0]:.3f} s / {v[1]} calls" for k, v in stages.items()))
             if args.out:  # after every run, so that a run cut short still leaves its numbers
                 args.out.write_text(json.dumps(out, indent=1) + "\n")
