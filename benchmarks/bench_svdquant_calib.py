@@ -82,6 +82,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--search-rows", type=int, nargs="*", default=[],
                    help="also run with the smoothing searched on this many rows, refined on all (search_rows)")
     p.add_argument("--refine-objective", default="gram", choices=("gram", "rows"))
+    p.add_argument("--iterative-svd", action=argparse.BooleanOptionalAction, default=True,
+                   help="float64 SVDs solved iteratively for the top r (SVDQuant's iterative_svd)")
     p.add_argument("--layers", type=int, default=0, help="calibrate only the first L quantized layers (0: all)")
     p.add_argument("--format", default="int4_g64", help="main weight and activation format")
     p.add_argument("--rank", type=int, default=32)
@@ -138,6 +140,7 @@ def synthetic_block(
         layer = nn.Linear(n, m, device=device, dtype=dtype)
         with torch.no_grad():
             layer.weight.copy_(torch.randn(m, n, generator=g, device=device) * col / n**0.5)
+            layer.bias.copy_(0.02 * torch.randn(m, generator=g, device=device))  # seeded too: runs repeat exactly
         layers[name] = layer
         key = qkv_group(name) or name
         if key not in rows:
@@ -206,7 +209,7 @@ def run(args: argparse.Namespace) -> dict:
     method = get_method(
         "svdquant", weight_format=args.format, act_format=args.format, rank=args.rank,
         num_grids=args.num_grids, num_iters=args.num_iters, svd=args.svd, rows="all", score_dtype=args.score_dtype,
-        refine_objective=args.refine_objective,
+        refine_objective=args.refine_objective, iterative_svd=args.iterative_svd,
     )
     PROFILE.enabled = args.profile
     svdquant.GPU_WORKERS = args.workers
@@ -243,7 +246,8 @@ def run(args: argparse.Namespace) -> dict:
             results[key]["flops"] += floor_flops(shapes, names, info, args, n_rows, searched)
             choices[key].update({
                 name: {"pair": i["smooth_pair"], "iterate": i["best_iteration"], "heldout_error": errors[name],
-                       "iterate_errors": i["iterate_errors"]} for name, i in info.items()})
+                       "iterate_errors": i["iterate_errors"], "full_svds": i["full_svds"]}
+                for name, i in info.items()})
             out = summarize(results, choices, args, len(choices["all"]))
             out["svd_seconds_per_call"] = svd_seconds
             print(f"{label}: {seconds:.2f} s\n{report(out)}", flush=True)
@@ -310,8 +314,8 @@ def sync_device(t: torch.Tensor) -> None:
 def summarize(results: dict, choices: dict, args: argparse.Namespace, n_layers: int) -> dict:
     native = choices["all"]
     out = {"model": "tiny-pixart" if args.small else args.model, "layers": n_layers, "rows": args.rows,
-           "device": args.device, "format": args.format, "svd": args.svd, "score_dtype": args.score_dtype,
-           "tflops": args.tflops, "runs": []}
+           "device": args.device, "format": args.format, "svd": args.svd, "iterative_svd": args.iterative_svd,
+           "score_dtype": args.score_dtype, "tflops": args.tflops, "runs": []}
     for key, res in results.items():
         floor = res["flops"] / (args.tflops * 1e12)
         row = {"rows": args.rows if key == "all" else key, "seconds": res["seconds"], "floor_flops": res["flops"],
@@ -352,8 +356,8 @@ def mean(values) -> float:
 
 
 def report(out: dict) -> str:
-    lines = [f"SVDQuant calibration: {out['model']}, {out['layers']} layers, {out['format']}, svd {out['svd']}, "
-             f"scores in {out['score_dtype']}, "
+    lines = [f"SVDQuant calibration: {out['model']}, {out['layers']} layers, {out['format']}, svd {out['svd']}"
+             f"{' (iterative top-r)' if out['iterative_svd'] else ''}, scores in {out['score_dtype']}, "
              f"{out['device']}; floor at {out['tflops']:g} TFLOP/s",
              f"{'rows':>13} {'seconds':>10} {'floor s':>10} {'ratio':>8} {'pair':>6} {'iterate':>8} {'both':>6}"
              f" {'e/e_nat max':>11} {'<=0.1%':>7} {'<=1%':>6} {'obj gap':>9}"]

@@ -20,6 +20,12 @@
    16-bit rounding of each product, at one pass over the rows instead of one per iterate;
    ``rows`` scores every iterate per row in ``score_dtype`` as deepcompressor's 16-bit module
    does. Logged in ``q.info["refine_objective"]``.
+   The float64 SVDs (of the candidates and the iterates) are solved for their top ``r`` triplets
+   by Chebyshev-filtered subspace iteration to a subspace within 1e-10 rad of the exact one
+   (``iterative_svd``, :func:`~ptqbench.lowrank.iterative_gram_svd`; an iterate from the last
+   one's vectors: it is the last branch plus a quantization error, a 100x spectral gap after the
+   rank), the full SVD where that does not converge; ``q.info["full_svds"]`` counts the unit's
+   full ones (all of them with ``iterative_svd: false``).
 4. ``y = Qa(x/s) Q1(R_es)^T + (x/s) R^T L^T + b``.
 5. Fused q/k/v (deepcompressor ``low_rank.exclusive: false``, ``share_qkv``): the layers of one
    attention that read one input share one smoothing vector and one ``R`` from the SVD of
@@ -79,14 +85,16 @@ class SVDQuant(LowRankMethod):
     ``smoothing`` (with statistics) searches ``2 num_grids - 1`` (a, b) pairs scored on ``rows``
     calibration rows (``all`` or -1: every row), or on a seeded subset of ``search_rows`` of them
     (the refinement still scores on all ``rows``; default ``all``: the same rows);
-    ``num_iters`` / ``early_stop`` / ``early_stop_rule`` (``<=`` or ``<``) refine the branch; ``share_qkv`` fuses q/k/v reading one
-    input; ``svd``: exact (float64) | randomized | auto (``seed`` seeds the randomized range
-    finder; ``gram``: exact float64 through the Gram matrix's eigendecomposition, cheaper);
-    ``branch_format`` ``model``: the layer's own 16-bit dtype; ``score_dtype`` (``model`` |
-    ``float32``): dtype of the row products the candidates and iterates are scored with
-    (``model``: the layer's fp16/bf16 with float32 accumulation, as deepcompressor runs its
-    candidates; float32 layers always score in float32); ``refine_objective`` (``gram`` |
-    ``rows``): how the refinement's iterates are scored on rows (item 3 above).
+    ``num_iters`` / ``early_stop`` / ``early_stop_rule`` (``<=`` or ``<``) refine the branch;
+    ``share_qkv`` fuses q/k/v reading one input; ``svd``: exact (float64) | randomized | auto
+    (``seed`` seeds the randomized range finder; ``gram``: exact float64 through the Gram
+    matrix's eigendecomposition, cheaper); ``branch_format`` ``model``: the layer's own 16-bit
+    dtype; ``score_dtype`` (``model`` | ``float32``): dtype of the row products the candidates
+    and iterates are scored with (``model``: the layer's fp16/bf16 with float32 accumulation, as
+    deepcompressor runs its candidates; float32 layers always score in float32);
+    ``refine_objective`` (``gram`` | ``rows``): how the refinement's iterates are scored on rows
+    (item 3 above); ``iterative_svd``: float64 SVDs solved iteratively for the top ``r``
+    (item 3; ``false``: every one in full).
     """
 
     branch_format: Format | str = format_field("model", model_dtype=True)
@@ -104,6 +112,7 @@ class SVDQuant(LowRankMethod):
     seed: int = 0
     score_dtype: str = "model"
     refine_objective: str = "gram"
+    iterative_svd: bool = True
     model_dtype_branch: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -181,6 +190,7 @@ class SVDQuant(LowRankMethod):
         return Fitter(
             spec, self.weight_format, self.act_format, self.svd, self.seed, dtype, self.early_stop_rule,
             score_dtype=resolve_score_dtype(self.score_dtype, layer_dtype), refine_objective=self.refine_objective,
+            iterative=self.iterative_svd,
         )
 
     def _quantize_batch(self, batch: Batch, spec: BranchSpec) -> tuple:
@@ -189,10 +199,11 @@ class SVDQuant(LowRankMethod):
         pairs = smoothing_grid(self.num_grids)
         rows = batch.samples.count if batch.samples is not None else 0
         searched = rows  # rows the smoothing search scored on (all of them when there is no search)
+        full_svds = torch.zeros(len(batch), dtype=torch.long, device=batch.weight.device)
         if self.smoothing and batch.absmax is not None:
             scored = subsample(batch, self.search_rows, self.seed)
             searched = scored.samples.count if scored.samples is not None else 0
-            smooth, pick = fitter.search(scored, pairs)
+            smooth, pick = fitter.search(scored, pairs, full_svds)
             how = "searched on output MSE" if batch.samples is not None else "searched on weight error (no rows)"
             chosen = [pair_label(pairs[int(i)]) for i in pick.tolist()]
         else:
@@ -201,14 +212,17 @@ class SVDQuant(LowRankMethod):
         s = torch.ones_like(batch.weight[:, 0]) if smooth is None else smooth
         ws = batch.weight * s[:, None, :]
         history: list[torch.Tensor] = []
-        up_q, down_q, res, _, used = fitter.refine(batch, ws, s, self.num_iters, self.early_stop, history)
+        up_q, down_q, res, _, used = fitter.refine(batch, ws, s, self.num_iters, self.early_stop, history, full_svds)
         curves = iterate_errors(history, used, self.early_stop)
-        svd = svd_label(fitter.svd_kind(tuple(ws.shape), ws.device), fitter.svd_dtype) if self.rank else "none"
+        kind = fitter.svd_kind(tuple(ws.shape), ws.device)
+        svd = svd_label(kind, fitter.svd_dtype) if self.rank else "none"
+        svd += ", iterative top-r" if self.rank and fitter.iterates(kind) else ""
         refined_on = None
         if rows:
             refined_on = "float64 Gram of the rows" if fitter.refines_on_gram(batch) else "per row"
         info = []
-        for unit, pair, it, curve in zip(batch.units, chosen, used.tolist(), curves, strict=True):
+        per_unit = zip(batch.units, chosen, used.tolist(), curves, full_svds.tolist(), strict=True)
+        for unit, pair, it, curve, n_full in per_unit:
             on = f"{rows} rows" if searched == rows else f"{rows} rows (smoothing searched on {searched} of them)"
             objective = f"output MSE on {on}" if rows else "weight error (no rows)"
             if rows and len(unit.names) > 1:
@@ -216,7 +230,7 @@ class SVDQuant(LowRankMethod):
             info.append({
                 "smoothing": how, "smooth_pair": pair, "best_iteration": int(it), "iterate_errors": curve,
                 "objective": objective, "refine_objective": refined_on,
-                "svd": svd, "branch_format": str(spec.weight_format),
+                "svd": svd, "full_svds": n_full, "branch_format": str(spec.weight_format),
                 "score_dtype": str(fitter.score_dtype).removeprefix("torch.") if rows else None,
             })
         return smooth, up_q, down_q, res, info

@@ -10,6 +10,7 @@ stacks, the smoothing search and branch refinement on them (:class:`Fitter`) and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -144,14 +145,138 @@ def gram_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, to
     tall = wd.shape[-2] >= wd.shape[-1]
     gram = wd.mT @ wd if tall else wd @ wd.mT
     evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(-1)[..., :rank], evecs.flip(-1)[..., :rank]
+    return _triplets(wd, tall, evals.flip(-1)[..., :rank], evecs.flip(-1)[..., :rank])
+
+
+# The iterative float64 top-r solve (:func:`top_eigh`).
+ITER_TOL = 1e-10  # residual of each Ritz pair / spectral gap after the rank: the subspace's angle bound
+ITER_ROUNDS = 24  # filter rounds before a matrix falls back to the full solve
+ITER_GUARD = 8  # columns beyond the rank from a warm start (an iterate: a 100x gap after the rank)
+ITER_DIGITS = 12  # a filter amplifies the block's Ritz values by at most ~10^ITER_DIGITS from one to another
+ITER_DEGREE = 8  # the highest Chebyshev degree of one round
+ITER_FLOOR = 1e-8  # the damped interval reaches at least this fraction of the top Ritz value
+RR_THREADS = 8  # CPU threads of the Rayleigh-Ritz eigenproblems of a batch
+
+
+def _orthonormal(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_orthonormalize` then one Cholesky QR pass without its ridge (whose shrink, about
+    ``1e-10 k``, would bias Rayleigh quotients): orthonormal to float64 working precision, and
+    whether that pass succeeded (``[...]`` bool; where not, the columns are only near-orthonormal)."""
+    q = _orthonormalize(y)
+    c, info = torch.linalg.cholesky_ex(q.mT @ q)  # within ~1e-9 of the identity
+    ok = info == 0
+    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device).expand_as(c)
+    c = torch.where(ok[..., None, None], c, eye)
+    return q @ torch.linalg.solve_triangular(c, eye, upper=False).mT, ok
+
+
+def _small_eigh(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eigh`` of a batch of small symmetric matrices on the CPU (a cuSOLVER launch costs more
+    than they do), split over threads (LAPACK runs one at a time): values descending."""
+    h = ((h + h.mT) / 2).cpu()
+    parts = max(1, min(RR_THREADS, len(h) // 4))
+    if parts == 1:
+        t, z = torch.linalg.eigh(h)
+    else:
+        with ThreadPoolExecutor(parts) as pool:
+            t, z = (torch.cat(v) for v in zip(*pool.map(torch.linalg.eigh, h.chunk(parts)), strict=True))
+    return t.flip(-1), z.flip(-1)
+
+
+def _rayleigh_ritz(q: torch.Tensor, gq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ritz values (descending), vectors and ``G`` times them, of the bases ``q[B, k, c]`` with
+    ``gq = G q``."""
+    t, z = _small_eigh(q.mT @ gq)
+    t, z = t.to(q.device), z.to(q.device)
+    return t, q @ z, gq @ z
+
+
+def top_eigh(
+    g: torch.Tensor, rank: int, start: torch.Tensor | None = None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``rank`` eigenpairs of symmetric PSD ``g[..., k, k]`` (float64; values descending,
+    vectors ``[..., k, rank]``) by Chebyshev-filtered subspace iteration, and whether each matrix
+    converged (``[...]`` bool: the others are for the caller to solve in full).
+
+    The block holds ``start`` (the vectors of a nearby matrix; a refinement iterate's last
+    solve) and ``ITER_GUARD`` more columns, or without ``start`` ``2 rank`` seeded Gaussian
+    columns. Each round applies ``T_d`` of ``g`` mapped so that ``[0, t_min]`` (the block's
+    smallest Ritz value) lands on ``[-1, 1]``, amplifying the wanted end, each column scaled by
+    its Ritz value's amplification (``d`` bounded so that no column's grows ``10^ITER_DIGITS``
+    past another's), then Rayleigh-Ritz (small eigenproblems on the CPU). A matrix is done
+    when every top Ritz pair has ``||g x - t x|| <= ITER_TOL (t_r - t_(r+1))`` (its subspace
+    then within about ITER_TOL rad of the exact one, its block orthonormal to working
+    precision) and leaves the batch."""
+    batch, k = g.shape[:-2], g.shape[-1]
+    g = g.reshape(-1, k, k)
+    cols = min(rank + (rank if start is None else ITER_GUARD), k)
+    fresh = cols - (0 if start is None else start.shape[-1])
+    gen = torch.Generator().manual_seed(int(seed))
+    gauss = torch.randn(k, fresh, generator=gen, dtype=torch.float64).to(g.device).expand(len(g), k, fresh)
+    q, ok = _orthonormal(gauss if start is None else torch.cat([start.double().reshape(len(g), k, -1), gauss], -1))
+    t, x, gx = _rayleigh_ritz(q, g @ q)
+    values = t.new_zeros(len(g), rank)
+    vectors = x.new_zeros(len(g), k, rank)
+    done = torch.zeros(len(g), dtype=torch.bool, device=g.device)
+    left = torch.arange(len(g), device=g.device)  # the matrices still iterating
+    for rounds in range(ITER_ROUNDS + 1):
+        residual = (gx[..., :rank] - x[..., :rank] * t[:, None, :rank]).norm(dim=-2).amax(-1)
+        gap = t[:, rank - 1] - (t[:, rank] if cols > rank else 0)
+        converged = ok & (residual <= ITER_TOL * gap) & (gap > 0)
+        out = converged | (rounds == ITER_ROUNDS)
+        values[left[out]], vectors[left[out]], done[left[out]] = t[out, :rank], x[out, :, :rank], converged[out]
+        if bool(out.all()):
+            break
+        if bool(out.any()):
+            keep = ~out
+            left, g, t, x, gx = left[keep], g[keep], t[keep], x[keep], gx[keep]
+        cut = torch.maximum(t[:, -1], ITER_FLOOR * t[:, 0]).clamp_min(torch.finfo(t.dtype).tiny)
+        half = (cut / 2)[:, None, None]  # the damped interval's center and radius
+        spread = float((t[:, 0] / half[:, 0, 0]).amax())
+        degree = max(1, min(ITER_DEGREE, int(ITER_DIGITS / max(math.log10(max(spread, 1.0)), 1e-3))))
+        y0, y1 = x, (gx - half * x) / half
+        for _ in range(degree - 1):
+            y0, y1 = y1, 2 * (g @ y1 - half * y1) / half - y0
+        growth = torch.cosh(degree * torch.acosh((t / half[:, 0] - 1).abs().clamp_min(1)))  # |T_d(t)|
+        y1 = y1 / growth[:, None, :]
+        finite = torch.isfinite(y1).all(-1).all(-1)
+        q, ok = _orthonormal(torch.where(finite[:, None, None], y1, x))
+        ok = ok & finite
+        t, x, gx = _rayleigh_ritz(q, g @ q)
+    return values.reshape(*batch, rank), vectors.reshape(*batch, k, rank), done.reshape(batch)
+
+
+def gram_basis(u: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """The eigenvectors of the smaller Gram matrix that :func:`gram_svd` solves for (``V`` of a
+    tall ``[m >= n]`` matrix, ``U`` of a wide one): what :func:`iterative_gram_svd` starts from."""
+    return vh.mT if vh.shape[-1] <= u.shape[-2] else u
+
+
+def iterative_gram_svd(
+    w: torch.Tensor, rank: int, start: torch.Tensor | None = None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`gram_svd`'s triplets (float64) from :func:`top_eigh` of the smaller Gram matrix
+    (from ``start``, a nearby matrix's :func:`gram_basis`, if given), and whether each matrix
+    converged. A refinement iterate is ``L R + E`` (the last branch plus the main weight's
+    quantization error): its Gram has a gap of about 100x after the rank (l_(r+1) / l_r ~ 0.01,
+    INT4 at r = 32, measured) and a warm start within a few degrees, so it converges in a few
+    products; a smoothed weight (a search candidate) has no such gap and takes a few dozen.
+    Singular-vector signs may differ from the full solve's; ``U S V^T`` does not."""
+    wd = w.double()
+    tall = wd.shape[-2] >= wd.shape[-1]
+    theta, x, done = top_eigh(wd.mT @ wd if tall else wd @ wd.mT, rank, start, seed)
+    return (*_triplets(wd, tall, theta, x), done)
+
+
+def _triplets(
+    wd: torch.Tensor, tall: bool, evals: torch.Tensor, evecs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, S, V^T`` of ``wd`` from eigenpairs of its smaller Gram matrix (``W^T W`` when ``tall``)."""
     s = evals.clamp_min(0).sqrt()
     inv = torch.where(s > 0, 1 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
     if tall:
-        u, vh = (wd @ evecs) * inv[..., None, :], evecs.mT
-    else:
-        u, vh = evecs, (evecs.mT @ wd) * inv[..., :, None]
-    return u, s, vh
+        return (wd @ evecs) * inv[..., None, :], s, evecs.mT
+    return evecs, s, (evecs.mT @ wd) * inv[..., :, None]
 
 
 # ----------------------------------------------------------------------------- the branch
@@ -388,6 +513,9 @@ class Fitter:
     output error evaluated exactly from float64 Gram matrices of the rows (one pass over them,
     then three ``n x n`` products per iterate; :mod:`ptqbench.rowgram`), where the formats allow
     it (:meth:`refines_on_gram`), else ``rows``: a pass over every row per iterate.
+    ``iterative``: float64 top-r solves (``svd`` exact or gram) run :func:`iterative_gram_svd`,
+    the refinement's iterates after the first from the last iterate's vectors; the full solve
+    where it does not converge.
     """
 
     spec: BranchSpec
@@ -400,24 +528,50 @@ class Fitter:
     row_chunk: int | None = None
     score_dtype: torch.dtype = torch.float32
     refine_objective: str = "gram"
+    iterative: bool = False
 
     def svd_kind(self, shape: tuple[int, ...], device: torch.device) -> str:
         return resolve_svd(self.svd, self.spec.rank, shape, device)
 
+    def iterates(self, method: str) -> bool:
+        """Whether float64 top-r solves of ``method`` run :func:`iterative_gram_svd`."""
+        return self.iterative and method in ("exact", "gram") and self.svd_dtype == torch.float64
+
+    def solve(
+        self, target: torch.Tensor, start: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-r triplets of ``target`` (float32; ``start``: :func:`gram_basis` of the last
+        iterate, where :meth:`iterates`) and, per matrix, whether the full solve ran (all of them
+        unless :meth:`iterates`; else where the iterative solve did not converge)."""
+        rank, method = self.spec.rank, self.svd_kind(tuple(target.shape), target.device)
+        if not self.iterates(method):
+            with PROFILE.stage("svd"):
+                u, s, vh = truncated_svd(target, rank, method, self.seed, dtype=self.svd_dtype)
+            return u, s, vh, torch.ones(target.shape[:-2], dtype=torch.bool, device=target.device)
+        with PROFILE.stage("svd iterative"):
+            u, s, vh, done = iterative_gram_svd(target, rank, start, self.seed)
+            u, s, vh = u.float(), s.float(), vh.float()
+        cold = (~done).nonzero().squeeze(-1)
+        if len(cold):
+            with PROFILE.stage("svd"):
+                full = truncated_svd(target[cold], rank, method, self.seed, dtype=self.svd_dtype)
+            for part, value in zip((u, s, vh), full, strict=True):
+                part[cold] = value
+        return u, s, vh, ~done
+
     def fit(
-        self, ws: torch.Tensor, target: torch.Tensor, segments: list[int]
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        self, ws: torch.Tensor, target: torch.Tensor, segments: list[int], start: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, tuple | None]:
         """Branch from the top-r SVD of ``target``; returns quantized factors (None at rank 0),
-        the residual ``ws - up_q down_q`` and its quantized version."""
+        the residual ``ws - up_q down_q``, its quantized version, and the SVD (:meth:`solve`;
+        None at rank 0)."""
         if self.spec.rank == 0:
-            return None, None, ws, quantize_stack(self.weight_format, ws, segments)
-        method = self.svd_kind(tuple(target.shape), target.device)
-        with PROFILE.stage("svd"):
-            u, s, vh = truncated_svd(target, self.spec.rank, method, self.seed, dtype=self.svd_dtype)
+            return None, None, ws, quantize_stack(self.weight_format, ws, segments), None
+        svd = self.solve(target, start)
         with PROFILE.stage("weight quant"):
-            up_q, down_q = self.spec.quantize(*self.spec.factors(u, s, vh), segments)
+            up_q, down_q = self.spec.quantize(*self.spec.factors(*svd[:3]), segments)
             res = ws - up_q @ down_q
-            return up_q, down_q, res, quantize_stack(self.weight_format, res, segments)
+            return up_q, down_q, res, quantize_stack(self.weight_format, res, segments), svd
 
     def error(
         self,
@@ -450,9 +604,12 @@ class Fitter:
         branch_act = self.spec.act_format if self.spec.rank else None
         return applies(self.act_format, branch_act, self.spec.mid_format, rows_dtype)
 
-    def search(self, batch: Batch, pairs: list[tuple[float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, batch: Batch, pairs: list[tuple[float, float]], full_solves: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The smoothing of each unit with the lowest error over ``pairs`` (rounded to 16 bits)
-        and the index of the winning pair, per unit. A NaN/inf scale resets its whole vector to 1."""
+        and the index of the winning pair, per unit. A NaN/inf scale resets its whole vector to 1.
+        ``full_solves`` (``[units]`` long, if given) counts each unit's full SVDs."""
         w = batch.weight
         n_units, m, n = w.shape
         dev = w.device
@@ -467,7 +624,9 @@ class Fitter:
             ui, ci = idx // n_cand, idx % n_cand
             s = cand[ui, ci]
             ws = w[ui] * s[:, None, :]
-            up_q, down_q, _, main_q = self.fit(ws, ws, batch.segments)
+            up_q, down_q, _, main_q, svd = self.fit(ws, ws, batch.segments)
+            if full_solves is not None and svd is not None:
+                full_solves.index_add_(0, ui, svd[3].long())
             errors[lo:hi] = self.error(batch, ui, s, main_q, up_q, down_q)
         best = pick_best(errors.view(n_units, n_cand), self.rule)
         return cand[torch.arange(n_units, device=dev), best], best
@@ -480,40 +639,51 @@ class Fitter:
         num_iters: int,
         early_stop: bool,
         history: list[torch.Tensor] | None = None,
+        full_solves: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """deepcompressor's iterations (``calib/lowrank.py``): branch from SVD(ws - Q1(previous
         residual)); each unit keeps its best iterate under ``rule`` and, with ``early_stop``, stops
-        at its first iterate that is worse. Returns up_q, down_q, residual, error, iterate used;
-        ``history`` (if given) receives every evaluated iterate's errors ([units] each)."""
-        index = torch.arange(len(batch), device=ws.device)
+        at its first iterate that is worse (a stopped unit is no longer solved or scored). Returns
+        up_q, down_q, residual, error, iterate used; ``history`` (if given) receives every
+        iterate's errors ([units] each, NaN for stopped units), ``full_solves`` (``[units]`` long,
+        if given) counts each unit's full SVDs (:meth:`solve`)."""
+        n_units = len(batch)
         gram = None
         if self.refines_on_gram(batch):
             gram = RowGram.build(batch.samples, s, batch.weight, self.act_format, self.score_dtype)
-        target = ws
-        best = None
+        target, basis, best = ws.clone(), None, None
+        active = torch.ones(n_units, dtype=torch.bool, device=ws.device)
+        used = torch.ones(n_units, dtype=torch.long, device=ws.device)
         for it in range(max(1, num_iters)):
-            up_q, down_q, res, main_q = self.fit(ws, target, batch.segments)
+            idx = active.nonzero().squeeze(-1)
+            start = None if basis is None else basis[idx]
+            up_q, down_q, res, main_q, svd = self.fit(ws[idx], target[idx], batch.segments, start)
             if gram is not None:
-                err = gram.sq_error(main_q, up_q, down_q)
+                err = gram.take(idx).sq_error(main_q, up_q, down_q)
             else:
-                err = self.error(batch, index, s, main_q, up_q, down_q)
+                err = self.error(batch, idx, s[idx], main_q, up_q, down_q)
             if history is not None:
-                history.append(err)
+                history.append(err.new_full((n_units,), torch.nan).index_put((idx,), err))
+            if full_solves is not None and svd is not None:
+                full_solves[idx] += svd[3].long()
             if best is None:
                 best = [up_q, down_q, res, err]
-                used = torch.ones_like(err, dtype=torch.long)
-                active = torch.ones_like(err, dtype=torch.bool)
             else:
-                better = active & ((err <= best[3]) if self.rule == "<=" else (err < best[3]))
+                better = (err <= best[3][idx]) if self.rule == "<=" else (err < best[3][idx])
                 for i, new in enumerate((up_q, down_q, res, err)):
                     if new is not None:
                         shape = (-1,) + (1,) * (new.dim() - 1)
-                        best[i] = torch.where(better.view(shape), new, best[i])
-                used = torch.where(better, it + 1, used)
-                active = active & better if early_stop else active
+                        best[i][idx] = torch.where(better.view(shape), new, best[i][idx])
+                used[idx] = torch.where(better, it + 1, used[idx])
+                if early_stop:
+                    active[idx] = better
             if self.spec.rank == 0 or it + 1 == num_iters or not bool(active.any()):
                 break
-            target = ws - main_q
+            if self.iterative:
+                vectors = gram_basis(svd[0], svd[2])
+                basis = vectors.new_zeros(n_units, *vectors.shape[1:]) if basis is None else basis
+                basis[idx] = vectors
+            target[idx] = ws[idx] - main_q
         return best[0], best[1], best[2], best[3], used
 
 

@@ -26,7 +26,7 @@ cast that leaves ``x^`` unchanged) and the activation format is row-wise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -115,6 +115,13 @@ class RowGram:
         we, wh = w @ (acc["er"].mT / R_SCALE), w @ (acc["hr"].mT / R_SCALE)
         ww = _dot(w @ (acc["rr"] / R_SCALE**2), w)
         return cls(acc["ee"], acc["eh"], acc["hh"], we, wh, ww, w * s.double()[:, None, :], dtype)
+
+    def take(self, index: torch.Tensor) -> RowGram:
+        """The objective of layers ``index`` alone."""
+        if len(index) == len(self.ww):
+            return self
+        fields = ("ee", "eh", "hh", "we", "wh", "ww", "ws")
+        return replace(self, **{k: getattr(self, k)[index] for k in fields})
 
     @torch.no_grad()
     def sq_error(

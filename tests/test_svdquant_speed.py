@@ -3,6 +3,8 @@ model-dtype scoring and the Gram-eigendecomposition SVD, against float64 referen
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,16 @@ from torch import nn
 from ptqbench import get_method
 from ptqbench.errors import UserError
 from ptqbench.formats import get_format
-from ptqbench.lowrank import gram_svd, truncated_svd
+from ptqbench.lowrank import (
+    BranchSpec,
+    Fitter,
+    gram_basis,
+    gram_svd,
+    iterative_gram_svd,
+    make_batches,
+    make_units,
+    truncated_svd,
+)
 from ptqbench.smoothing import PROFILE, Rows, streamed_sq_error
 from ptqbench.stats import LayerStats
 
@@ -45,6 +56,120 @@ def test_gram_svd_matches_float64_svd(shape, outliers):
     assert ((u * s) @ vh - (u0 * s0) @ vh0).abs().max() < 1e-10 * s0[0]
     u32 = truncated_svd(w.float()[None], rank, "gram")[0]
     assert u32.dtype == torch.float32 and u32.shape == (1, shape[0], rank)
+
+
+def refinement_iterates(w: torch.Tensor, rank: int, count: int) -> list[torch.Tensor]:
+    """The targets of ``count`` refinement iterates of ``w[B, m, n]`` (INT4 g16 residual, the
+    first iterate's target ``w`` itself), through the float64 SVD."""
+    fmt, targets = get_format("int4_g16"), [w]
+    for _ in range(count - 1):
+        u, s, vh = torch.linalg.svd(targets[-1], full_matrices=False)
+        branch = (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
+        targets.append(w - fmt.quantize((w - branch).float()).double())
+    return targets
+
+
+def assert_same_branch(u, s, vh, target: torch.Tensor, rank: int, tol: float = 1e-10) -> None:
+    """``U S V^T`` is the float64 SVD's rank-``rank`` approximation of ``target`` within ``tol`` of
+    its largest singular value, and the singular values match to ``1e-12``."""
+    u0, s0, vh0 = torch.linalg.svd(target, full_matrices=False)
+    assert torch.allclose(s.double().cpu(), s0[..., :rank], rtol=1e-12, atol=0)
+    branch0 = (u0[..., :rank] * s0[..., None, :rank]) @ vh0[..., :rank, :]
+    assert ((u * s[..., None, :]) @ vh).double().cpu().sub(branch0).abs().max() < tol * s0[..., 0].max()
+
+
+@pytest.mark.parametrize("shape", [(96, 48), (48, 96)])
+@pytest.mark.parametrize("outliers", [False, True])
+def test_iterative_svd_of_refinement_iterates_is_the_float64_svd(shape, outliers):
+    """On an iterate (the last branch plus a quantization error) the subspace iteration from the
+    last iterate's vectors reaches the float64 SVD's triplets to working precision."""
+    rank = 4 if outliers else 8
+    w = torch.stack([spectrum_matrix(*shape, outliers, seed) for seed in (1, 2)])
+    targets = refinement_iterates(w, rank, 4)
+    for last, target in itertools.pairwise(targets):
+        u, _, vh = gram_svd(last, rank)
+        u1, s1, vh1, done = iterative_gram_svd(target, rank, gram_basis(u, vh))
+        assert done.tolist() == [True, True]
+        assert_same_branch(u1, s1, vh1, target, rank)
+
+
+@pytest.mark.parametrize("shape", [(192, 96), (96, 192)])
+def test_iterative_svd_of_smoothed_weights_is_the_float64_svd(shape):
+    """Search candidates (no start): a flat Gaussian spectrum, outlier input columns, and
+    smoothed weights ``W diag(s)`` from heavy-tailed activations, in one batch."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(*shape, generator=g, dtype=torch.float64)
+    outlier = w * torch.exp(torch.randn(shape[1], generator=g, dtype=torch.float64))
+    act = torch.exp(1.5 * torch.randn(shape[1], generator=g, dtype=torch.float64))
+    smoothed = [outlier * (act**a / outlier.abs().amax(0) ** (1 - a)) for a in (0.3, 0.9)]
+    target = torch.stack([w, outlier, *smoothed])
+    u, s, vh, done = iterative_gram_svd(target, 12)
+    assert done.all()
+    assert_same_branch(u, s, vh, target, 12, tol=1e-9)  # flat spectra: the angle bound over a gap of ~2 %
+
+
+def iterative_fitter(rank: int) -> Fitter:
+    """SVDQuant's fitter: INT4 g16, an fp16 branch, iterative float64 Gram SVDs."""
+    fp16, int4 = get_format("fp16"), get_format("int4_g16")
+    return Fitter(BranchSpec(rank, fp16, fp16), int4, int4, "gram", 0, torch.float64, iterative=True)
+
+
+def test_iterative_svd_without_a_gap_falls_back_to_the_full_solve():
+    """Equal singular values at the rank (the top-r subspace is not unique): the iteration does
+    not converge, the matrix is flagged and :meth:`Fitter.solve` solves it in full."""
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(96, 48, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=torch.float64))
+    s = 10.0 * 0.9 ** torch.arange(48, dtype=torch.float64)
+    s[8] = s[7]
+    target = torch.stack([u * s @ v.T, spectrum_matrix(96, 48, False, 3)])
+    assert iterative_gram_svd(target, 8)[3].tolist() == [False, True]
+    u1, s1, vh1, full = iterative_fitter(8).solve(target.float())
+    assert full.tolist() == [True, False]
+    u0, s0, vh0 = truncated_svd(target.float()[:1], 8, "gram")
+    assert torch.equal(u1[:1], u0) and torch.equal(s1[:1], s0) and torch.equal(vh1[:1], vh0)
+
+
+@pytest.mark.parametrize("svd", ["exact", "gram"])
+def test_iterative_svd_keeps_the_full_solve_choices(svd):
+    kw = dict(weight_format="int4_g16", act_format="int4_g16", rank=4, num_grids=6, num_iters=30, rows="all", svd=svd)
+    for seed in range(3):
+        layer, stats = outlier_layer(seed, torch.float16)
+        fast = get_method("svdquant", **kw).quantize_layers({"l": layer}, {"l": stats})["l"]
+        full = get_method("svdquant", iterative_svd=False, **kw).quantize_layers({"l": layer}, {"l": stats})["l"]
+        assert (fast.info["smooth_pair"], fast.info["best_iteration"]) == (full.info["smooth_pair"],
+                                                                           full.info["best_iteration"])
+        assert fast.info["svd"] == f"{svd} float64, iterative top-r" and full.info["svd"] == f"{svd} float64"
+        assert fast.info["full_svds"] == 0 and full.info["full_svds"] == 11 + len(full.info["iterate_errors"])
+        assert torch.allclose(torch.tensor(fast.info["iterate_errors"]), torch.tensor(full.info["iterate_errors"]),
+                              rtol=1e-9, atol=0)
+        w = full.effective_weight()
+        assert torch.allclose(fast.effective_weight(), w, rtol=0, atol=1e-6 * float(w.abs().max()))
+
+
+def test_a_batch_refines_each_unit_as_alone():
+    """Stopped units are no longer solved or scored; the others' iterates are those of the unit
+    refined alone (a stopped unit's history is NaN)."""
+    layers, all_stats = {}, {}
+    for seed in range(3):
+        layer, stats = outlier_layer(seed, torch.float32)
+        layers[f"l{seed}"], all_stats[f"l{seed}"] = layer, stats
+    fitter = iterative_fitter(4)
+
+    def refine(names: list[str]):
+        batch = make_batches(make_units({k: layers[k] for k in names}, all_stats), use_rows=True)[0]
+        history: list[torch.Tensor] = []
+        *_, err, used = fitter.refine(batch, batch.weight, torch.ones(len(names), 64), 30, True, history)
+        return err, used, torch.stack(history, 1)
+
+    err, used, history = refine(list(layers))
+    assert len(set(used.tolist())) > 1  # the units stop at different iterates
+    for i, name in enumerate(layers):
+        err1, used1, history1 = refine([name])
+        assert int(used[i]) == int(used1[0]) and torch.allclose(err[i], err1[0], rtol=1e-12)
+        evaluated = history1.shape[1]
+        assert torch.allclose(history[i, :evaluated], history1[0], rtol=1e-12)
+        assert history[i, evaluated:].isnan().all()
 
 
 def test_rows_resident_in_the_model_dtype_only_when_exact():
@@ -112,7 +237,7 @@ def test_float32_layers_score_in_float32_and_gram_svd_gives_the_exact_choices():
     layer, stats = outlier_layer(7, torch.float32)
     exact = get_method("svdquant", svd="exact", **kw).quantize_layers({"l": layer}, {"l": stats})["l"]
     gram = get_method("svdquant", svd="gram", **kw).quantize_layers({"l": layer}, {"l": stats})["l"]
-    assert exact.info["score_dtype"] == "float32" and gram.info["svd"] == "gram float64"
+    assert exact.info["score_dtype"] == "float32" and gram.info["svd"] == "gram float64, iterative top-r"
     assert (exact.info["smooth_pair"], exact.info["best_iteration"]) == (gram.info["smooth_pair"],
                                                                          gram.info["best_iteration"])
     w = exact.effective_weight()
@@ -131,7 +256,9 @@ def test_reference_outputs_are_computed_once_per_chunk_and_rows_moved_once():
         PROFILE.enabled = False
     assert PROFILE.calls["outputs"] == 1  # one chunk, cached across the 11 candidates and the iterates
     assert PROFILE.calls["transfer"] == 1
-    assert PROFILE.calls["svd"] == 1 + min(q.info["best_iteration"] + 1, 8)  # candidates batched in one
+    iterates = min(q.info["best_iteration"] + 1, 8)
+    assert PROFILE.calls["svd iterative"] == 1 + iterates  # the candidates batched in one, then each iterate
+    assert q.info["full_svds"] == 0 and "svd" not in PROFILE.calls
     PROFILE.reset()
 
 
@@ -198,3 +325,16 @@ def test_gpu_batches_in_threads_give_the_serial_results(cuda: torch.device):
     for name in layers:
         assert serial[name].info == threaded[name].info
         assert torch.equal(serial[name].effective_weight(), threaded[name].effective_weight())
+
+
+def test_gpu_iterative_svd_is_the_float64_svd(cuda: torch.device):
+    """On the GPU (cuBLAS float64 products, the small eigenproblems on the CPU) as on the CPU."""
+    w = torch.stack([spectrum_matrix(192, 96, outliers, seed) for seed, outliers in ((4, False), (5, True))])
+    last, target = refinement_iterates(w, 4, 2)
+    u, _, vh = gram_svd(last, 4)
+    u1, s1, vh1, done = iterative_gram_svd(target.to(cuda), 4, gram_basis(u, vh).to(cuda))
+    assert done.all()
+    assert_same_branch(u1, s1, vh1, target, 4)
+    u1, s1, vh1, done = iterative_gram_svd(w.to(cuda), 12)
+    assert done.all()
+    assert_same_branch(u1, s1, vh1, w, 12)
