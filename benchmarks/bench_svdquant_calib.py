@@ -24,8 +24,10 @@ computes it), and the script prints:
   them (SVDQuant's ``search_rows``): the refinement scores on the Gram matrices of all rows
   (``--refine-objective gram``, the default), so its iterate follows the all-rows one wherever
   the pair does;
-- the seconds of one SVD per unit shape (SVDs are outside the floor; the search does one per
-  candidate and per evaluated iterate). The report is printed (and ``--out`` written) after
+- the seconds of one full SVD per unit shape (SVDs are outside the floor; the search does one
+  per candidate and per evaluated iterate: by default their top r by iteration, SVDQuant's
+  ``iterative_svd``, with each layer's count of full solves in the JSON; ``--no-iterative-svd``
+  solves every one in full). The report is printed (and ``--out`` written) after
   every run (one block at one size), so a run cut short still leaves its numbers.
 
 ``--profile`` adds the seconds and calls per stage (transfers, reference outputs, quantization,

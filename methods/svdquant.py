@@ -216,7 +216,7 @@ class SVDQuant(LowRankMethod):
         curves = iterate_errors(history, used, self.early_stop)
         kind = fitter.svd_kind(tuple(ws.shape), ws.device)
         svd = svd_label(kind, fitter.svd_dtype) if self.rank else "none"
-        svd += ", iterative top-r" if self.rank and fitter.iterates(kind) else ""
+        svd += ", iterative top-r" if self.rank and fitter.solves_iteratively(kind) else ""
         refined_on = None
         if rows:
             refined_on = "float64 Gram of the rows" if fitter.refines_on_gram(batch) else "per row"

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ptqbench.formats import CastFormat, Format
-from ptqbench.smoothing import PROFILE, Rows, chunks, quantize_stack, tensorwise
+from ptqbench.smoothing import PROFILE, Rows, chunks, quantize_stack, smooth_divisor, tensorwise
 
 # Rows per 16-bit Gram product (float32 accumulation); chunks are summed in float64.
 CHUNK_ROWS = 4096
@@ -58,7 +58,7 @@ def _features(
     """``E``, ``x^`` and ``R`` (scaled by R_SCALE) of rows ``x[B, c, n]`` as the per-row path
     computes them (``x^`` rounded to the rows' dtype, every product's operand to ``dtype``): in
     the rows' 16-bit dtype for tensor-core products (``dtype`` is then that dtype), else float64."""
-    x_hat = (x / s[:, None, :]).to(x.dtype)
+    x_hat = (x / smooth_divisor(s, x.dtype)[:, None, :]).to(x.dtype)
     xq = quantize_stack(act_format, x_hat).to(dtype)
     if tensor_cores:
         e = xq - x_hat  # exact: a quantized value and its input are within a step of each other

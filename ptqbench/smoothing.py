@@ -93,6 +93,17 @@ def pick_best(errors: torch.Tensor, rule: str = "<=") -> torch.Tensor:
 # ----------------------------------------------------------------------------- batched fake quant
 
 
+def smooth_divisor(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``s`` in the rows' ``dtype`` where that is exact (16-bit smoothing of 16-bit rows), else
+    ``s``: ``x / smooth_divisor(s, x.dtype)`` then equals ``(x / s).to(x.dtype)`` bit for bit
+    (torch divides 16-bit tensors in float32 and rounds once, as the cast does) in one pass
+    without a float32 intermediate."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return s
+    low = s.to(dtype)
+    return low if torch.equal(low.to(s.dtype), s) else s
+
+
 def tensorwise(fmt: Format) -> bool:
     """Whether ``fmt`` has state over the whole tensor (per-tensor scales): it then cannot
     quantize a stack of independent tensors in one call."""
@@ -397,13 +408,15 @@ def streamed_sq_error(
         select = units.tolist()
         size = chunk or chunk_rows(ghi - glo + len(select), width, budget)
         sub = (s[glo:ghi], main_q[glo:ghi])
+        divisor = None  # the smoothing in the rows' dtype where exact, checked on the first chunk
         for lo, hi in chunks(rows.count, size):
             y = rows.outputs(lo, hi, select, weight, dtype)
             x = rows.chunk(lo, hi, select, dtype=None)
             with PROFILE.stage("quantize"):
                 # x / s rounded to the rows' (the model's) dtype, as the deployed layer and
                 # deepcompressor's smoother compute it; float32 rows stay float32.
-                x_hat = (_spread(x, pos) / sub[0][:, None, :]).to(x.dtype)
+                divisor = smooth_divisor(sub[0], x.dtype)[:, None, :] if divisor is None else divisor
+                x_hat = (_spread(x, pos) / divisor).to(x.dtype)
             extra = None if branch is None else branch(x_hat, slice(glo, ghi), dtype)
             total[glo:ghi] += output_sq_error(x_hat, _spread(y, pos), sub[1], act_format, extra, dtype).double()
     return total

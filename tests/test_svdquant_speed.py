@@ -22,7 +22,7 @@ from ptqbench.lowrank import (
     make_units,
     truncated_svd,
 )
-from ptqbench.smoothing import PROFILE, Rows, streamed_sq_error
+from ptqbench.smoothing import PROFILE, Rows, smooth_divisor, streamed_sq_error
 from ptqbench.stats import LayerStats
 
 
@@ -338,3 +338,23 @@ def test_gpu_iterative_svd_is_the_float64_svd(cuda: torch.device):
     u1, s1, vh1, done = iterative_gram_svd(w.to(cuda), 12)
     assert done.all()
     assert_same_branch(u1, s1, vh1, w, 12)
+
+
+def divided_both_ways(device: torch.device) -> None:
+    """``x / smooth_divisor(s)`` in the rows' 16-bit dtype equals the float32 quotient rounded
+    (outlier-heavy rows and scales, overflow to inf included); inexact scales stay float32."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = (torch.randn(2000, 256, generator=g) * torch.exp(3 * torch.randn(256, generator=g))).to(dtype).to(device)
+        s = torch.exp(3 * torch.randn(3, 256, generator=g)).to(dtype).float().to(device)
+        assert smooth_divisor(s, dtype).dtype == dtype and smooth_divisor(s + 1e-4, dtype).dtype == torch.float32
+        fast = (x[None] / smooth_divisor(s, dtype)[:, None, :]).to(dtype)
+        assert torch.equal(fast, (x[None] / s[:, None, :]).to(dtype))
+
+
+def test_smoothing_divides_in_the_rows_dtype_bit_for_bit():
+    divided_both_ways(torch.device("cpu"))
+
+
+def test_gpu_smoothing_divides_in_the_rows_dtype_bit_for_bit(cuda: torch.device):
+    divided_both_ways(cuda)
