@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -173,7 +174,7 @@ def _orthonormal(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.cache
 def _eigh_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(RR_THREADS, thread_name_prefix="ptqbench-eigh")
+    return ThreadPoolExecutor(max(1, min(RR_THREADS, os.cpu_count() or 1)), thread_name_prefix="ptqbench-eigh")
 
 
 def _small_eigh(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

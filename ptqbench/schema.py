@@ -144,6 +144,11 @@ def n_metric(metric: str) -> str:
     return f"{metric}_n"
 
 
+def interval_metrics(metric: str) -> tuple[str, str]:
+    """The metrics holding the bounds of ``metric``'s interval: ``<m>.lo``, ``<m>.hi``."""
+    return f"{metric}.lo", f"{metric}.hi"
+
+
 # ============================================================================ writing (the runner)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ptqbench.schema import FINISHED, METRIC_WARNING, REPLICATE
+from ptqbench.schema import FINISHED, METRIC_WARNING, REPLICATE, interval_metrics
 from ptqbench.uncertainty import Bootstrap, mean_interval
 
 SPREAD = "spread"  # row key: {metric: Spread} of a pooled row
@@ -57,7 +57,7 @@ class Spread:
 
 def interval_of(metrics: Mapping[str, float], name: str) -> tuple[float, float] | None:
     """The logged interval ``(<name>.lo, <name>.hi)``, or None (old runs, or not computed)."""
-    lo, hi = metrics.get(f"{name}.lo"), metrics.get(f"{name}.hi")
+    lo, hi = (metrics.get(key) for key in interval_metrics(name))
     if lo is None or hi is None or not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
         return None
     return float(lo), float(hi)
@@ -97,7 +97,7 @@ def _pooled(members: list[dict[str, Any]], config: Bootstrap) -> dict[str, Any]:
         metrics[name] = math.fsum(values) / len(values)
         row[SPREAD][name] = Spread.of(values)
         intervals = [interval_of(r["metrics"], name) for r in have]
-        for key in (f"{name}.lo", f"{name}.hi"):
+        for key in interval_metrics(name):
             metrics.pop(key, None)
         if all(iv is not None for iv in intervals):
             if table is not None and name in table.columns and len(have) == len(done):
@@ -105,7 +105,7 @@ def _pooled(members: list[dict[str, Any]], config: Bootstrap) -> dict[str, Any]:
                 bounds = (min(iv.lo, metrics[name]), max(iv.hi, metrics[name]))
             else:
                 bounds = tuple(float(np.mean([iv[j] for iv in intervals])) for j in (0, 1))  # type: ignore[index]
-            metrics[f"{name}.lo"], metrics[f"{name}.hi"] = bounds
+            metrics.update(zip(interval_metrics(name), bounds, strict=True))
         warning = next((r["tags"][METRIC_WARNING + name] for r in have if METRIC_WARNING + name in r["tags"]), None)
         if warning is not None:
             tags[METRIC_WARNING + name] = warning

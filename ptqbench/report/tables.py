@@ -31,7 +31,17 @@ from ptqbench.labels import config_text
 from ptqbench.report.replicates import NOTES as REPLICATE_NOTES
 from ptqbench.report.replicates import RUNS as REPLICATE_RUNS
 from ptqbench.report.replicates import SPREAD, Spread, interval_of, pool_replicates
-from ptqbench.schema import CI, CI_FIELDS, GEN, METRIC_OPTIONS, SETTING_PARAMS, SETTINGS, interval_settings
+from ptqbench.schema import (
+    CI,
+    CI_FIELDS,
+    GEN,
+    METRIC_OPTIONS,
+    SETTING_PARAMS,
+    SETTINGS,
+    interval_metrics,
+    interval_settings,
+    n_metric,
+)
 from ptqbench.schema import METRIC_DIRECTION as DIRECTION_PREFIX
 from ptqbench.schema import METRIC_STATUS as STATUS_PREFIX
 from ptqbench.schema import METRIC_WARNING as WARNING_PREFIX
@@ -429,9 +439,9 @@ def _metric_cells(
     intervals = [metric_interval(r, info.name) if v is not None else None for r, v in zip(rows, values, strict=True)]
     places = decimals(v for v in values if v is not None)
     ns = {
-        int(r["metrics"][f"{info.name}_n"])
+        int(r["metrics"][n_metric(info.name)])
         for r, v in zip(rows, values, strict=True)
-        if v is not None and f"{info.name}_n" in r["metrics"]
+        if v is not None and n_metric(info.name) in r["metrics"]
     }
     uniform = len(ns) <= 1
     sub = f"n={next(iter(ns))}" if len(ns) == 1 else ("n varies" if ns else "")
@@ -447,7 +457,7 @@ def _metric_cells(
             cells.append(Cell(NOT_COMPUTED, notes=[n]))
         else:
             text = interval_text(v, intervals[i], places, plus_minus)
-            if not uniform and f"{info.name}_n" in r["metrics"]:
+            if not uniform and n_metric(info.name) in r["metrics"]:
                 text += f" (n={int(r['metrics'][info.name + '_n'])})"
             spread = metric_spread(r, info.name)
             cell = Cell(text, bold=i in best, spread=spread_text(spread, places) if spread else "")
@@ -680,7 +690,7 @@ def table_frame(group: Group) -> pd.DataFrame:
     """The raw numbers of a group, one row per table row, in table order. Where the group has a
     replicated cell: per metric ``<m>_k``, ``<m>_rep_sd``, ``<m>_rep_min``, ``<m>_rep_max`` (the
     between-replicate spread, :class:`~ptqbench.report.replicates.Spread`) and ``replicate_runs``."""
-    own = {f"{m.name}{suffix}" for m in group.metrics for suffix in ("", "_n", ".lo", ".hi")}
+    own = {key for m in group.metrics for key in (m.name, n_metric(m.name), *interval_metrics(m.name))}
     replicated = any(r.get(REPLICATE_RUNS) for r in group.rows)
     other = sorted({k for r in group.rows for k in r["metrics"]} - own - {"bits_per_weight", "model_bytes"})
     records = []
@@ -699,7 +709,7 @@ def table_frame(group: Group) -> pd.DataFrame:
             interval = metric_interval(r, m.name) if value is not None else None
             rec[m.name] = value
             rec[f"{m.name}_lo"], rec[f"{m.name}_hi"] = interval if interval else (None, None)
-            rec[f"{m.name}_n"] = r["metrics"].get(f"{m.name}_n")
+            rec[f"{m.name}_n"] = r["metrics"].get(n_metric(m.name))
             if replicated:
                 rec.update(_spread_columns(m.name, r))
             status = ("ok" if value is not None else "not_computed") if r["status"] == "finished" else ""
