@@ -145,7 +145,9 @@ def n_metric(metric: str) -> str:
 
 
 def interval_metrics(metric: str) -> tuple[str, str]:
-    """The metrics holding the bounds of ``metric``'s interval: ``<m>.lo``, ``<m>.hi``."""
+    """The metrics holding the bounds of ``metric``'s interval: ``<m>.lo``, ``<m>.hi`` (as
+    :meth:`~ptqbench.metrics.base.MetricResult.summary` writes them; it spells them itself, since
+    this module reads its type)."""
     return f"{metric}.lo", f"{metric}.hi"
 
 

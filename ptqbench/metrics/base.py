@@ -28,7 +28,6 @@ from ptqbench.errors import UserError
 from ptqbench.imagestore import ImageFolder
 from ptqbench.metrics.weights import WeightSpec
 from ptqbench.registry import Registry
-from ptqbench.schema import interval_metrics, n_metric
 from ptqbench.uncertainty import DEFAULT as DEFAULT_BOOTSTRAP
 from ptqbench.uncertainty import Bootstrap, Interval, mean_interval
 
@@ -161,9 +160,9 @@ class MetricResult:
         """What a run logs of a computed result: ``<name>``, ``<name>_n``, ``<name>.lo``/``.hi``."""
         if self.status != "ok" or self.value is None:
             return {}
-        out = {self.name: self.value, n_metric(self.name): float(self.n)}
+        out = {self.name: self.value, f"{self.name}_n": float(self.n)}
         if self.lo is not None and self.hi is not None:
-            out.update(zip(interval_metrics(self.name), (self.lo, self.hi), strict=True))
+            out.update({f"{self.name}.lo": self.lo, f"{self.name}.hi": self.hi})
         return out
 
 

@@ -458,7 +458,7 @@ def _metric_cells(
         else:
             text = interval_text(v, intervals[i], places, plus_minus)
             if not uniform and n_metric(info.name) in r["metrics"]:
-                text += f" (n={int(r['metrics'][info.name + '_n'])})"
+                text += f" (n={int(r['metrics'][n_metric(info.name)])})"
             spread = metric_spread(r, info.name)
             cell = Cell(text, bold=i in best, spread=spread_text(spread, places) if spread else "")
             warning = r["tags"].get(WARNING_PREFIX + info.name, "")
