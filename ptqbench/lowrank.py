@@ -611,9 +611,8 @@ class Fitter:
         """Whether :meth:`refine` scores ``batch``'s iterates on Gram matrices of its rows."""
         if self.refine_objective != "gram" or batch.samples is None:
             return False
-        rows_dtype = batch.samples.chunk(0, 1, dtype=None).dtype
         branch_act = self.spec.act_format if self.spec.rank else None
-        return applies(self.act_format, branch_act, self.spec.mid_format, rows_dtype)
+        return applies(self.act_format, branch_act, self.spec.mid_format, batch.samples.dtype)
 
     def search(
         self, batch: Batch, pairs: list[tuple[float, float]], full_solves: torch.Tensor | None = None

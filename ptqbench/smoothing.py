@@ -281,6 +281,12 @@ class Rows:
         return int(self.parts[0].shape[0])
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype :meth:`chunk` returns rows in with ``dtype=None`` (placing them first)."""
+        self._place()
+        return self._resident.dtype if self._resident is not None else self.parts[0].dtype
+
+    @property
     def resident(self) -> bool:
         """Whether all rows sit on ``device`` (decided, and done, on first use)."""
         self._place()
