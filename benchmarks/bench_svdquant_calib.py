@@ -27,8 +27,10 @@ computes it), and the script prints:
 - the seconds of one full SVD per unit shape (SVDs are outside the floor; the search does one
   per candidate and per evaluated iterate: by default their top r by iteration, SVDQuant's
   ``iterative_svd``, with each layer's count of full solves in the JSON; ``--no-iterative-svd``
-  solves every one in full). The report is printed (and ``--out`` written) after
-  every run (one block at one size), so a run cut short still leaves its numbers.
+  solves every one in full). ``--no-fused-scoring`` scores the candidates by the unfused
+  products instead of the layer's fused GPU path (SVDQuant's ``fused_scoring``). The report is
+  printed (and ``--out`` written) after every run (one block at one size), so a run cut short
+  still leaves its numbers.
 
 ``--profile`` adds the seconds and calls per stage (transfers, reference outputs, quantization,
 products, error sums, SVD, weight quantization; run it with ``--workers 1``: the stages
@@ -86,6 +88,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--refine-objective", default="gram", choices=("gram", "rows"))
     p.add_argument("--iterative-svd", action=argparse.BooleanOptionalAction, default=True,
                    help="float64 SVDs solved iteratively for the top r (SVDQuant's iterative_svd)")
+    p.add_argument("--fused-scoring", action=argparse.BooleanOptionalAction, default=True,
+                   help="candidates scored as the layer's fused GPU path computes them (SVDQuant's fused_scoring)")
     p.add_argument("--layers", type=int, default=0, help="calibrate only the first L quantized layers (0: all)")
     p.add_argument("--format", default="int4_g64", help="main weight and activation format")
     p.add_argument("--rank", type=int, default=32)
@@ -211,7 +215,7 @@ def run(args: argparse.Namespace) -> dict:
     method = get_method(
         "svdquant", weight_format=args.format, act_format=args.format, rank=args.rank,
         num_grids=args.num_grids, num_iters=args.num_iters, svd=args.svd, rows="all", score_dtype=args.score_dtype,
-        refine_objective=args.refine_objective, iterative_svd=args.iterative_svd,
+        refine_objective=args.refine_objective, iterative_svd=args.iterative_svd, fused_scoring=args.fused_scoring,
     )
     PROFILE.enabled = args.profile
     svdquant.GPU_WORKERS = args.workers
@@ -248,7 +252,8 @@ def run(args: argparse.Namespace) -> dict:
             results[key]["flops"] += floor_flops(shapes, names, info, args, n_rows, searched)
             choices[key].update({
                 name: {"pair": i["smooth_pair"], "iterate": i["best_iteration"], "heldout_error": errors[name],
-                       "iterate_errors": i["iterate_errors"], "full_svds": i["full_svds"]}
+                       "iterate_errors": i["iterate_errors"], "full_svds": i["full_svds"],
+                       "score_path": i["score_path"]}
                 for name, i in info.items()})
             out = summarize(results, choices, args, len(choices["all"]))
             out["svd_seconds_per_call"] = svd_seconds
@@ -317,6 +322,7 @@ def summarize(results: dict, choices: dict, args: argparse.Namespace, n_layers: 
     native = choices["all"]
     out = {"model": "tiny-pixart" if args.small else args.model, "layers": n_layers, "rows": args.rows,
            "device": args.device, "format": args.format, "svd": args.svd, "iterative_svd": args.iterative_svd,
+           "fused_scoring": args.fused_scoring,
            "score_dtype": args.score_dtype, "tflops": args.tflops, "runs": []}
     for key, res in results.items():
         floor = res["flops"] / (args.tflops * 1e12)

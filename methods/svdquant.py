@@ -35,6 +35,14 @@
    ``allow_unsigned``), on by default: the FFN down-projection after GELU reads ``x + 0.171875``
    quantized unsigned, the shift folded into its bias (:mod:`ptqbench.shifting`); only integer
    activation formats are shifted.
+7. The candidates' outputs on the rows (``score_dtype`` model: 16-bit products, float32
+   accumulation) are computed as the deployed layer computes them on the same device
+   (``fused_scoring``, logged in ``q.info["score_path"]``): on a GPU where its fused branch path
+   runs, ``[Qa(x/s) | (x/s) R^T] [Q1 | L]^T`` in one GEMM (the same activations and ``h``, the
+   output rounded once), else the two products each rounded to 16 bits, summed in float32.
+   deepcompressor adds its 16-bit branch output to the 16-bit layer output in 16 bits
+   (``utils/hooks/branch.py``): each way the scores differ from its by the outputs' rounding,
+   not in what is quantized.
 
 Deviation (logged in ``q.info["objective"]``): deepcompressor scores a fused q/k/v unit on the
 attention module's output (``app/diffusion/quant/smooth.py``, ``eval_module=attn``); a layer-level
@@ -75,6 +83,8 @@ from ptqbench.stats import ALL_ROWS, LayerStats, StatsSpec
 
 Progress = Callable[[str], None]
 QKV_OBJECTIVE = "q/k/v outputs summed (deepcompressor: the attention output)"
+FUSED_SCORES = "fused: [Qa(x/s) | (x/s) R^T] [Q1 | L]^T, one GEMM (the deployed layer's GPU path)"
+UNFUSED_SCORES = "unfused: Qa(x/s) Q1^T + ((x/s) R^T) L^T, each rounded"
 
 
 @register_method("svdquant")
@@ -94,7 +104,9 @@ class SVDQuant(LowRankMethod):
     deepcompressor runs its candidates; float32 layers always score in float32);
     ``refine_objective`` (``gram`` | ``rows``): how the refinement's iterates are scored on rows
     (item 3 above); ``iterative_svd``: float64 SVDs solved iteratively for the top ``r``
-    (item 3; ``false``: every one in full).
+    (item 3; ``false``: every one in full); ``fused_scoring``: where the deployed layer runs its
+    fused branch path (a GPU, 16-bit rows scored in the model dtype, formats the kernel fuses),
+    candidates are scored as it computes them (item 7).
     """
 
     branch_format: Format | str = format_field("model", model_dtype=True)
@@ -113,6 +125,7 @@ class SVDQuant(LowRankMethod):
     score_dtype: str = "model"
     refine_objective: str = "gram"
     iterative_svd: bool = True
+    fused_scoring: bool = True
     model_dtype_branch: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -190,7 +203,7 @@ class SVDQuant(LowRankMethod):
         return Fitter(
             spec, self.weight_format, self.act_format, self.svd, self.seed, dtype, self.early_stop_rule,
             score_dtype=resolve_score_dtype(self.score_dtype, layer_dtype), refine_objective=self.refine_objective,
-            iterative=self.iterative_svd,
+            iterative=self.iterative_svd, fused_scoring=self.fused_scoring,
         )
 
     def _quantize_batch(self, batch: Batch, spec: BranchSpec) -> tuple:
@@ -217,9 +230,10 @@ class SVDQuant(LowRankMethod):
         kind = fitter.svd_kind(tuple(ws.shape), ws.device)
         svd = svd_label(kind, fitter.svd_dtype) if self.rank else "none"
         svd += ", iterative top-r" if self.rank and fitter.solves_iteratively(kind) else ""
-        refined_on = None
+        refined_on = scored_by = None
         if rows:
             refined_on = "float64 Gram of the rows" if fitter.refines_on_gram(batch) else "per row"
+            scored_by = FUSED_SCORES if fitter.scores_fused(batch) else UNFUSED_SCORES
         info = []
         per_unit = zip(batch.units, chosen, used.tolist(), curves, full_svds.tolist(), strict=True)
         for unit, pair, it, curve, n_full in per_unit:
@@ -232,6 +246,7 @@ class SVDQuant(LowRankMethod):
                 "objective": objective, "refine_objective": refined_on,
                 "svd": svd, "full_svds": n_full, "branch_format": str(spec.weight_format),
                 "score_dtype": str(fitter.score_dtype).removeprefix("torch.") if rows else None,
+                "score_path": scored_by,
             })
         return smooth, up_q, down_q, res, info
 

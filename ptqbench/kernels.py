@@ -48,6 +48,8 @@ Backend = Literal["auto", "triton", "compiled", "eager"]
 Path = Literal["triton", "compiled", "eager"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 COMPILE_MIN_NUMEL = 1 << 16  # below this, compiled and eager cost about the same on a CPU
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
+SQ_ROWS = 4  # rows per program of the squared-error kernel
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -352,7 +354,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _fq_kernel(
-        x_ptr, out_ptr, src_ptr, g_ptr, smooth_ptr, M, K, LDX, LDO, shift,
+        x_ptr, out_ptr, src_ptr, g_ptr, smooth_ptr, M, K, LDX, LDO, shift, XB, OB, SB, SMB,
         NB: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
         SRC: tl.constexpr,
         BLOCK: tl.constexpr, KIND: tl.constexpr, AWAY: tl.constexpr, IS_INT: tl.constexpr, EMIN: tl.constexpr,
@@ -363,14 +365,26 @@ if HAVE_TRITON:
         S_EMIN: tl.constexpr, S_MBITS: tl.constexpr, S_MAXV: tl.constexpr, S_EMAX: tl.constexpr,
         S_INT_STEP: tl.constexpr, S_RULE: tl.constexpr, S_QMIN: tl.constexpr, S_QMAX: tl.constexpr,
         S_SCALE_BF16: tl.constexpr, S_SCALE_MAX: tl.constexpr, S_TWO_LEVEL: tl.constexpr,
+        ITEMS_FIRST: tl.constexpr = False,
     ):  # fmt: skip
         """A [BLOCK_M rows, NB blocks of BLOCK columns] tile of ``x [M, K]`` (row stride LDX): its
         fake-quant, of ``x' = (x + c) / s`` (:func:`_shift_smooth`), into ``out`` (row stride LDO;
         may be x itself); SRC 1: x' also into ``src [M, K]``, SRC 2: x' fake-quantized in the S_
-        format into ``src`` (its per-tensor ``g, 1/g`` at ``g_ptr + 2``). x is read once."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        format into ``src`` (its per-tensor ``g, 1/g`` at ``g_ptr + 2``). x is read once. Grid
+        axis 2 runs over a batch: item ``b`` reads ``x + b XB`` (XB 0: one x for all) and
+        ``smooth + b SMB`` and writes ``out + b OB``, ``src + b SB``; with ITEMS_FIRST the batch
+        runs on axis 0 instead (the fastest: the items of one tile run together, so a shared x
+        comes from L2) and the row and column tiles on axes 1 and 2."""
+        item = tl.program_id(0 if ITEMS_FIRST else 2).to(tl.int64)
+        row_tile = tl.program_id(1 if ITEMS_FIRST else 0)
+        col_tile = tl.program_id(2 if ITEMS_FIRST else 1)
+        x_ptr += item * XB
+        out_ptr += item * OB
+        src_ptr += item * SB
+        smooth_ptr += item * SMB
+        rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         r3 = rows[:, None, None].to(tl.int64)
-        cols = (tl.program_id(1) * NB + tl.arange(0, NB))[None, :, None] * BLOCK + tl.arange(0, BLOCK)[None, None, :]
+        cols = (col_tile * NB + tl.arange(0, NB))[None, :, None] * BLOCK + tl.arange(0, BLOCK)[None, None, :]
         cmask = cols < K
         mask = (r3 < M) & cmask
         x = tl.load(x_ptr + r3 * LDX + cols, mask=mask, other=0.0)
@@ -390,6 +404,34 @@ if HAVE_TRITON:
             )  # fmt: skip
             q2 = tl.reshape(q2, (BLOCK_M, NB, BLOCK))
             tl.store(src_ptr + r3 * K + cols, q2.to(src_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _sq_error_kernel(
+        y_ptr, yq_ptr, extra_ptr, pos_ptr, out_ptr, C, M,
+        HAS_EXTRA: tl.constexpr, ITEMS_FIRST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        """Per row of item ``b``: ``sum((y[pos[b]] - (yq[b] + extra[b]))^2)`` over its M columns,
+        each step in float32 (``y [U, C, M]``, ``yq``/``extra`` ``[B, C, M]``, contiguous), into
+        ``out [B, C]``; items on grid axis 0 with ITEMS_FIRST, else axis 1."""
+        item = tl.program_id(0 if ITEMS_FIRST else 1).to(tl.int64)
+        rows = tl.program_id(1 if ITEMS_FIRST else 0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        unit = tl.load(pos_ptr + item).to(tl.int64)
+        inside = rows < C
+        y_ptr += unit * C * M
+        yq_ptr += item * C * M
+        extra_ptr += item * C * M
+        acc = tl.zeros((BLOCK_R, BLOCK_M), tl.float32)
+        for start in range(0, M, BLOCK_M):
+            cols = start + tl.arange(0, BLOCK_M)
+            mask = inside[:, None] & (cols < M)[None, :]
+            off = rows[:, None].to(tl.int64) * M + cols[None, :]
+            q = tl.load(yq_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            if HAS_EXTRA:
+                q += tl.load(extra_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32) - q
+            acc += d * d
+        tl.store(out_ptr + item * C + rows, tl.sum(acc, 1), mask=inside)
 
 
 _META_DEFAULTS: dict[str, Any] = {
@@ -451,16 +493,24 @@ def _launch(
     smooth: torch.Tensor | None = None,
     tile: tuple[int, int] | None = None,
 ) -> None:
-    """:func:`_fq_kernel` over 2-D ``x`` into ``out`` (both with unit column stride), and ``src``
-    (contiguous: x', or its ``source`` fake-quant)."""
-    m, k = x.shape
+    """:func:`_fq_kernel` over ``x [M, K]`` or a batch ``x [B, M, K]`` (a batch stride of 0: one x
+    for every item) into ``out`` (both with unit column stride), and ``src`` (rows contiguous: x',
+    or its ``source`` fake-quant); ``smooth`` ``[K]`` or, for a batch, ``[B, K]`` (one per item)."""
+    x3, out3 = (x, out) if x.dim() == 3 else (x[None], out[None])
+    src3 = None if src is None else (src if src.dim() == 3 else src[None])
+    b, m, k = x3.shape
     mode = 0 if src is None else (1 if source is None else 2)
     nb, block_m = tile or tile_config(k, [spec.block] + ([] if src is None else [source.block if source else 1]))
-    grid = (triton.cdiv(m, block_m), triton.cdiv(triton.cdiv(k, spec.block), nb))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(triton.cdiv(k, spec.block), nb), b)
+    first = b > 1 and x3.stride(0) == 0 and max(grid[:2]) <= MAX_GRID_Y  # items of one shared x together
+    grid = (b, *grid[:2]) if first else grid
+    per_item = smooth is not None and smooth.dim() == 2
     _fq_kernel[grid](
-        x, out, out if src is None else src, gs, x if smooth is None else smooth, m, k, x.stride(0), out.stride(0),
-        shift or 0.0, NB=nb, BLOCK_M=block_m, HAS_SHIFT=bool(shift), HAS_SMOOTH=smooth is not None, SRC=mode,
-        **_kernel_meta(spec), **_kernel_meta(source, "S_"),
+        x3, out3, out3 if src3 is None else src3, gs, x3 if smooth is None else smooth, m, k, x3.stride(1),
+        out3.stride(1), shift or 0.0, x3.stride(0), out3.stride(0), 0 if src3 is None else src3.stride(0),
+        smooth.stride(0) if per_item else 0, NB=nb, BLOCK_M=block_m, HAS_SHIFT=bool(shift),
+        HAS_SMOOTH=smooth is not None, SRC=mode, ITEMS_FIRST=first, **_kernel_meta(spec),
+        **_kernel_meta(source, "S_"),
     )  # fmt: skip
 
 
@@ -528,6 +578,7 @@ def fused_branch(
     shift: float = 0.0,
     smooth: torch.Tensor | None = None,
     tile: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[M, width]`` in ``x``'s dtype: ``[Qa(x') | Qmid(src @ down^T) | 0]`` for ``x [M, K]`` (contiguous)
     and ``down [width - K, K]`` (rows past the rank zero), ``x' = (x + shift) / smooth`` rounded as torch
@@ -535,26 +586,62 @@ def fused_branch(
     fake-quant of x'; the product accumulated in float32 and rounded to x's dtype before ``mid``
     (None: none). One kernel reads x once and writes Qa(x') (and, where ``src`` is neither x nor
     Qa(x'), ``src``); the product is one GEMM writing its columns in place, ``mid`` one kernel in
-    place. ``tile``: the kernel's ``(NB, BLOCK_M)``. Call only where :func:`fused_branch_allowed` holds."""
-    m, k = x.shape
-    if down.shape != (width - k, k):
-        raise ValueError(f"fused_branch: down {tuple(down.shape)} for width {width} and {k} columns")
-    out = torch.empty(m, width, device=x.device, dtype=x.dtype)
+    place. ``tile``: the kernel's ``(NB, BLOCK_M)``. Call only where :func:`fused_branch_allowed` holds.
+
+    A batch: ``x [B, M, K]`` (rows contiguous; a batch stride of 0 reads one x for every item),
+    ``down [B, width - K, K]``, ``smooth [B, K]`` (or one ``[K]``), ``out [B, M, width]``: each item
+    as alone, for formats without a per-tensor scale (which would be one per call). ``out``: where
+    to write (default: a new tensor)."""
+    *lead, m, k = x.shape
+    if down.shape[-2:] != (width - k, k) or down.dim() != x.dim():
+        raise ValueError(f"fused_branch: down {tuple(down.shape)} for width {width} and x {tuple(x.shape)}")
+    out = torch.empty(*lead, m, width, device=x.device, dtype=x.dtype) if out is None else out
     specs = [main] + ([source] if source is not None and source != main else [])
+    if lead and any(s is not None and s.tensor_scale != "none" for s in [*specs, mid]):
+        raise ValueError("fused_branch: a batch takes formats without a per-tensor scale")
     gs = _scales(specs, lambda: tensor_absmax(x, shift or None, smooth), out)
     prepared = bool(shift) or smooth is not None
     if source is None:
-        src = torch.empty_like(x) if prepared else None
+        src = torch.empty(x.shape, device=x.device, dtype=x.dtype) if prepared else None
         _launch(x, out, main, gs, src, None, shift, smooth, tile)
         src = x if src is None else src
     elif source == main:
         _launch(x, out, main, gs, None, None, shift, smooth, tile)
-        src = out[:, :k]
+        src = out[..., :k]
     else:
-        src = torch.empty_like(x)
+        src = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         _launch(x, out, main, gs, src, source, shift, smooth, tile)
-    h = out[:, k:]
-    torch.mm(src, down.t(), out=h)
+    h = out[..., k:]
+    (torch.bmm if lead else torch.mm)(src, down.mT, out=h)
     if mid is not None:
         _launch(h, h, mid, _scales([mid], lambda: tensor_absmax(h.contiguous()), h))
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def sq_error_allowed(y: torch.Tensor) -> bool:
+    """Whether :func:`row_sq_error` may run on ``y``: where Triton would (CUDA, backend ``auto``
+    or ``triton``, ``PTQBENCH_KERNELS`` not 0)."""
+    return _triton_allowed(current_backend()) and _launchable(y)
+
+
+def row_sq_error(
+    y: torch.Tensor, yq: torch.Tensor, extra: torch.Tensor | None, pos: torch.Tensor
+) -> torch.Tensor:
+    """``[B, C]`` float32: per row, ``sum((y[pos] - (yq + extra))^2)`` over the last dim, every step
+    in float32 (the sum in another order than torch's), for references ``y [U, C, M]``, outputs
+    ``yq [B, C, M]`` and ``extra`` (or None) and each output's reference ``pos [B]``; ``y`` is read
+    in place (no ``y[pos]`` copy). Call only where :func:`sq_error_allowed` holds."""
+    b, c, m = yq.shape
+    y, yq = y.contiguous(), yq.contiguous()
+    extra = yq if extra is None else extra.contiguous()
+    out = torch.empty(b, c, device=yq.device, dtype=torch.float32)
+    tiles = triton.cdiv(c, SQ_ROWS)
+    first = tiles <= MAX_GRID_Y  # items on grid axis 0 (the fastest): one row tile's reference from L2
+    _sq_error_kernel[(b, tiles) if first else (tiles, b)](
+        y, yq, extra, pos.to(yq.device, torch.int64).contiguous(), out, c, m, HAS_EXTRA=extra is not yq,
+        ITEMS_FIRST=first, BLOCK_R=SQ_ROWS, BLOCK_M=min(512, triton.next_power_of_2(m)),
+    )  # fmt: skip
     return out

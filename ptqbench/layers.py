@@ -168,6 +168,29 @@ def fused_plan(act: Format, branch_act: Format, mid: Format | None, dtype: torch
     return FusedPlan(main, source, mid_spec, mid if mid is not None and mid_spec is None else None)
 
 
+def fused_input(
+    x: torch.Tensor,
+    down: torch.Tensor,
+    plan: FusedPlan,
+    width: int,
+    rank: int,
+    shift: float = 0.0,
+    smooth: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[Qa(x') | h | 0]`` by :func:`ptqbench.kernels.fused_branch` (``down`` zero-padded to
+    ``width - K`` rows; a batch as it takes one) with ``plan``'s mid format applied to ``h``, in
+    torch (per item) where the kernel cannot: the fused path's input to one GEMM against
+    ``[Q1(W_main) | up | 0]``."""
+    buf = kernels.fused_branch(x, down, plan.main, plan.source, plan.mid, width, shift, smooth, out=out)
+    if plan.mid_after is not None:
+        k = x.shape[-1]
+        h = buf[..., k : k + rank]
+        for part in h if h.dim() == 3 else h[None]:
+            part.copy_(plan.mid_after.quantize(part))
+    return buf
+
+
 class QuantLinear(nn.Module):
     """An emulated quantized Linear (or 1x1 Conv2d when ``conv=True``).
 
@@ -319,16 +342,9 @@ class QuantLinear(nn.Module):
         return F.linear(buf, cat, self.bias).reshape(*x.shape[:-1], self.out_features)
 
     def _fused_buffer(self, x: torch.Tensor, plan: FusedPlan, width: int) -> torch.Tensor:
-        k, rank = self.in_features, self.branch.rank
         shift = _rounded_shift(self.act_format.shift, x.dtype)
-        buf = kernels.fused_branch(
-            x.reshape(-1, k).contiguous(), self.padded_down(), plan.main, plan.source, plan.mid, width, shift,
-            self.smooth,
-        )  # fmt: skip
-        if plan.mid_after is not None:
-            h = buf[:, k : k + rank]
-            h.copy_(plan.mid_after.quantize(h))
-        return buf
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        return fused_input(x2, self.padded_down(), plan, width, self.branch.rank, shift, self.smooth)
 
     def effective_weight(self) -> torch.Tensor:
         """The dense ``[out, in]`` matrix the layer applies to unquantized activations:

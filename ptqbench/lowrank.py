@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ptqbench.errors import UserError
-from ptqbench.formats import CastFormat, Format
+from ptqbench.formats import Format
 from ptqbench.layers import SMOOTH_BITS, LowRankBranch, QuantLinear, dense_weight
 from ptqbench.memory import qkv_group
 from ptqbench.method import LowRankMethod
@@ -30,8 +30,10 @@ from ptqbench.rowgram import RowGram, applies
 from ptqbench.smoothing import (
     MAX_BATCH_ELEMENTS,
     PROFILE,
+    CandidateBranch,
     Rows,
     chunks,
+    fused_scoring_plan,
     pick_best,
     quantize_stack,
     round_smooth,
@@ -58,15 +60,14 @@ def _orthonormalize(y: torch.Tensor, passes: int = 1) -> torch.Tensor:
     stay finite); the large products stay in ``y``'s dtype. Two passes restore orthogonality
     to working precision.
     """
-    eye = torch.eye(y.shape[-1], dtype=torch.float64, device=y.device)
     for _ in range(passes):
-        top = y.abs().amax((-2, -1), keepdim=True)
-        y = y / torch.where(top > 0, top, torch.ones_like(top))  # well-scaled Gram; zero stays zero
+        top = torch.linalg.vector_norm(y, float("inf"), (-2, -1), keepdim=True)
+        y = y / top.clamp_min(torch.finfo(y.dtype).tiny)  # a well-scaled Gram; zero stays zero
         g = (y.mT @ y).double()
-        ridge = g.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * 1e-10 + 1e-30
-        c, _ = torch.linalg.cholesky_ex(g + ridge * eye)
-        inv = torch.linalg.solve_triangular(c, eye.expand_as(c), upper=False)  # C^-1
-        y = y @ inv.mT.to(y.dtype)
+        diagonal = g.diagonal(dim1=-2, dim2=-1)
+        diagonal.add_(diagonal.sum(-1, keepdim=True) * 1e-10 + 1e-30)  # a ridge: rank-deficient inputs stay finite
+        c, _ = torch.linalg.cholesky_ex(g)
+        y = torch.linalg.solve_triangular(c.mT.to(y.dtype), y, upper=True, left=False)  # y C^-T
     return y
 
 
@@ -157,6 +158,7 @@ ITER_GUARD = 8  # columns beyond the rank from a warm start (an iterate: a 100x 
 ITER_DIGITS = 12  # a filter amplifies the block's Ritz values by at most ~10^ITER_DIGITS from one to another
 ITER_DEGREE = 8  # the highest Chebyshev degree of one round
 ITER_FLOOR = 1e-8  # the damped interval reaches at least this fraction of the top Ritz value
+ITER_WARM_FLOOR = 0.05  # a warm start's first filter damps below this fraction of its r-th value
 RR_THREADS = 8  # CPU threads of the Rayleigh-Ritz eigenproblems of a batch
 
 
@@ -167,9 +169,8 @@ def _orthonormal(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = _orthonormalize(y)
     c, info = torch.linalg.cholesky_ex(q.mT @ q)  # within ~1e-9 of the identity
     ok = info == 0
-    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device).expand_as(c)
-    c = torch.where(ok[..., None, None], c, eye)
-    return q @ torch.linalg.solve_triangular(c, eye, upper=False).mT, ok
+    c = torch.where(ok[..., None, None], c, torch.eye(c.shape[-1], dtype=c.dtype, device=c.device))
+    return torch.linalg.solve_triangular(c.mT, q, upper=True, left=False), ok
 
 
 @functools.cache
@@ -200,19 +201,31 @@ def _rayleigh_ritz(
     return values.to(q.device), q @ z, gq @ z, values
 
 
+@functools.lru_cache(maxsize=64)
+def _gaussian(k: int, cols: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A seeded float64 Gaussian ``[k, cols]`` on ``device`` (drawn on the CPU: the same on every
+    device), kept: every solve of a shape starts its fresh columns from it (read only)."""
+    return torch.randn(k, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+
+
 def top_eigh(
-    g: torch.Tensor, rank: int, start: torch.Tensor | None = None, seed: int = 0
+    g: torch.Tensor, rank: int, start: torch.Tensor | None = None, seed: int = 0,
+    start_values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top ``rank`` eigenpairs of symmetric PSD ``g[..., k, k]`` (float64; values descending,
     vectors ``[..., k, rank]``) by Chebyshev-filtered subspace iteration, and whether each matrix
-    converged (``[...]`` bool: the others are for the caller to solve in full).
+    converged (``[...]`` bool, on the host: the others are for the caller to solve in full).
 
     The block holds ``start`` (the vectors of a nearby matrix; a refinement iterate's last
     solve) and ``ITER_GUARD`` more columns, or without ``start`` ``2 rank`` seeded Gaussian
     columns. Each round applies ``T_d`` of ``g`` mapped so that ``[0, t_min]`` (the block's
     smallest Ritz value) lands on ``[-1, 1]``, amplifying the wanted end, each column scaled by
     its Ritz value's amplification (``d`` bounded so that no column's grows ``10^ITER_DIGITS``
-    past another's), then Rayleigh-Ritz (small eigenproblems on the CPU). A matrix is done
+    past another's), then Rayleigh-Ritz (small eigenproblems on the CPU). With ``start_values``
+    (``[..., rank]``: the nearby matrix's top eigenvalues) the first round filters the start
+    block before any Rayleigh-Ritz, with those values and the damped interval's end at
+    ITER_WARM_FLOOR of the r-th (a refinement iterate's gap after the rank is about 100x:
+    that round usually converges it); the convergence test is the same. A matrix is done
     when every top Ritz pair has ``||g x - t x|| <= ITER_TOL (t_r - t_(r+1))`` (its subspace
     then within about ITER_TOL rad of the exact one, its block orthonormal to working
     precision) and leaves the batch."""
@@ -220,40 +233,55 @@ def top_eigh(
     g = g.reshape(-1, k, k)
     cols = min(rank + (rank if start is None else ITER_GUARD), k)
     fresh = cols - (0 if start is None else start.shape[-1])
-    gen = torch.Generator().manual_seed(int(seed))
-    gauss = torch.randn(k, fresh, generator=gen, dtype=torch.float64).to(g.device).expand(len(g), k, fresh)
+    gauss = _gaussian(k, fresh, int(seed), g.device).expand(len(g), k, fresh)
     q, ok = _orthonormal(gauss if start is None else torch.cat([start.double().reshape(len(g), k, -1), gauss], -1))
+    if start is not None and start_values is not None:
+        known = start_values.detach().reshape(len(g), -1).double().cpu()
+        floor = known[:, -1:] * ITER_WARM_FLOOR
+        q, ok = _orthonormal(_filtered(g, q, torch.cat([known, floor.expand(-1, cols - known.shape[1])], 1)))
     t, x, gx, t_host = _rayleigh_ritz(q, g @ q)
     values = t.new_zeros(len(g), rank)
     vectors = x.new_zeros(len(g), k, rank)
-    done = torch.zeros(len(g), dtype=torch.bool, device=g.device)
-    left = torch.arange(len(g), device=g.device)  # the matrices still iterating
+    done = torch.zeros(len(g), dtype=torch.bool)  # on the host
+    left = torch.arange(len(g))  # the matrices still iterating (host indices)
     for rounds in range(ITER_ROUNDS + 1):
         residual = (gx[..., :rank] - x[..., :rank] * t[:, None, :rank]).norm(dim=-2).amax(-1)
-        gap = t[:, rank - 1] - (t[:, rank] if cols > rank else 0)
-        converged = ok & (residual <= ITER_TOL * gap) & (gap > 0)
+        residual_host, ok_host = torch.stack([residual, ok.double()]).cpu()  # the round's one sync besides eigh's
+        gap = t_host[:, rank - 1] - (t_host[:, rank] if cols > rank else 0)
+        converged = (ok_host > 0) & (residual_host <= ITER_TOL * gap) & (gap > 0)
         out = converged | (rounds == ITER_ROUNDS)
-        values[left[out]], vectors[left[out]], done[left[out]] = t[out, :rank], x[out, :, :rank], converged[out]
-        out_host = out.cpu()  # the round's one synchronization besides the eigenproblems'
-        if bool(out_host.all()):
-            break
-        if bool(out_host.any()):
-            keep, keep_host = ~out, ~out_host
-            left, g, t, x, gx, t_host = left[keep], g[keep], t[keep], x[keep], gx[keep], t_host[keep_host]
-        half_host = torch.maximum(t_host[:, -1], ITER_FLOOR * t_host[:, 0]).clamp_min(torch.finfo(t.dtype).tiny) / 2
-        half = half_host.to(g.device)[:, None, None]  # the damped interval [0, t_min]'s center and radius
-        spread = float((t_host[:, 0] / half_host).amax())
-        degree = max(1, min(ITER_DEGREE, int(ITER_DIGITS / max(math.log10(max(spread, 1.0)), 1e-3))))
-        y0, y1 = x, (gx - half * x) / half
-        for _ in range(degree - 1):
-            y0, y1 = y1, 2 * (g @ y1 - half * y1) / half - y0
-        growth = torch.cosh(degree * torch.acosh((t / half[:, 0] - 1).abs().clamp_min(1)))  # |T_d(t)|
-        y1 = y1 / growth[:, None, :]
-        finite = torch.isfinite(y1).all(-1).all(-1)
-        q, ok = _orthonormal(torch.where(finite[:, None, None], y1, x))
-        ok = ok & finite
+        if bool(out.any()):
+            at, where = left[out], out.nonzero().squeeze(-1).to(g.device)
+            values[at], vectors[at], done[at] = t[where, :rank], x[where, :, :rank], converged[out]
+            if bool(out.all()):
+                break
+            keep = (~out).nonzero().squeeze(-1)
+            left, t_host, keep = left[keep], t_host[keep], keep.to(g.device)
+            g, t, x, gx = g[keep], t[keep], x[keep], gx[keep]
+        q, ok = _orthonormal(_filtered(g, x, t_host))
         t, x, gx, t_host = _rayleigh_ritz(q, g @ q)
     return values.reshape(*batch, rank), vectors.reshape(*batch, k, rank), done.reshape(batch)
+
+
+def _filtered(g: torch.Tensor, x: torch.Tensor, t_host: torch.Tensor) -> torch.Tensor:
+    """One filter round of :func:`top_eigh`: ``T_d`` of ``g`` mapped so that the damped interval
+    ``[0, t_min]`` lands on ``[-1, 1]``, applied to the Ritz block ``x`` (its values ``t_host``
+    on the host), each column scaled by its Ritz value's amplification ``|T_d(t)|``,
+    by the three-term recurrence ``y_(j+1) = (2 / c) g y_j - 2 y_j - y_(j-1)`` (``c`` the
+    interval's center, one fused product per degree); columns of a matrix whose block overflowed
+    are its input's."""
+    half_host = torch.maximum(t_host[:, -1], ITER_FLOOR * t_host[:, 0]).clamp_min(torch.finfo(t_host.dtype).tiny) / 2
+    spread = float((t_host[:, 0] / half_host).amax())
+    degree = max(1, min(ITER_DEGREE, int(ITER_DIGITS / max(math.log10(max(spread, 1.0)), 1e-3))))
+    growth = torch.cosh(degree * torch.acosh((t_host / half_host[:, None] - 1).abs().clamp_min(1)))  # |T_d(t)|
+    scales = torch.cat([2 / half_host[:, None], 1 / growth], 1).to(g.device)  # one upload
+    gs = g * scales[:, :1, None]
+    y0, y1 = x, torch.baddbmm(x, gs, x, beta=-1.0, alpha=0.5)  # T_1 = g x / c - x
+    for _ in range(degree - 1):
+        y0, y1 = y1, torch.baddbmm(torch.add(y0, y1, alpha=2.0), gs, y1, beta=-1.0)
+    y1 = y1 * scales[:, None, 1:]
+    finite = torch.isfinite(y1).flatten(1).all(1)
+    return torch.where(finite[:, None, None], y1, x)
 
 
 def gram_basis(u: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
@@ -263,18 +291,21 @@ def gram_basis(u: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
 
 
 def iterative_gram_svd(
-    w: torch.Tensor, rank: int, start: torch.Tensor | None = None, seed: int = 0
+    w: torch.Tensor, rank: int, start: torch.Tensor | None = None, seed: int = 0,
+    start_values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`gram_svd`'s triplets (float64) from :func:`top_eigh` of the smaller Gram matrix
-    (from ``start``, a nearby matrix's :func:`gram_basis`, if given), and whether each matrix
-    converged. A refinement iterate is ``L R + E`` (the last branch plus the main weight's
-    quantization error): its Gram has a gap of about 100x after the rank (l_(r+1) / l_r ~ 0.01,
-    INT4 at r = 32, measured) and a warm start within a few degrees, so it converges in a few
-    products; a smoothed weight (a search candidate) has no such gap and takes a few dozen.
+    (from ``start``, a nearby matrix's :func:`gram_basis`, and ``start_values``, its singular
+    values, if given), and whether each matrix converged (on the host). A refinement iterate is
+    ``L R + E`` (the last branch plus the main weight's quantization error): its Gram has a gap
+    of about 100x after the rank (l_(r+1) / l_r ~ 0.01, INT4 at r = 32, measured) and a warm
+    start within a few degrees, so it converges in a few products; a smoothed weight (a search
+    candidate) has no such gap and takes a few dozen.
     Singular-vector signs may differ from the full solve's; ``U S V^T`` does not."""
     wd = w.double()
     tall = wd.shape[-2] >= wd.shape[-1]
-    theta, x, done = top_eigh(wd.mT @ wd if tall else wd @ wd.mT, rank, start, seed)
+    values = None if start_values is None else start_values.double() ** 2
+    theta, x, done = top_eigh(wd.mT @ wd if tall else wd @ wd.mT, rank, start, seed, values)
     return (*_triplets(wd, tall, theta, x), done)
 
 
@@ -323,23 +354,6 @@ class BranchSpec:
         self, up: torch.Tensor, down: torch.Tensor, segments: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_stack(self.weight_format, up, segments), quantize_stack(self.weight_format, down)
-
-    def output(
-        self, x_hat: torch.Tensor, up_q: torch.Tensor, down_q: torch.Tensor, dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """``Qmid(Qa2(x_hat) down_q^T) up_q^T``, as :class:`LowRankBranch` computes it; the two
-        products in ``dtype`` (float32 accumulation)."""
-        h = _quantize_to(self.act_format, x_hat, dtype) @ down_q.to(dtype).mT
-        if self.mid_format is not None:
-            h = quantize_stack(self.mid_format, h.float()).to(dtype)
-        return h @ up_q.to(dtype).mT
-
-
-def _quantize_to(fmt: Format, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``quantize_stack(fmt, x).to(dtype)``; one cast when ``fmt`` is the cast to ``dtype`` itself."""
-    if isinstance(fmt, CastFormat) and fmt.torch_dtype == dtype:
-        return x.to(dtype)
-    return quantize_stack(fmt, x).to(dtype)
 
 
 # ----------------------------------------------------------------------------- units and batches
@@ -525,7 +539,8 @@ class Fitter:
     it (:meth:`refines_on_gram`), else ``rows``: a pass over every row per iterate.
     ``iterative``: float64 top-r solves (``svd`` exact or gram) run :func:`iterative_gram_svd`,
     the refinement's iterates after the first from the last iterate's vectors; the full solve
-    where it does not converge.
+    where it does not converge. ``fused_scoring``: candidates with a branch are scored per row as
+    the deployed layer's fused path computes them where it runs (:meth:`scores_fused`).
     """
 
     spec: BranchSpec
@@ -539,6 +554,7 @@ class Fitter:
     score_dtype: torch.dtype = torch.float32
     refine_objective: str = "gram"
     iterative: bool = False
+    fused_scoring: bool = True
 
     def svd_kind(self, shape: tuple[int, ...], device: torch.device) -> str:
         return resolve_svd(self.svd, self.spec.rank, shape, device)
@@ -548,10 +564,10 @@ class Fitter:
         return self.iterative and method in ("exact", "gram") and self.svd_dtype == torch.float64
 
     def solve(
-        self, target: torch.Tensor, start: torch.Tensor | None = None
+        self, target: torch.Tensor, start: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-r triplets of ``target`` (float32; ``start``: :func:`gram_basis` of the last
-        iterate, where :meth:`solves_iteratively`) and, per matrix, whether the full solve ran
+        """Top-r triplets of ``target`` (float32; ``start``: :func:`gram_basis` and singular values
+        of the last iterate, where :meth:`solves_iteratively`) and, per matrix, whether the full solve ran
         (all of them unless :meth:`solves_iteratively`; else where the iterative one did not
         converge)."""
         rank, method = self.spec.rank, self.svd_kind(tuple(target.shape), target.device)
@@ -560,18 +576,20 @@ class Fitter:
                 u, s, vh = truncated_svd(target, rank, method, self.seed, dtype=self.svd_dtype)
             return u, s, vh, torch.ones(target.shape[:-2], dtype=torch.bool, device=target.device)
         with PROFILE.stage("svd iterative"):
-            u, s, vh, done = iterative_gram_svd(target, rank, start, self.seed)
+            basis, values = start or (None, None)
+            u, s, vh, done = iterative_gram_svd(target, rank, basis, self.seed, values)
             u, s, vh = u.float(), s.float(), vh.float()
-        cold = (~done).nonzero().squeeze(-1)
+        cold = (~done).nonzero().squeeze(-1)  # on the host
         if len(cold):
             with PROFILE.stage("svd"):
                 full = truncated_svd(target[cold], rank, method, self.seed, dtype=self.svd_dtype)
             for part, value in zip((u, s, vh), full, strict=True):
                 part[cold] = value
-        return u, s, vh, ~done
+        return u, s, vh, (~done).to(target.device)
 
     def fit(
-        self, ws: torch.Tensor, target: torch.Tensor, segments: list[int], start: torch.Tensor | None = None
+        self, ws: torch.Tensor, target: torch.Tensor, segments: list[int],
+        start: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, tuple | None]:
         """Branch from the top-r SVD of ``target``; returns quantized factors (None at rank 0),
         the residual ``ws - up_q down_q``, its quantized version, and the SVD (:meth:`solve`;
@@ -599,13 +617,22 @@ class Fitter:
         if batch.samples is not None:
             branch = None
             if up_q is not None:
-                branch = lambda x_hat, items, dtype: self.spec.output(x_hat, up_q[items], down_q[items], dtype)  # noqa: E731
+                branch = CandidateBranch(up_q, down_q, self.spec.act_format, self.spec.mid_format)
             return streamed_sq_error(
                 batch.samples, index, batch.weight, s, main_q, self.act_format, branch, self.row_chunk,
-                self.score_dtype,
+                self.score_dtype, self.fused_scoring,
             )
         w_eff = main_q if up_q is None else main_q + up_q @ down_q
         return (batch.weight[index] - w_eff / s[..., None, :]).pow(2).sum((-2, -1)).double()
+
+    def scores_fused(self, batch: Batch) -> bool:
+        """Whether :meth:`error` scores ``batch``'s candidates (with their branch) on its rows by
+        the fused path (:func:`~ptqbench.smoothing.fused_scoring_plan`)."""
+        if not self.fused_scoring or batch.samples is None or self.spec.rank == 0:
+            return False
+        probe = CandidateBranch(batch.weight[:0], batch.weight[:0], self.spec.act_format, self.spec.mid_format)
+        plan = fused_scoring_plan(self.act_format, probe, batch.samples.dtype, self.score_dtype, batch.weight.device)
+        return plan is not None
 
     def refines_on_gram(self, batch: Batch) -> bool:
         """Whether :meth:`refine` scores ``batch``'s iterates on Gram matrices of its rows."""
@@ -614,6 +641,7 @@ class Fitter:
         branch_act = self.spec.act_format if self.spec.rank else None
         return applies(self.act_format, branch_act, self.spec.mid_format, batch.samples.dtype)
 
+    @PROFILE.timed("search (total)")
     def search(
         self, batch: Batch, pairs: list[tuple[float, float]], full_solves: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -641,6 +669,7 @@ class Fitter:
         best = pick_best(errors.view(n_units, n_cand), self.rule)
         return cand[torch.arange(n_units, device=dev), best], best
 
+    @PROFILE.timed("refine (total)")
     def refine(
         self,
         batch: Batch,
@@ -661,12 +690,12 @@ class Fitter:
         gram = None
         if self.refines_on_gram(batch):
             gram = RowGram.build(batch.samples, s, batch.weight, self.act_format, self.score_dtype)
-        target, basis, best = ws.clone(), None, None
+        target, basis, values, best = ws.clone(), None, None, None
         active = torch.ones(n_units, dtype=torch.bool, device=ws.device)
         used = torch.ones(n_units, dtype=torch.long, device=ws.device)
         for it in range(max(1, num_iters)):
             idx = active.nonzero().squeeze(-1)
-            start = None if basis is None else basis[idx]
+            start = None if basis is None else (basis[idx], values[idx])
             up_q, down_q, res, main_q, svd = self.fit(ws[idx], target[idx], batch.segments, start)
             if gram is not None:
                 err = gram.take(idx).sq_error(main_q, up_q, down_q)
@@ -691,8 +720,10 @@ class Fitter:
                 break
             if self.iterative:
                 vectors = gram_basis(svd[0], svd[2])
-                basis = vectors.new_zeros(n_units, *vectors.shape[1:]) if basis is None else basis
-                basis[idx] = vectors
+                if basis is None:
+                    basis = vectors.new_zeros(n_units, *vectors.shape[1:])
+                    values = svd[1].new_zeros(n_units, self.spec.rank)
+                basis[idx], values[idx] = vectors, svd[1]
             target[idx] = ws[idx] - main_q
         return best[0], best[1], best[2], best[3], used
 

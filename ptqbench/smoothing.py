@@ -9,21 +9,25 @@ streamed over calibration rows in chunks (:class:`Rows`) so that all rows fit in
 
 from __future__ import annotations
 
+import functools
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from ptqbench import kernels
 from ptqbench.errors import UserError
-from ptqbench.formats import Format, IntFormat, NVFP4Format
-from ptqbench.layers import QuantLinear
+from ptqbench.formats import CastFormat, Format, IntFormat, NVFP4Format
+from ptqbench.layers import FusedPlan, QuantLinear, fused_input, fused_plan
 
+T = TypeVar("T")
 # Scales outside this range only appear for dead channels; both ends are exact-enough in fp16/bf16.
 SMOOTH_RANGE = (1e-4, 1e4)
 # Largest number of elements of one batched fp32 weight-like tensor a method materializes at once.
@@ -157,6 +161,19 @@ class Profile:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         self.calls[name] = self.calls.get(name, 0) + 1
 
+    def timed(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """A decorator: every call of the function is the stage ``name``."""
+
+        def wrap(fn: Callable[..., T]) -> Callable[..., T]:
+            @functools.wraps(fn)
+            def call(*args: Any, **kwargs: Any) -> T:
+                with self.stage(name):
+                    return fn(*args, **kwargs)
+
+            return call
+
+        return wrap
+
     def reset(self) -> None:
         self.seconds.clear()
         self.calls.clear()
@@ -195,29 +212,6 @@ def resolve_score_dtype(kind: str, layer_dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-def output_sq_error(
-    x_hat: torch.Tensor,
-    y: torch.Tensor,
-    main_q: torch.Tensor,
-    act_format: Format,
-    extra: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Squared layer-output error ``||y - (Qa(x_hat) main_q^T + extra)||^2`` per leading index.
-
-    ``x_hat[..., N, n]`` are (smoothed) input rows, ``y[..., N, m]`` the reference outputs without
-    bias (it cancels), ``main_q[..., m, n]`` the quantized main weight, ``extra`` a branch output.
-    ``dtype``: of the product ``Qa(x_hat) main_q^T`` (float32 accumulation); the difference and
-    its square sum are float32.
-    """
-    with PROFILE.stage("quantize"):
-        xq = quantize_stack(act_format, x_hat).to(dtype)
-    with PROFILE.stage("products"):
-        yq = xq @ main_q.to(dtype).mT
-    with PROFILE.stage("error"):
-        return _sq_error_fn(y.is_cuda)(y, yq, extra)
-
-
 def _sq_error(y: torch.Tensor, yq: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
     """``||y - (yq + extra)||^2`` per leading index, every step in float32."""
     return _row_sq_error(y, yq, extra, (-2, -1))
@@ -249,6 +243,15 @@ def _sq_error_fn(cuda: bool) -> Callable[..., torch.Tensor]:
         return per_row.sum(-1)
 
     return call
+
+
+def _chunk_sq_error(y: torch.Tensor, yq: torch.Tensor, extra: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+    """``||y[pos] - (yq + extra)||^2`` per candidate (float32, :func:`_sq_error`'s squares): per row
+    by :func:`~ptqbench.kernels.row_sq_error` where it runs (the references read in place), else
+    :func:`_sq_error_fn`; then summed over the rows."""
+    if kernels.sq_error_allowed(yq):
+        return kernels.row_sq_error(y, yq, extra, pos).sum(-1)
+    return _sq_error_fn(y.is_cuda)(_spread(y, pos), yq, extra)
 
 
 @dataclass(eq=False)
@@ -383,6 +386,52 @@ def score_budget(device: torch.device) -> int:
     return int(min(2**31, max(MAX_BATCH_ELEMENTS, total // 160)))
 
 
+@dataclass(frozen=True, eq=False)
+class CandidateBranch:
+    """The low-rank branch of each scored candidate: ``up[items, m, r]`` and ``down[items, r, n]``
+    (quantized), reading ``act_format`` with intermediate ``mid_format``:
+    ``Qmid(Qa2(x_hat) down^T) up^T``, as :class:`~ptqbench.layers.LowRankBranch` computes it."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    act_format: Format
+    mid_format: Format | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.up.shape[-1])
+
+    def output(self, x_hat: torch.Tensor, items: slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The branch output of candidates ``items`` on their rows ``x_hat[len, c, n]``, the two
+        products in ``dtype`` (float32 accumulation)."""
+        h = _quantize_to(self.act_format, x_hat, dtype) @ self.down[items].to(dtype).mT
+        if self.mid_format is not None:
+            h = quantize_stack(self.mid_format, h.float()).to(dtype)
+        return h @ self.up[items].to(dtype).mT
+
+
+def _quantize_to(fmt: Format, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``quantize_stack(fmt, x).to(dtype)``; one cast when ``fmt`` is the cast to ``dtype`` itself."""
+    if isinstance(fmt, CastFormat) and fmt.torch_dtype == dtype:
+        return x.to(dtype)
+    return quantize_stack(fmt, x).to(dtype)
+
+
+def fused_scoring_plan(
+    act_format: Format, branch: CandidateBranch | None, rows_dtype: torch.dtype, dtype: torch.dtype,
+    device: torch.device,
+) -> FusedPlan | None:
+    """The fused branch path's plan (:func:`~ptqbench.layers.fused_plan`) where candidates with a
+    branch are scored as the deployed layer computes them there: 16-bit rows scored in their own
+    dtype, on a GPU where the layer's fused path runs (:func:`~ptqbench.kernels.fused_branch_allowed`,
+    formats it fuses); else None (the unfused products)."""
+    if branch is None or rows_dtype != dtype or device.type != "cuda":
+        return None
+    if not kernels.fused_branch_allowed(torch.empty(1, dtype=dtype, device=device)):
+        return None
+    return fused_plan(act_format, branch.act_format, branch.mid_format, dtype)
+
+
 def streamed_sq_error(
     rows: Rows,
     index: torch.Tensor,
@@ -390,42 +439,100 @@ def streamed_sq_error(
     s: torch.Tensor,
     main_q: torch.Tensor,
     act_format: Format,
-    branch: Any = None,
+    branch: CandidateBranch | None = None,
     chunk: int | None = None,
     dtype: torch.dtype = torch.float32,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Squared output error of ``items`` quantized candidates over every row, in chunks (float64).
 
     ``index[items]`` picks each candidate's layer in ``rows`` and ``weight[B, m, n]`` (its 16-bit
-    reference ``y = x W^T``); ``s[items, n]`` its smoothing, ``main_q[items, m, n]`` its quantized
-    main weight, ``branch(x_hat, items, dtype) -> [len, c, m]`` the branch output of the candidates
-    ``items`` (a slice) in ``dtype`` (or None). ``chunk``:
-    rows per chunk (default: as many as :func:`score_budget` allows, with candidates taken in
-    groups small enough for MIN_CHUNK_ROWS rows). ``dtype``: of the row products (float32
-    accumulation); each chunk's squares sum in float32, the chunks in float64.
+    reference ``y = x W^T``, without bias: it cancels); ``s[items, n]`` its smoothing,
+    ``main_q[items, m, n]`` its quantized main weight, ``branch`` its low-rank branch (or None).
+    The candidate's output is ``Qa(x / s) Q1^T`` plus the branch, ``x / s`` rounded to the rows'
+    dtype (the model's) as the deployed layer and deepcompressor's smoother compute it: with
+    ``fused`` where :func:`fused_scoring_plan` gives a plan, as the deployed layer's fused path
+    computes it (``[Qa(x') | h] [Q1 | up]^T``, one GEMM, one rounding of the output); else the two
+    outputs in ``dtype``, each rounded, summed in float32. ``chunk``: rows per chunk (default: as
+    many as :func:`score_budget` allows, with candidates taken in groups small enough for
+    MIN_CHUNK_ROWS rows). ``dtype``: of the row products (float32 accumulation); each chunk's
+    squares sum in float32, the chunks in float64.
     """
     items, m, n = main_q.shape
     width = 2 * (n + m)
     budget = score_budget(main_q.device)
     group = max(1, budget // (min(MIN_CHUNK_ROWS, rows.count) * width) - 1)
+    plan = fused_scoring_plan(act_format, branch, rows.dtype, dtype, main_q.device) if fused else None
     total = torch.zeros(items, dtype=torch.float64, device=main_q.device)
     for glo, ghi in chunks(items, group):
         units, pos = torch.unique(index[glo:ghi], return_inverse=True)
         select = units.tolist()
         size = chunk or chunk_rows(ghi - glo + len(select), width, budget)
-        sub = (s[glo:ghi], main_q[glo:ghi])
-        divisor = None  # the smoothing in the rows' dtype where exact, checked on the first chunk
+        if plan is None:
+            outputs = _unfused_outputs(s[glo:ghi], main_q[glo:ghi], act_format, branch, slice(glo, ghi), rows, dtype)
+        else:
+            outputs = _fused_outputs(s[glo:ghi], main_q[glo:ghi], branch, slice(glo, ghi), plan, dtype)
         for lo, hi in chunks(rows.count, size):
             y = rows.outputs(lo, hi, select, weight, dtype)
-            x = rows.chunk(lo, hi, select, dtype=None)
-            with PROFILE.stage("quantize"):
-                # x / s rounded to the rows' (the model's) dtype, as the deployed layer and
-                # deepcompressor's smoother compute it; float32 rows stay float32.
-                divisor = smooth_divisor(sub[0], x.dtype)[:, None, :] if divisor is None else divisor
-                x_hat = (_spread(x, pos) / divisor).to(x.dtype)
-            extra = None if branch is None else branch(x_hat, slice(glo, ghi), dtype)
-            total[glo:ghi] += output_sq_error(x_hat, _spread(y, pos), sub[1], act_format, extra, dtype).double()
+            yq, extra = outputs(rows.chunk(lo, hi, select, dtype=None), pos)
+            with PROFILE.stage("error"):
+                total[glo:ghi] += _chunk_sq_error(y, yq, extra, pos).double()
     return total
+
+
+Outputs = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _unfused_outputs(
+    s: torch.Tensor, main_q: torch.Tensor, act_format: Format, branch: CandidateBranch | None, items: slice,
+    rows: Rows, dtype: torch.dtype,
+) -> Outputs:
+    """``(x, pos) -> (Qa(x') Q1^T, the branch output)`` of one group of candidates on a chunk of
+    rows ``x[units, c, n]`` (``pos``: each candidate's unit), the products in ``dtype``."""
+    divisor = smooth_divisor(s, rows.dtype)[:, None, :]
+    main = main_q.to(dtype)
+
+    def outputs(x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with PROFILE.stage("quantize"):
+            x_hat = (_spread(x, pos) / divisor).to(x.dtype)
+            xq = quantize_stack(act_format, x_hat).to(dtype)
+        with PROFILE.stage("products"):
+            return xq @ main.mT, None if branch is None else branch.output(x_hat, items, dtype)
+
+    return outputs
+
+
+def _fused_outputs(
+    s: torch.Tensor, main_q: torch.Tensor, branch: CandidateBranch, items: slice, plan: FusedPlan,
+    dtype: torch.dtype,
+) -> Outputs:
+    """``(x, pos) -> (y, None)``: the fused path's output of one group of candidates on a chunk of
+    rows ``x[units, c, n]`` (``pos``: each candidate's unit): :func:`~ptqbench.layers.fused_input`
+    per run of candidates of one unit (the unit's rows read by all), one batched GEMM against
+    ``[Q1 | up | 0]``."""
+    count, m, n = main_q.shape
+    r = branch.rank
+    wide = kernels.branch_width(n, r)
+    cat = main_q.new_zeros(count, m, wide, dtype=dtype)
+    cat[..., :n], cat[..., n : n + r] = main_q, branch.up[items]
+    down = main_q.new_zeros(count, wide - n, n, dtype=dtype)
+    down[:, :r] = branch.down[items]
+    smooth = s.contiguous()
+    runs: list[tuple[int, int, int]] = []
+
+    def outputs(x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if not runs:  # candidates of one unit in a row share one launch (and one read of its rows)
+            at = pos.tolist()
+            starts = [i for i in range(count) if i == 0 or at[i] != at[i - 1]] + [count]
+            runs.extend((a, b, at[a]) for a, b in itertools.pairwise(starts))
+        with PROFILE.stage("quantize"):
+            buf = x.new_empty(count, x.shape[1], wide)
+            for a, b, unit in runs:
+                fused_input(x[unit].expand(b - a, -1, -1), down[a:b], plan, wide, r, 0.0, smooth[a:b], buf[a:b])
+        with PROFILE.stage("products"):
+            return torch.bmm(buf, cat.mT), None
+
+    return outputs
 
 
 def _spread(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -235,6 +235,44 @@ def test_kernel_parts(cuda: torch.device, case: tuple) -> None:
             assert not bool(with_mid[:, k + rank :].any())
 
 
+BATCH_CASES = [  # (main act format, the product's source (None: the main format), mid), rank 32, k 1152
+    ("int4_g64", "bf16", None),
+    ("uint4_g64", "bf16", None),
+    ("mxfp4", None, "mxfp4"),
+    ("int4_g64", "int8_g64", "int8_g64"),
+]
+
+
+@pytest.mark.parametrize("case", BATCH_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_kernel_batch_is_each_item_alone(cuda: torch.device, case: tuple) -> None:
+    """A batch (one x read by every item through a zero batch stride, a smoothing vector and a
+    down-projection per item, written into a slice of a larger buffer) is bit-identical to each
+    item's own call; a per-tensor scale is refused in a batch."""
+    main, source, mid = case
+    act = get_format(main)
+    spec = act.kernel_spec(BF16)
+    src_spec = None if source == "bf16" else (act if source is None else get_format(source)).kernel_spec(BF16)
+    mid_spec = None if mid is None else get_format(mid).kernel_spec(BF16)
+    k, rank, items = 1152, 32, 5
+    width = kernels.branch_width(k, rank)
+    g = torch.Generator().manual_seed(11)
+    down = torch.zeros(items, width - k, k, dtype=BF16)
+    down[:, :rank] = (torch.randn(items, rank, k, generator=g) / k**0.5).to(BF16)
+    down = down.to(cuda)
+    smooth = (2.0 ** (torch.rand(items, k, generator=g) * 6 - 3)).to(cuda, BF16)
+    x = _x(300, k, "outlier", "cuda")
+    big = torch.full((items + 2, 300, width), float("nan"), device=cuda, dtype=BF16)
+    out = big[1 : items + 1]
+    kernels.fused_branch(x.expand(items, -1, -1), down, spec, src_spec, mid_spec, width, 0.0, smooth, out=out)
+    for i in range(items):
+        alone = kernels.fused_branch(x, down[i], spec, src_spec, mid_spec, width, 0.0, smooth[i])
+        assert torch.equal(out[i], alone), f"{case}: item {i} differs from its own call"
+    assert bool(big[0].isnan().all()) and bool(big[-1].isnan().all())  # nothing written outside the slice
+    nv = get_format("nvfp4").kernel_spec(BF16)
+    with pytest.raises(ValueError, match="per-tensor scale"):
+        kernels.fused_branch(x.expand(items, -1, -1), down, nv, None, None, width, 0.0, smooth)
+
+
 # ----------------------------------------------------------------------------- GPU: the layer
 
 LAYER_CASES = [  # (main act format, branch weight / act / mid formats, rank, smoothed), after KERNEL_CASES

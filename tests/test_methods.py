@@ -21,7 +21,14 @@ from ptqbench.lowrank import BranchSpec, Fitter, make_batches, make_units, trunc
 from ptqbench.memory import LayerShape, model_bits, qkv_group, solve_rank
 from ptqbench.methods.loraq import Objective, is_int_format
 from ptqbench.rotation import get_rotation, hadamard_matrix, random_orthogonal, randomized_hadamard
-from ptqbench.smoothing import Rows, quantize_stack, smooth_scale, smoothing_grid, streamed_sq_error
+from ptqbench.smoothing import (
+    CandidateBranch,
+    Rows,
+    quantize_stack,
+    smooth_scale,
+    smoothing_grid,
+    streamed_sq_error,
+)
 from ptqbench.stats import ALL_ROWS, StatsSpec, collect_stats
 
 CALIB = (
@@ -440,7 +447,7 @@ def test_all_rows_scoring_in_chunks_equals_one_chunk_and_a_float64_reference():
     fmt = get_format("mxfp4")
     main_q = fmt.quantize(w[index] * s[:, None, :])
     up, down = torch.randn(4, m, 4, generator=g), torch.randn(4, 4, n, generator=g)
-    branch = lambda xh, sl, dt: (xh @ down[sl].mT) @ up[sl].mT  # noqa: E731
+    branch = CandidateBranch(up, down, get_format("fp32"))
     whole = streamed_sq_error(Rows(x, torch.device("cpu")), index, w, s, main_q, fmt, branch)
     pieces = streamed_sq_error(Rows(x, torch.device("cpu")), index, w, s, main_q, fmt, branch, chunk=37)
     ref = []

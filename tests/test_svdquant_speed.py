@@ -87,10 +87,36 @@ def test_iterative_svd_of_refinement_iterates_is_the_float64_svd(shape, outliers
     w = torch.stack([spectrum_matrix(*shape, outliers, seed) for seed in (1, 2)])
     targets = refinement_iterates(w, rank, 4)
     for last, target in itertools.pairwise(targets):
-        u, _, vh = gram_svd(last, rank)
+        u, s, vh = gram_svd(last, rank)
         u1, s1, vh1, done = iterative_gram_svd(target, rank, gram_basis(u, vh))
         assert done.tolist() == [True, True]
         assert_same_branch(u1, s1, vh1, target, rank)
+        u1, s1, vh1, done = iterative_gram_svd(target, rank, gram_basis(u, vh), start_values=s)
+        assert done.tolist() == [True, True]
+        assert_same_branch(u1, s1, vh1, target, rank)
+
+
+def test_a_warm_start_with_its_values_skips_the_first_rayleigh_ritz(monkeypatch: pytest.MonkeyPatch):
+    """With the last iterate's singular values the first filter round runs before any
+    Rayleigh-Ritz: one eigenproblem less per solve, the same converged triplets; a start whose
+    values are far off (the damped interval's end above wanted eigenvalues) still converges."""
+    from ptqbench import lowrank
+
+    w = torch.stack([spectrum_matrix(96, 48, False, seed) for seed in (1, 2)])
+    last, target = refinement_iterates(w, 8, 2)
+    u, s, vh = gram_svd(last, 8)
+    calls = []
+    real = lowrank._rayleigh_ritz
+    monkeypatch.setattr(lowrank, "_rayleigh_ritz", lambda *a: calls.append(1) or real(*a))
+    cold = iterative_gram_svd(target, 8, gram_basis(u, vh))
+    n_cold, calls[:] = len(calls), []
+    warm = iterative_gram_svd(target, 8, gram_basis(u, vh), start_values=s)
+    assert len(calls) == n_cold - 1 and bool(warm[3].all())
+    for a, b in zip(cold[:3], warm[:3], strict=True):
+        assert torch.allclose(a.abs(), b.abs(), rtol=0, atol=1e-9 * float(s.max()))
+    off = iterative_gram_svd(target, 8, gram_basis(u, vh), start_values=s * 40)
+    assert bool(off[3].all())
+    assert_same_branch(*off[:3], target, 8)
 
 
 @pytest.mark.parametrize("shape", [(192, 96), (96, 192)])
@@ -358,3 +384,109 @@ def test_smoothing_divides_in_the_rows_dtype_bit_for_bit():
 
 def test_gpu_smoothing_divides_in_the_rows_dtype_bit_for_bit(cuda: torch.device):
     divided_both_ways(cuda)
+
+
+def fused_case(device: torch.device) -> tuple:
+    """Outlier-heavy 16-bit rows of two layers, five candidates (units 0, 0, 1, 1, 0: three runs)
+    with 16-bit smoothing, an INT4 main weight and a 16-bit rank-16 branch."""
+    g = torch.Generator().manual_seed(3)
+    b, m, n, count, r = 2, 96, 256, 3000, 16
+    x = [(torch.randn(count, n, generator=g) * torch.exp(1.5 * torch.randn(n, generator=g))).bfloat16()
+         for _ in range(b)]
+    w = (torch.randn(b, m, n, generator=g) / 16).bfloat16().float()
+    index = torch.tensor([0, 0, 1, 1, 0])
+    s = torch.exp(torch.randn(5, n, generator=g)).bfloat16().float()
+    fmt = get_format("int4_g64")
+    main_q = fmt.quantize(w[index] * s[:, None, :])
+    up, down = torch.randn(5, m, r, generator=g) / 4, torch.randn(5, r, n, generator=g) / 64
+    rows = Rows([p.to(device) for p in x], device, torch.bfloat16)
+    return rows, x, w, index, s, fmt, main_q, up, down
+
+
+def test_gpu_fused_scores_are_the_deployed_layers_outputs(cuda: torch.device):
+    """Fused scoring (``[Qa(x') | h] [Q1 | up]^T``, one GEMM, as the deployed layer's GPU path)
+    against a float64 re-derivation of that formula with each rounding of the layer (x' and h to
+    bf16, the output to bf16): the same squared error to float32-accumulation noise; the unfused
+    scores (two outputs each rounded) differ from them by output rounding only."""
+    from ptqbench.smoothing import CandidateBranch
+
+    rows, x, w, index, s, fmt, main_q, up, down = fused_case(cuda)
+    bf16 = get_format("bf16")
+    put = lambda *t: [v.to(cuda) for v in t]  # noqa: E731
+    args = (rows, *put(index, w, s, main_q), fmt, CandidateBranch(*put(up, down), bf16))
+    fused = streamed_sq_error(*args, dtype=torch.bfloat16, chunk=1000)
+    unfused = streamed_sq_error(*args, dtype=torch.bfloat16, chunk=1000, fused=False)
+    ref = []
+    for i, u in enumerate(index.tolist()):
+        xs = (x[u].float() / s[i]).bfloat16()
+        qa = fmt.reference(xs).double()
+        h = (xs.double() @ down[i].bfloat16().double().T).bfloat16().double()
+        y = (qa @ main_q[i].bfloat16().double().T + h @ up[i].bfloat16().double().T).bfloat16()
+        y_ref = (x[u].double() @ w[u].bfloat16().double().T).bfloat16()
+        ref.append((y_ref.double() - y.double()).pow(2).sum())
+    ref = torch.stack(ref).to(cuda)
+    assert torch.allclose(fused, ref, rtol=1e-4), (fused / ref - 1).abs().max()
+    assert not torch.equal(fused, unfused) and torch.allclose(unfused, ref, rtol=2e-2)
+
+
+def test_gpu_svdquant_logs_its_score_path_and_fused_choices_are_near_best_unfused(cuda: torch.device):
+    """SVDQuant on the GPU scores as the layer's fused path runs (``score_path``), on the CPU and
+    with ``fused_scoring: false`` unfused; where the two paths choose differently, the fused choice
+    is a near-tie under the unfused scores (within 0.1 % of their best)."""
+    kw = dict(weight_format="int4_g16", act_format="int4_g16", rank=4, num_grids=6, num_iters=8, rows="all")
+    fused_m, unfused_m = get_method("svdquant", **kw), get_method("svdquant", fused_scoring=False, **kw)
+    for seed in range(4):
+        layer, stats = outlier_layer(20 + seed, torch.bfloat16)
+        cpu = fused_m.quantize_layers({"l": layer}, {"l": stats})["l"]
+        assert cpu.info["score_path"].startswith("unfused")
+        layer = layer.to(cuda)
+        stats = LayerStats(absmax=stats.absmax.to(cuda), rows=stats.rows.to(cuda), count=stats.count)
+        fused = fused_m.quantize_layers({"l": layer}, {"l": stats})["l"]
+        unfused = unfused_m.quantize_layers({"l": layer}, {"l": stats})["l"]
+        assert fused.info["score_path"].startswith("fused") and unfused.info["score_path"].startswith("unfused")
+        pairs = smoothing_pairs(kw["num_grids"])
+        errors = unfused_search_errors(layer, stats, unfused_m)
+        chosen = errors[pairs.index(fused.info["smooth_pair"])]
+        assert chosen <= errors.min() * 1.001, (seed, fused.info["smooth_pair"], unfused.info["smooth_pair"])
+
+
+def smoothing_pairs(num_grids: int) -> list[str]:
+    from ptqbench.smoothing import pair_label, smoothing_grid
+
+    return [pair_label(p) for p in smoothing_grid(num_grids)]
+
+
+def unfused_search_errors(layer: nn.Module, stats: LayerStats, method) -> torch.Tensor:
+    """The unfused search's error of every candidate pair (the method's own search, unfused)."""
+    from ptqbench.smoothing import smoothing_grid
+
+    batch = make_batches(make_units({"l": layer}, {"l": stats}, True), use_rows=True)[0]
+    fitter = method._fitter(method.branch_spec(batch.smooth_dtype), layer.weight.dtype)
+    recorded = []
+    real = fitter.error
+
+    def record(*args, **kw):
+        recorded.append(out := real(*args, **kw))
+        return out
+
+    object.__setattr__(fitter, "error", record)
+    fitter.search(batch, smoothing_grid(method.num_grids))
+    return torch.cat(recorded).cpu()
+
+
+def test_gpu_row_sq_error_kernel_equals_eager(cuda: torch.device):
+    """The Triton per-row squared error (references read through each candidate's index, with and
+    without a branch output, bf16 and float32, a width that is not a multiple of its block) equals
+    the eager float32 sums to summation order."""
+    from ptqbench import kernels
+    from ptqbench.smoothing import _row_sq_error
+
+    g = torch.Generator().manual_seed(9)
+    pos = torch.tensor([1, 0, 0, 2, 1])
+    for dtype, m in ((torch.bfloat16, 3456), (torch.float32, 700)):
+        y = (torch.randn(3, 301, m, generator=g) * 4).to(dtype).to(cuda)
+        yq, extra = ((torch.randn(5, 301, m, generator=g) * 4).to(dtype).to(cuda) for _ in range(2))
+        for e in (extra, None):
+            want = _row_sq_error(y[pos.to(cuda)], yq, e)
+            got = kernels.row_sq_error(y, yq, e, pos)
+            assert got.shape == (5, 301) and torch.allclose(got, want, rtol=1e-5), (got / want - 1).abs().max()
