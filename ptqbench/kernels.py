@@ -405,7 +405,6 @@ if HAVE_TRITON:
             q2 = tl.reshape(q2, (BLOCK_M, NB, BLOCK))
             tl.store(src_ptr + r3 * K + cols, q2.to(src_ptr.dtype.element_ty), mask=mask)
 
-
     @triton.jit
     def _sq_error_kernel(
         y_ptr, yq_ptr, extra_ptr, pos_ptr, out_ptr, C, M,

@@ -630,8 +630,10 @@ class Fitter:
         the fused path (:func:`~ptqbench.smoothing.fused_scoring_plan`)."""
         if not self.fused_scoring or batch.samples is None or self.spec.rank == 0:
             return False
-        probe = CandidateBranch(batch.weight[:0], batch.weight[:0], self.spec.act_format, self.spec.mid_format)
-        plan = fused_scoring_plan(self.act_format, probe, batch.samples.dtype, self.score_dtype, batch.weight.device)
+        plan = fused_scoring_plan(
+            self.act_format, self.spec.act_format, self.spec.mid_format, batch.samples.dtype, self.score_dtype,
+            batch.weight.device,
+        )
         return plan is not None
 
     def refines_on_gram(self, batch: Batch) -> bool:

@@ -418,18 +418,19 @@ def _quantize_to(fmt: Format, x: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 def fused_scoring_plan(
-    act_format: Format, branch: CandidateBranch | None, rows_dtype: torch.dtype, dtype: torch.dtype,
-    device: torch.device,
+    act_format: Format, branch_act: Format | None, mid_format: Format | None, rows_dtype: torch.dtype,
+    dtype: torch.dtype, device: torch.device,
 ) -> FusedPlan | None:
     """The fused branch path's plan (:func:`~ptqbench.layers.fused_plan`) where candidates with a
-    branch are scored as the deployed layer computes them there: 16-bit rows scored in their own
-    dtype, on a GPU where the layer's fused path runs (:func:`~ptqbench.kernels.fused_branch_allowed`,
-    formats it fuses); else None (the unfused products)."""
-    if branch is None or rows_dtype != dtype or device.type != "cuda":
+    branch (reading ``branch_act``, intermediate ``mid_format``; None: no branch) are scored as
+    the deployed layer computes them there: 16-bit rows scored in their own dtype, on a GPU where
+    the layer's fused path runs (:func:`~ptqbench.kernels.fused_branch_allowed`, formats it
+    fuses); else None (the unfused products)."""
+    if branch_act is None or rows_dtype != dtype or device.type != "cuda":
         return None
     if not kernels.fused_branch_allowed(torch.empty(1, dtype=dtype, device=device)):
         return None
-    return fused_plan(act_format, branch.act_format, branch.mid_format, dtype)
+    return fused_plan(act_format, branch_act, mid_format, dtype)
 
 
 def streamed_sq_error(
@@ -462,37 +463,40 @@ def streamed_sq_error(
     width = 2 * (n + m)
     budget = score_budget(main_q.device)
     group = max(1, budget // (min(MIN_CHUNK_ROWS, rows.count) * width) - 1)
-    plan = fused_scoring_plan(act_format, branch, rows.dtype, dtype, main_q.device) if fused else None
+    plan = None
+    if fused and branch is not None:
+        plan = fused_scoring_plan(act_format, branch.act_format, branch.mid_format, rows.dtype, dtype, main_q.device)
     total = torch.zeros(items, dtype=torch.float64, device=main_q.device)
     for glo, ghi in chunks(items, group):
         units, pos = torch.unique(index[glo:ghi], return_inverse=True)
         select = units.tolist()
         size = chunk or chunk_rows(ghi - glo + len(select), width, budget)
+        part = slice(glo, ghi)
         if plan is None:
-            outputs = _unfused_outputs(s[glo:ghi], main_q[glo:ghi], act_format, branch, slice(glo, ghi), rows, dtype)
+            outputs = _unfused_outputs(s[part], main_q[part], act_format, branch, part, pos, rows.dtype, dtype)
         else:
-            outputs = _fused_outputs(s[glo:ghi], main_q[glo:ghi], branch, slice(glo, ghi), plan, dtype)
+            outputs = _fused_outputs(s[part], main_q[part], branch, part, pos, plan, dtype)
         for lo, hi in chunks(rows.count, size):
             y = rows.outputs(lo, hi, select, weight, dtype)
-            yq, extra = outputs(rows.chunk(lo, hi, select, dtype=None), pos)
+            yq, extra = outputs(rows.chunk(lo, hi, select, dtype=None))
             with PROFILE.stage("error"):
-                total[glo:ghi] += _chunk_sq_error(y, yq, extra, pos).double()
+                total[part] += _chunk_sq_error(y, yq, extra, pos).double()
     return total
 
 
-Outputs = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+Outputs = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def _unfused_outputs(
     s: torch.Tensor, main_q: torch.Tensor, act_format: Format, branch: CandidateBranch | None, items: slice,
-    rows: Rows, dtype: torch.dtype,
+    pos: torch.Tensor, rows_dtype: torch.dtype, dtype: torch.dtype,
 ) -> Outputs:
-    """``(x, pos) -> (Qa(x') Q1^T, the branch output)`` of one group of candidates on a chunk of
-    rows ``x[units, c, n]`` (``pos``: each candidate's unit), the products in ``dtype``."""
-    divisor = smooth_divisor(s, rows.dtype)[:, None, :]
+    """``x -> (Qa(x') Q1^T, the branch output)`` of one group of candidates (``pos``: each one's
+    unit) on a chunk of rows ``x[units, c, n]`` in ``rows_dtype``, the products in ``dtype``."""
+    divisor = smooth_divisor(s, rows_dtype)[:, None, :]
     main = main_q.to(dtype)
 
-    def outputs(x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         with PROFILE.stage("quantize"):
             x_hat = (_spread(x, pos) / divisor).to(x.dtype)
             xq = quantize_stack(act_format, x_hat).to(dtype)
@@ -503,13 +507,12 @@ def _unfused_outputs(
 
 
 def _fused_outputs(
-    s: torch.Tensor, main_q: torch.Tensor, branch: CandidateBranch, items: slice, plan: FusedPlan,
-    dtype: torch.dtype,
+    s: torch.Tensor, main_q: torch.Tensor, branch: CandidateBranch, items: slice, pos: torch.Tensor,
+    plan: FusedPlan, dtype: torch.dtype,
 ) -> Outputs:
-    """``(x, pos) -> (y, None)``: the fused path's output of one group of candidates on a chunk of
-    rows ``x[units, c, n]`` (``pos``: each candidate's unit): :func:`~ptqbench.layers.fused_input`
-    per run of candidates of one unit (the unit's rows read by all), one batched GEMM against
-    ``[Q1 | up | 0]``."""
+    """``x -> (y, None)``: the fused path's output of one group of candidates (``pos``: each one's
+    unit) on a chunk of rows ``x[units, c, n]``: :func:`~ptqbench.layers.fused_input` per run of
+    candidates of one unit (the unit's rows read by all), one batched GEMM against ``[Q1 | up | 0]``."""
     count, m, n = main_q.shape
     r = branch.rank
     wide = kernels.branch_width(n, r)
@@ -518,13 +521,11 @@ def _fused_outputs(
     down = main_q.new_zeros(count, wide - n, n, dtype=dtype)
     down[:, :r] = branch.down[items]
     smooth = s.contiguous()
-    runs: list[tuple[int, int, int]] = []
+    at = pos.tolist()  # candidates of one unit in a row share one launch (and one read of its rows)
+    starts = [i for i in range(count) if i == 0 or at[i] != at[i - 1]] + [count]
+    runs = [(a, b, at[a]) for a, b in itertools.pairwise(starts)]
 
-    def outputs(x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if not runs:  # candidates of one unit in a row share one launch (and one read of its rows)
-            at = pos.tolist()
-            starts = [i for i in range(count) if i == 0 or at[i] != at[i - 1]] + [count]
-            runs.extend((a, b, at[a]) for a, b in itertools.pairwise(starts))
+    def outputs(x: torch.Tensor) -> tuple[torch.Tensor, None]:
         with PROFILE.stage("quantize"):
             buf = x.new_empty(count, x.shape[1], wide)
             for a, b, unit in runs:
