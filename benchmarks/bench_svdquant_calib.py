@@ -3,8 +3,10 @@
 The quantized layers of the model's transformer (its config on the meta device, deepcompressor's
 skip list: cross-attention ``to_k``/``to_v`` stay 16-bit) get random weights and synthetic
 calibration rows (heavy-tailed channel scales; post-GELU rows for the FFN down-projections).
-Each transformer block is calibrated as the runner would (``quantize_layers`` on the block's
-layers: same-shape units batched, q/k/v fused) with all ``--rows`` rows, then with each
+The selected layers are calibrated as the runner does (``--scope model``, the default: one
+``quantize_layers`` call on all of them, so same-shape units of different blocks are batched,
+and q/k/v fused), or one block at a time (``--scope block``: smaller batches, the cost of a
+block without its neighbours), with all ``--rows`` rows, then with each
 ``--subsample`` size (a seeded subset of the rows; abs-max still from all rows, as calibration
 computes it), and the script prints:
 
@@ -91,11 +93,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--fused-scoring", action=argparse.BooleanOptionalAction, default=True,
                    help="candidates scored as the layer's fused GPU path computes them (SVDQuant's fused_scoring)")
     p.add_argument("--layers", type=int, default=0, help="calibrate only the first L quantized layers (0: all)")
+    p.add_argument("--scope", default="model", choices=("model", "block"),
+                   help="one quantize_layers call on all the layers, as the runner (model), or one per block")
     p.add_argument("--format", default="int4_g64", help="main weight and activation format")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--num-grids", type=int, default=20)
     p.add_argument("--num-iters", type=int, default=100)
     p.add_argument("--svd", default="exact", choices=("exact", "gram", "randomized", "auto"))
+    p.add_argument("--stored-dtype", default="float32", choices=("float32", "model"),
+                   help="rows kept in float32 (as the runner's statistics) or in the model's dtype (half the memory)")
     p.add_argument("--score-dtype", default="model", choices=("model", "float32"), help="row products' dtype")
     p.add_argument("--profile", action="store_true", help="print seconds per stage (synchronizes the GPU)")
     p.add_argument("--workers", type=int, default=smoothing.GPU_WORKERS, help="batches calibrated at once on a GPU")
@@ -133,10 +139,23 @@ def blocks(names: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
+def synthetic_blocks(
+    shapes: dict[str, tuple[int, int]], groups: list[list[str]], args: argparse.Namespace, dtype: torch.dtype,
+    first: int,
+) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`synthetic_block` of each block (``first``, ``first + 1``, ...), merged."""
+    layers, rows, heldout = {}, {}, {}
+    for index, names in enumerate(groups, first):
+        parts = synthetic_block(shapes, names, args, dtype, index)
+        for merged, part in zip((layers, rows, heldout), parts, strict=True):
+            merged.update(part)
+    return layers, rows, heldout
+
+
 def synthetic_block(
     shapes: dict[str, tuple[int, int]], names: list[str], args: argparse.Namespace, dtype: torch.dtype, index: int
-) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
-    """Random layers and calibration rows of one block; layers of one q/k/v group share their rows."""
+) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Random layers, calibration and held-out rows of one block; layers of one q/k/v group share their rows."""
     device = torch.device(args.device)
     g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + index)
     layers, rows = {}, {}
@@ -153,7 +172,7 @@ def synthetic_block(
             scale = torch.exp(1.5 * torch.randn(n, generator=g, device=device))
             x = torch.randn(args.rows + args.heldout, n, generator=g, device=device) * scale
             x = nn.functional.gelu(x) if name.endswith("ff.net.2") else x
-            rows[key] = x.to(dtype).float()
+            rows[key] = x.to(dtype) if args.stored_dtype == "model" else x.to(dtype).float()
     calib = {key: x[: args.rows] for key, x in rows.items()}
     heldout = {key: x[args.rows :].to(dtype) for key, x in rows.items()}
     pick = {name: qkv_group(name) or name for name in names}
@@ -226,9 +245,12 @@ def run(args: argparse.Namespace) -> dict:
     svd_seconds = svd_probe(shapes, list(shapes), args)
     out: dict = {}
     profiles: dict[str, dict] = {}  # per run, kept across the runs (``out`` is rebuilt after each)
-    for index, names in enumerate(blocks(list(shapes)).values()):
-        layers, rows, heldout = synthetic_block(shapes, names, args, dtype, index)
-        absmax = {name: x.abs().amax(0) for name, x in rows.items()}
+    per_block = list(blocks(list(shapes)).values())
+    runs = [[names] for names in per_block] if args.scope == "block" else [per_block]
+    for index, groups in enumerate(runs):
+        names = [name for group in groups for name in group]
+        layers, rows, heldout = synthetic_blocks(shapes, groups, args, dtype, index)
+        absmax = {name: x.abs().amax(0).float() for name, x in rows.items()}
         perm = torch.randperm(args.rows, generator=torch.Generator().manual_seed(args.seed + index))
         if index == 0:  # warm-up (kernel compilation, allocator), not timed
             for size in (64, 96):  # two sizes: torch.compile's dynamic-shape graphs too
@@ -243,7 +265,8 @@ def run(args: argparse.Namespace) -> dict:
             elif key != "all":  # "search K": the search on K rows, the refinement on all
                 searched = int(key.split()[1])
                 run_method = dataclasses.replace(method, search_rows=searched)
-            label = f"block {index}, rows {n_rows if isinstance(key, int) or key == 'all' else key}"
+            where = f"block {index}" if args.scope == "block" else f"{len(groups)} blocks"
+            label = f"{where}, rows {n_rows if isinstance(key, int) or key == 'all' else key}"
             PROFILE.reset()
             quantized, seconds = calibrate(run_method, layers, picked, absmax)
             info = {name: q.info for name, q in quantized.items()}
@@ -322,7 +345,7 @@ def summarize(results: dict, choices: dict, args: argparse.Namespace, n_layers: 
     native = choices["all"]
     out = {"model": "tiny-pixart" if args.small else args.model, "layers": n_layers, "rows": args.rows,
            "device": args.device, "format": args.format, "svd": args.svd, "iterative_svd": args.iterative_svd,
-           "fused_scoring": args.fused_scoring,
+           "fused_scoring": args.fused_scoring, "scope": args.scope,
            "score_dtype": args.score_dtype, "tflops": args.tflops, "runs": []}
     for key, res in results.items():
         floor = res["flops"] / (args.tflops * 1e12)
@@ -366,6 +389,7 @@ def mean(values) -> float:
 def report(out: dict) -> str:
     lines = [f"SVDQuant calibration: {out['model']}, {out['layers']} layers, {out['format']}, svd {out['svd']}"
              f"{' (iterative top-r)' if out['iterative_svd'] else ''}, scores in {out['score_dtype']}, "
+             f"{'all layers in one call' if out['scope'] == 'model' else 'one block at a time'}, "
              f"{out['device']}; floor at {out['tflops']:g} TFLOP/s",
              f"{'rows':>13} {'seconds':>10} {'floor s':>10} {'ratio':>8} {'pair':>6} {'iterate':>8} {'both':>6}"
              f" {'e/e_nat max':>11} {'<=0.1%':>7} {'<=1%':>6} {'obj gap':>9}"]

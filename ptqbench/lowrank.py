@@ -38,6 +38,7 @@ from ptqbench.smoothing import (
     quantize_stack,
     round_smooth,
     set_info,
+    sharing_memory,
     smooth_dtype,
     smooth_scale,
     streamed_sq_error,
@@ -491,11 +492,13 @@ def map_batches(batches: list[Batch], fn: Callable[[Batch], T], workers: int = 1
     each in a thread on its own CUDA stream, so that one batch's SVDs (latency-bound solver
     kernels and host syncs) overlap another's row products. Each batch runs the same operations
     on the same shapes as alone (chunk sizes do not depend on free memory: see
-    :func:`~ptqbench.smoothing.score_budget`), so the results are the same. Serial while
+    :func:`~ptqbench.smoothing.score_budget`), so the results are the same; they split the
+    memory for kept rows and outputs (:func:`~ptqbench.smoothing.sharing_memory`). Serial while
     :data:`~ptqbench.smoothing.PROFILE` is on (its stages synchronize the whole GPU)."""
     if workers <= 1 or len(batches) < 2 or not batches[0].weight.is_cuda or PROFILE.enabled:
         return [fn(b) for b in batches]
 
+    load_cuda_linalg(batches[0].weight.device)
     grad = torch.is_grad_enabled()  # thread-local: a worker starts with autograd on
 
     def run(batch: Batch) -> T:
@@ -507,8 +510,16 @@ def map_batches(batches: list[Batch], fn: Callable[[Batch], T], workers: int = 1
         stream.synchronize()  # its tensors are complete before another stream reads them
         return out
 
-    with ThreadPoolExecutor(min(workers, len(batches))) as pool:
+    workers = min(workers, len(batches))
+    with sharing_memory(workers), ThreadPoolExecutor(workers) as pool:
         return list(pool.map(run, batches))
+
+
+def load_cuda_linalg(device: torch.device) -> None:
+    """Load torch's CUDA linear-algebra library from this thread. torch loads it on the first
+    CUDA linalg call, and two threads making that first call at once fail ("lazy wrapper should
+    be called at most once"), so the workers of :func:`map_batches` find it loaded."""
+    torch.linalg.cholesky_ex(torch.ones(1, 1, device=device))
 
 
 def _compact(unit: Unit) -> torch.dtype | None:

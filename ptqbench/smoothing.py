@@ -192,7 +192,8 @@ PROFILE = Profile()
 SCORE_DTYPES = ("model", "float32")
 # Rows per chunk below which the scoring loop takes fewer candidates at a time instead of fewer rows.
 MIN_CHUNK_ROWS = 4096
-# Fraction of the free device memory that resident rows and cached outputs may take.
+# Fraction of the free device memory that resident rows and cached outputs may take (all the
+# batches calibrating at once together: :func:`sharing_memory`).
 DEVICE_MEMORY_SHARE = 0.5
 # Batches calibrated at once on a GPU, each scoring in its own thread (ptqbench.lowrank.map_batches).
 GPU_WORKERS = 4
@@ -258,10 +259,11 @@ def _chunk_sq_error(y: torch.Tensor, yq: torch.Tensor, extra: torch.Tensor | Non
 class Rows:
     """Calibration input rows of ``B`` same-width layers: one ``[N, n]`` tensor per layer.
 
-    On first use they move once to ``device`` (and stay there) when they fit in
-    DEVICE_MEMORY_SHARE of its free memory, stored in ``compact`` (the model's 16-bit dtype) when
+    On first use they move once to ``device`` (and stay there) when they fit in their
+    :func:`memory_budget`, stored in ``compact`` (the model's 16-bit dtype) when
     every row is exactly representable in it (calibration inputs of a 16-bit model are), else
-    float32; otherwise they stay where they are and stream to ``device`` chunk by chunk.
+    float32; otherwise they stay where they are and stream to ``device`` chunk by chunk, in that
+    same dtype (so where they are kept changes no product, nor the scoring path).
     :meth:`outputs` caches the reference outputs ``x W^T`` per chunk while memory allows.
 
     Scoring on all rows is a sum over chunks: exact up to float summation order for row-wise
@@ -276,6 +278,7 @@ class Rows:
         self._resident: torch.Tensor | None = None
         self._whole: torch.Tensor | None = None
         self._placed = False
+        self._stored = torch.float32  # the dtype chunks come in, resident or streamed (set by _place)
         self._outputs: dict[tuple, torch.Tensor] = {}
         self._weight: torch.Tensor | None = None
 
@@ -287,7 +290,7 @@ class Rows:
     def dtype(self) -> torch.dtype:
         """The dtype :meth:`chunk` returns rows in with ``dtype=None`` (placing them first)."""
         self._place()
-        return self._resident.dtype if self._resident is not None else self.parts[0].dtype
+        return self._stored
 
     @property
     def resident(self) -> bool:
@@ -300,12 +303,13 @@ class Rows:
             return
         self._placed = True
         width = int(self.parts[0].shape[1])
-        dtype = self.compact if self.compact is not None and self._exact_in(self.compact) else torch.float32
-        need = len(self.parts) * self.count * width * torch.empty((), dtype=dtype).element_size()
-        if free_bytes(self.device) * DEVICE_MEMORY_SHARE < need:
+        exact = self.compact is not None and self._exact_in(self.compact)
+        self._stored = self.compact if exact else torch.float32
+        need = len(self.parts) * self.count * width * torch.empty((), dtype=self._stored).element_size()
+        if memory_budget(self.device) < need:
             return
         with PROFILE.stage("transfer"):
-            self._resident = torch.stack([p.to(self.device, dtype) for p in self.parts])
+            self._resident = torch.stack([p.to(self.device, self._stored) for p in self.parts])
 
     def _exact_in(self, dtype: torch.dtype) -> bool:
         for part in self.parts:
@@ -327,7 +331,7 @@ class Rows:
             part = part if select == list(range(len(self.parts))) else part[select]
             return part if dtype is None else part.to(dtype)
         with PROFILE.stage("transfer"):
-            return torch.stack([self.parts[i][lo:hi].to(self.device, dtype or self.parts[i].dtype) for i in select])
+            return torch.stack([self.parts[i][lo:hi].to(self.device, dtype or self._stored) for i in select])
 
     def stacked(self) -> torch.Tensor:
         """All rows as one float32 ``[B, N, n]`` device tensor (for small samples; kept)."""
@@ -353,7 +357,7 @@ class Rows:
         x = self.chunk(lo, hi, select, dtype)
         with PROFILE.stage("outputs"):
             y = x @ weight[list(select)].to(dtype).mT
-        budget = free_bytes(self.device) * DEVICE_MEMORY_SHARE if self.device.type == "cuda" else CPU_CACHE_BYTES
+        budget = memory_budget(self.device) if self.device.type == "cuda" else CPU_CACHE_BYTES
         used = sum(t.numel() * t.element_size() for t in self._outputs.values())
         if used + y.numel() * y.element_size() <= budget:
             self._outputs[key] = y
@@ -367,6 +371,27 @@ def free_bytes(device: torch.device) -> int:
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(torch.cuda.mem_get_info(device)[0]) + max(0, int(cached))
     return 2**62
+
+
+_SHARERS = [1]  # batches that split DEVICE_MEMORY_SHARE now (a stack: :func:`sharing_memory`)
+
+
+@contextmanager
+def sharing_memory(batches: int) -> Iterator[None]:
+    """While inside, :func:`memory_budget` is split between ``batches`` batches calibrating at once
+    (:func:`ptqbench.lowrank.map_batches`): each one checks the free memory for itself, so without
+    the split they would together commit ``batches`` times DEVICE_MEMORY_SHARE of it."""
+    _SHARERS.append(_SHARERS[-1] * max(1, batches))
+    try:
+        yield
+    finally:
+        _SHARERS.pop()
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes one batch's resident rows and cached outputs may take on ``device``: its share of
+    DEVICE_MEMORY_SHARE of the free memory. It decides only where rows and outputs are kept."""
+    return int(free_bytes(device) * DEVICE_MEMORY_SHARE / _SHARERS[-1])
 
 
 def chunk_rows(items: int, width: int, budget: int = MAX_BATCH_ELEMENTS) -> int:

@@ -4,12 +4,14 @@ model-dtype scoring and the Gram-eigendecomposition SVD, against float64 referen
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from ptqbench import get_method
+from ptqbench import get_method, smoothing
 from ptqbench.errors import UserError
 from ptqbench.formats import get_format
 from ptqbench.lowrank import (
@@ -208,6 +210,29 @@ def test_rows_resident_in_the_model_dtype_only_when_exact():
     rows = Rows(inexact, torch.device("cpu"), torch.float16)
     assert rows._resident is None and rows.resident and rows._resident.dtype == torch.float32
     assert torch.equal(rows.stacked(), torch.stack(inexact))
+
+
+def test_batches_calibrating_at_once_split_the_memory_for_kept_rows(monkeypatch):
+    """Each of the batches that :func:`map_batches` runs at once checks the free memory itself:
+    inside :func:`sharing_memory` each gets its share, so together they keep no more than one would.
+    Rows streamed for want of memory come in the dtype they would be kept in (the same products)."""
+    monkeypatch.setattr(smoothing, "free_bytes", lambda device: 1000)
+    cpu = torch.device("cpu")
+    alone = smoothing.memory_budget(cpu)
+    assert alone == 1000 * smoothing.DEVICE_MEMORY_SHARE
+    parts = [torch.randn(40, 3, generator=torch.Generator().manual_seed(0)).half().float()]  # 240 B in fp16
+    with smoothing.sharing_memory(4):
+        assert smoothing.memory_budget(cpu) == alone // 4
+        with smoothing.sharing_memory(2):
+            assert smoothing.memory_budget(cpu) == alone // 8
+        streamed = Rows(parts, cpu, torch.float16)
+        assert not streamed.resident  # 240 > 500 / 4
+    assert smoothing.memory_budget(cpu) == alone
+    kept = Rows(parts, cpu, torch.float16)
+    assert kept.resident and streamed.dtype == kept.dtype == torch.float16
+    for rows in (streamed, kept):
+        got = rows.chunk(3, 17, dtype=None)
+        assert got.dtype == torch.float16 and torch.equal(got.float(), parts[0][3:17][None])
 
 
 def test_model_dtype_scores_match_a_float64_reference():
@@ -490,3 +515,23 @@ def test_gpu_row_sq_error_kernel_equals_eager(cuda: torch.device):
             want = _row_sq_error(y[pos.to(cuda)], yq, e)
             got = kernels.row_sq_error(y, yq, e, pos)
             assert got.shape == (5, 301) and torch.allclose(got, want, rtol=1e-5), (got / want - 1).abs().max()
+
+
+def test_gpu_threads_making_the_first_linalg_call_at_once(cuda: torch.device, tmp_path):
+    """In a fresh process, :func:`map_batches` workers whose first CUDA linalg calls come at the
+    same moment (torch loads its linalg library on the first call; two threads doing that at once
+    fail with "lazy wrapper should be called at most once" unless it is loaded first)."""
+    script = tmp_path / "first_linalg.py"
+    script.write_text(
+        "import threading, types\n"
+        "import torch\n"
+        "from ptqbench.lowrank import map_batches\n"
+        "eye = torch.eye(8, device='cuda')[None].repeat(4, 1, 1)\n"
+        "batches = [types.SimpleNamespace(weight=eye) for _ in range(4)]\n"
+        "barrier = threading.Barrier(4)\n"
+        "def work(b):\n"
+        "    barrier.wait()\n"
+        "    return torch.linalg.cholesky_ex(b.weight).L.sum().item()\n"
+        "assert map_batches(batches, work, 4) == [32.0] * 4\n"
+    )
+    subprocess.run([sys.executable, str(script)], check=True, timeout=300)
